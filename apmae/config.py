@@ -1,0 +1,126 @@
+"""Typed, frozen settings: one dataclass per service, resolved from defaults < env < flags.
+
+Every field of a config is also a command-line option (``--batch-size``) and an environment
+variable (``APMAE_BATCH_SIZE``); ``services/cli.py`` builds both from the dataclass, so the
+three never drift apart. Unknown keys are an error, and ``save`` writes the resolved config
+beside whatever artifact it produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "APMAE_"
+C = TypeVar("C")
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors click's name
+    """A config field with its help text (shown by ``--help`` next to its env variable)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def field_type(cls: type, name: str) -> type:
+    """The concrete Python type of a field (``int | None`` -> ``int``)."""
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0]
+    return typing.get_origin(hint) or hint
+
+
+def parse_value(kind: type, raw: Any) -> Any:
+    """Convert an env/flag string to the field's type, with a clear error."""
+    if not isinstance(raw, str) or kind is str:
+        return raw
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    if kind in (list, tuple):
+        return [p.strip() for p in raw.split(",") if p.strip()]
+    if kind is dict:
+        return json.loads(raw)
+    if kind is Path:
+        return Path(raw)
+    return kind(raw)
+
+
+def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> C:
+    """Build ``cls`` from its defaults, then ``APMAE_*`` environment variables, then overrides.
+
+    Overrides whose value is None are ignored (an unset flag). Unknown override keys raise.
+    """
+    env = os.environ if env is None else env
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings: {sorted(unknown)}; known: {sorted(names)}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = field_type(cls, f.name)
+        try:
+            if f.name in overrides:
+                values[f.name] = parse_value(kind, overrides[f.name])
+            elif env_name(f.name) in env:
+                values[f.name] = parse_value(kind, env[env_name(f.name)])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{cls.__name__}.{f.name}: {e}") from e
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in dataclasses.asdict(cfg).items():
+        out[k] = str(v) if isinstance(v, Path) else v
+    return out
+
+
+def save(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as JSON (beside a checkpoint, a cluster model, a classifier)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config_class": type(cfg).__name__, "config": to_dict(cfg)}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class BusConfig:
+    """What every service needs to reach the bus, Redis and Prometheus."""
+
+    bootstrap_servers: str = setting("127.0.0.1:9092", "Kafka bootstrap servers (host:port,...)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss:// for TLS)")
+    metrics_port: int = setting(0, "Port of the /metrics and /healthz endpoint (0 = pick a free one)")
+    metrics_host: str = setting("127.0.0.1", "Address the metrics endpoint binds to")
+    state_dir: Path = setting(Path(".apmae"), "Directory for infra state, artifacts and caches")
+    topic_prefix: str = setting("", "Prefix for every topic name (isolates tenants and test runs)")
+    compression: str = setting("zstd", "Producer compression: none, gzip, lz4, zstd (zstd measured fastest)")
+    security_protocol: str = setting("PLAINTEXT", "Kafka security protocol: PLAINTEXT, SSL, SASL_SSL")
+    sasl_mechanism: str = setting("", "SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
+    sasl_username: str = setting("", "SASL user name")
+    sasl_password: str = setting("", "SASL password")
+    ssl_cafile: str = setting("", "CA bundle for TLS to the broker")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "Largest message a service will write or accept")
+    group_poll_interval_ms: int = setting(
+        10_000, "Consumer max_poll_interval_ms (the embedded broker stalls group joins at 300 s)"
+    )
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.state_dir / "artifacts"

@@ -1,0 +1,147 @@
+"""The wire envelope every apmae message uses, and validation on read.
+
+A message value is::
+
+    b"AP" | format u8 (=1) | header_len u32 big-endian | header (UTF-8 JSON) | payload bytes
+
+The JSON header holds ``schema`` (record name), ``v`` (schema version) and the record's
+fields; the payload carries bulk binary data (a packed attention pattern, an embedding
+vector) so that large arrays never pass through JSON. Records are frozen dataclasses that
+subclass :class:`Record`; their type hints are the schema, checked field by field when a
+message is decoded. A decode failure raises :class:`InvalidMessage` with the reason, which
+the bus turns into a dead letter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+import types
+import typing
+from typing import Any, ClassVar, TypeVar
+
+MAGIC = b"AP"
+FORMAT = 1
+_HEAD = struct.Struct(">2sBI")
+R = TypeVar("R", bound="Record")
+
+
+class InvalidMessage(ValueError):
+    """A message that cannot be decoded or fails its schema; carries a human-readable reason."""
+
+
+def stable_id(*parts: Any) -> str:
+    """A deterministic id from the parts that identify a record (so a retry reuses it)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+        h.update(b"\x1f")
+    return h.hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """Base of all message records. Subclasses set SCHEMA and VERSION and declare fields.
+
+    ``id`` is deterministic (see :func:`stable_id`): reprocessing an input produces records
+    with the same ids, which is how consumers drop duplicates.
+    """
+
+    SCHEMA: ClassVar[str] = "record"
+    VERSION: ClassVar[int] = 1
+    id: str
+
+    def header(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "payload"}
+        return {"schema": self.SCHEMA, "v": self.VERSION, **fields}
+
+
+def encode(record: Record) -> bytes:
+    """Record -> message value bytes."""
+    head = json.dumps(record.header(), separators=(",", ":"), allow_nan=False).encode()
+    payload = getattr(record, "payload", b"") or b""
+    return _HEAD.pack(MAGIC, FORMAT, len(head)) + head + bytes(payload)
+
+
+def _check_type(name: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(name, arg, value)
+            except InvalidMessage:
+                pass
+        raise InvalidMessage(f"field {name!r}: {value!r} is not {hint}")
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool):
+        raise InvalidMessage(f"field {name!r}: expected int, got bool")
+    if base in (list, tuple) and isinstance(value, list):
+        return list(value) if base is list else tuple(value)
+    if not isinstance(value, base):
+        raise InvalidMessage(f"field {name!r}: expected {getattr(base, '__name__', base)}, got {type(value).__name__}")
+    return value
+
+
+def peek_schema(value: bytes) -> tuple[str, int]:
+    """(schema, version) of a message without validating its fields."""
+    head, _ = _split(value)
+    return head.get("schema", "?"), head.get("v", -1)
+
+
+def _split(value: bytes) -> tuple[dict[str, Any], bytes]:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidMessage(f"value is {type(value).__name__}, not bytes")
+    value = bytes(value)
+    if len(value) < _HEAD.size:
+        raise InvalidMessage(f"message of {len(value)} bytes is shorter than the {_HEAD.size}-byte envelope")
+    magic, fmt, n = _HEAD.unpack_from(value)
+    if magic != MAGIC:
+        raise InvalidMessage(f"bad magic {magic!r} (not an apmae message)")
+    if fmt != FORMAT:
+        raise InvalidMessage(f"unsupported envelope format {fmt}")
+    if _HEAD.size + n > len(value):
+        raise InvalidMessage(f"header length {n} runs past the end of a {len(value)}-byte message")
+    try:
+        head = json.loads(value[_HEAD.size : _HEAD.size + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidMessage(f"header is not JSON: {e}") from e
+    if not isinstance(head, dict):
+        raise InvalidMessage("header is not a JSON object")
+    return head, value[_HEAD.size + n :]
+
+
+def decode(value: bytes, cls: type[R], max_bytes: int | None = None) -> R:
+    """Message value bytes -> ``cls`` instance, validating schema name, version and fields."""
+    if max_bytes is not None and value is not None and len(value) > max_bytes:
+        raise InvalidMessage(f"message of {len(value)} bytes exceeds the {max_bytes}-byte limit")
+    head, payload = _split(value)
+    if head.get("schema") != cls.SCHEMA:
+        raise InvalidMessage(f"schema {head.get('schema')!r} where {cls.SCHEMA!r} was expected")
+    if head.get("v") != cls.VERSION:
+        raise InvalidMessage(f"{cls.SCHEMA} version {head.get('v')!r} unsupported (this build reads v{cls.VERSION})")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "payload":
+            kwargs["payload"] = payload
+            continue
+        if f.name not in head:
+            if f.default is not dataclasses.MISSING:
+                continue
+            raise InvalidMessage(f"{cls.SCHEMA}: missing field {f.name!r}")
+        kwargs[f.name] = _check_type(f.name, hints[f.name], head[f.name])
+    extra = set(head) - {f.name for f in dataclasses.fields(cls)} - {"schema", "v"}
+    if extra:
+        raise InvalidMessage(f"{cls.SCHEMA}: unknown fields {sorted(extra)}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # __post_init__ checks
+        raise InvalidMessage(f"{cls.SCHEMA}: {e}") from e

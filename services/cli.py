@@ -1,0 +1,177 @@
+"""``apmae``: one entry point, a subcommand per job.
+
+Options are generated from each service's config dataclass, so every option shows its
+environment variable in ``--help`` (``APMAE_<FIELD>``) and a flag, an env variable and the
+dataclass default are the same setting. Precedence: flag > env > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from apmae import config as C
+
+log = logging.getLogger("apmae")
+
+
+def config_options(cls: type) -> Callable[[Callable], Callable]:
+    """Decorator: one click option per field of ``cls`` (defaults come from ``config.resolve``)."""
+
+    def deco(fn: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            kind = C.field_type(cls, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(f.name)}; default: {default}]"
+            flag = "--" + f.name.replace("_", "-")
+            if kind is bool:
+                opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
+            else:
+                opt = click.option(flag, f.name, default=None, type=str, help=help_text)
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def build(cls: type, kwargs: dict[str, Any]) -> Any:
+    try:
+        return C.resolve(cls, {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)")
+def main(verbose: int) -> None:
+    """apmae: mine the attention patterns of code LLMs at scale (AP-MAE), on Kafka."""
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+
+
+# -- infra -------------------------------------------------------------------------------------
+@main.group()
+def infra() -> None:
+    """Embedded broker (Tansu, in-memory), Redis and Prometheus on 127.0.0.1."""
+
+
+def _infra_cfg(kw: dict[str, Any]):
+    from services.infra import InfraConfig
+
+    return build(InfraConfig, kw)
+
+
+def _components(only: str | None) -> tuple[str, ...]:
+    return tuple(only.split(",")) if only else ("broker", "redis", "prometheus")
+
+
+@infra.command("up")
+@click.option("--only", default=None, help="Comma-separated subset: broker,redis,prometheus")
+@config_options(__import__("services.infra", fromlist=["InfraConfig"]).InfraConfig)
+def infra_up(only: str | None, **kw: Any) -> None:
+    """Start the servers (idempotent) and wait until each is healthy."""
+    from services import infra as I
+
+    cfg = _infra_cfg(kw)
+    for name, state in I.up(cfg, _components(only)).items():
+        click.echo(f"{name:11s} {state}")
+    click.echo(f"bootstrap servers {cfg.bootstrap_servers}  redis {cfg.redis_url}  prometheus {cfg.prometheus_url}")
+    click.echo("note: the embedded broker keeps topics in memory; they are lost when it stops.")
+
+
+@infra.command("down")
+@click.option("--only", default=None, help="Comma-separated subset: broker,redis,prometheus")
+@config_options(__import__("services.infra", fromlist=["InfraConfig"]).InfraConfig)
+def infra_down(only: str | None, **kw: Any) -> None:
+    """Stop the servers (SIGTERM, then SIGKILL after a grace period)."""
+    from services import infra as I
+
+    for name, state in I.down(_infra_cfg(kw), _components(only)).items():
+        click.echo(f"{name:11s} {state}")
+
+
+@infra.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+@config_options(__import__("services.infra", fromlist=["InfraConfig"]).InfraConfig)
+def infra_status(as_json: bool, **kw: Any) -> None:
+    """Report each server: pid, port, health, storage."""
+    from services import infra as I
+
+    rows = I.status(_infra_cfg(kw))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        extra = f"  storage: {r['storage']}" if "storage" in r else ""
+        click.echo(f"{r['name']:11s} port {r['port']:<6} pid {r['pid'] or '-':<8} "
+                   f"{'healthy' if r['healthy'] else 'DOWN'}{extra}")
+
+
+# -- topics / replay ---------------------------------------------------------------------------
+@main.command("topics")
+@config_options(C.BusConfig)
+def topics_cmd(**kw: Any) -> None:
+    """Create every declared topic that is missing, and list them with their contract."""
+    from apmae.topics import ALL_TOPICS
+    from services.bus import Bus
+
+    bus = Bus(build(C.BusConfig, kw), "topics")
+    created = set(bus.ensure_topics())
+    for t in ALL_TOPICS:
+        mark = "created" if bus.name(t) in created else "exists"
+        click.echo(f"{bus.name(t):18s} {t.partitions:2d}p key={t.key:18s} {t.record.SCHEMA}/v{t.record.VERSION:<3} {mark}")
+
+
+def _replay_cfg():
+    from services.replay import ReplayConfig
+
+    return ReplayConfig
+
+
+@main.command("replay")
+@config_options(_replay_cfg())
+def replay_cmd(**kw: Any) -> None:
+    """Re-read a topic from an offset or a time range into a topic and/or Parquet files."""
+    from services.replay import ReplayConfig, replay
+
+    counts = replay(build(ReplayConfig, kw))
+    click.echo(json.dumps(counts))
+
+
+@main.command("export")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@config_options(_replay_cfg())
+def export_cmd(out_dir: Path, **kw: Any) -> None:
+    """Export a topic (or a range of it) to Parquet files in OUT_DIR."""
+    from services.replay import ReplayConfig, replay
+
+    kw["to_parquet"] = str(out_dir)
+    click.echo(json.dumps(replay(build(ReplayConfig, kw))))
+
+
+@main.command("import")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--to-topic", default=None, help="Physical topic to write to (default: each row's topic)")
+@config_options(C.BusConfig)
+def import_cmd(path: Path, to_topic: str | None, **kw: Any) -> None:
+    """Produce the messages of exported Parquet file(s) back into topics."""
+    from services.replay import import_parquet
+
+    click.echo(json.dumps(import_parquet(build(C.BusConfig, kw), path, to_topic)))
+
+
+def register(fn: Callable[[click.Group], None]) -> None:
+    """Service modules add their subcommands here (keeps this file free of their imports)."""
+    fn(main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared fixtures. Integration tests start real servers (Tansu broker, redis-server,
+Prometheus) on free ports under a temporary state directory, once per test session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from apmae.config import BusConfig
+from services.infra import InfraConfig, InfraError, down, free_port, up
+
+
+@pytest.fixture(scope="session")
+def infra_cfg(tmp_path_factory) -> InfraConfig:
+    cfg = InfraConfig(state_dir=tmp_path_factory.mktemp("infra"), kafka_port=free_port(),
+                      redis_port=free_port(), prometheus_port=free_port(), scrape_interval="1s")
+    try:
+        up(cfg)
+    except InfraError as e:
+        down(cfg)
+        pytest.fail(f"embedded infrastructure did not start (run scripts/bootstrap.sh): {e}")
+    yield cfg
+    down(cfg)
+
+
+@pytest.fixture
+def bus_cfg(infra_cfg: InfraConfig, tmp_path: Path) -> BusConfig:
+    """A BusConfig on the session's servers with a fresh topic prefix (test isolation)."""
+    return BusConfig(bootstrap_servers=infra_cfg.bootstrap_servers, redis_url=infra_cfg.redis_url,
+                     state_dir=tmp_path, topic_prefix=f"t{uuid.uuid4().hex[:8]}.", group_poll_interval_ms=8000)
+
+
+@pytest.fixture
+def redis_client(infra_cfg: InfraConfig):
+    import redis
+
+    return redis.Redis.from_url(infra_cfg.redis_url)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for tier in ("unit", "integration", "e2e"):
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from apmae.codec import BadPattern, decode_pattern, encode_pattern, log_scale, pack_lower, packed_length
+
+
+def causal_softmax(n: int, seed: int = 0, sharp: float = 8.0) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    logits = g.normal(size=(n, n)) * sharp
+    logits[np.triu_indices(n, 1)] = -np.inf
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+
+def test_packed_length_for_256():
+    assert packed_length(256) == 32_896
+    assert pack_lower(np.ones((256, 256))).shape == (32_896,)
+
+
+def test_round_trip_error_on_scaled_pattern_is_bounded():
+    a = causal_softmax(256)
+    back = decode_pattern(encode_pattern(a), 256)
+    assert np.triu(back, 1).sum() == 0
+    err = (log_scale(back) - log_scale(a)).abs().max().item()
+    assert err < 0.01, err  # bfloat16: ~0.4% on a -> ~0.004 / |m| on the scaled value
+    f32 = decode_pattern(encode_pattern(a, "float32"), 256, "float32")
+    assert np.array_equal(f32, a)
+
+
+def test_log_scale_matches_reference_formula():
+    a = causal_softmax(16, seed=3)
+    s = log_scale(a).numpy()
+    la = np.log(a[a > 0])
+    m = la.min()
+    expected = np.zeros_like(a)
+    expected[a > 0] = (la - m) / (-m)
+    assert np.allclose(s, expected, atol=1e-6)
+    assert s.min() >= 0 and s.max() <= 1 and s[0, 0] == 1.0  # row 0 attends only to token 0
+    assert np.all(s[np.triu_indices(16, 1)] == 0)
+
+
+def test_log_scale_is_per_pattern_in_a_batch():
+    a = np.stack([causal_softmax(8, 1), causal_softmax(8, 2, sharp=1.0)])
+    batch = log_scale(a)
+    assert torch.allclose(batch[1], log_scale(a[1]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -0.5, 7.0])
+def test_bad_patterns_are_rejected(bad):
+    a = causal_softmax(8)
+    a[3, 1] = bad
+    with pytest.raises(BadPattern):
+        encode_pattern(a)
+
+
+def test_wrong_payload_size_is_rejected():
+    with pytest.raises(BadPattern, match="expected"):
+        decode_pattern(b"\x00" * 10, 256)
+    nan_bits = np.full(packed_length(4), 0x7FC0, dtype=np.uint16).tobytes()
+    with pytest.raises(BadPattern, match="non-finite"):
+        decode_pattern(nan_bits, 4)
