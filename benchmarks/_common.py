@@ -1,0 +1,48 @@
+"""Helpers shared by the benchmark scripts: embedded infra on free ports, result tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@contextmanager
+def embedded_infra(which=("broker", "redis")):
+    from services.infra import InfraConfig, down, free_port, up
+
+    cfg = InfraConfig(state_dir=Path(tempfile.mkdtemp(prefix="apmae-bench-")), kafka_port=free_port(),
+                      redis_port=free_port(), prometheus_port=free_port())
+    up(cfg, which)
+    try:
+        yield cfg
+    finally:
+        down(cfg, which)
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    line = "  ".join(c.ljust(widths[c]) for c in cols)
+    out = [line, "-" * len(line)]
+    out += ["  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
+               "cpus": __import__("os").cpu_count(), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
