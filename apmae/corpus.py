@@ -1,0 +1,214 @@
+"""Corpus readers: stream file records out of a directory, a zip/tar archive, The Heap's
+Parquet shards or JSON Lines, with bounded memory.
+
+Every reader yields :class:`SourceFile` (``id`` = first 32 hex of the SHA-256 of the UTF-8
+content, so the same file found twice has the same id) and counts what it skipped in
+:class:`CorpusStats` (unreadable, not UTF-8, oversized, duplicate of the target model's
+training data, archive expansion over the limit). Nothing a corpus contains is fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    id: str
+    source: str
+    path: str
+    content: str
+    license: str | None = None
+    repo: str | None = None
+
+
+@dataclass
+class CorpusStats:
+    files: int = 0
+    bytes: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"files": self.files, "bytes": self.bytes, "skipped": dict(self.skipped)}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_file_bytes: int = 1 << 20
+    max_archive_bytes: int = 4 << 30  # total expansion of one archive (zip-bomb guard)
+    suffixes: tuple[str, ...] = (".java",)
+
+
+def content_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _decode(raw: bytes, stats: CorpusStats) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.skipped["not utf-8"] += 1
+        return None
+
+
+def _record(text: str, source: str, path: str, stats: CorpusStats, **kw) -> SourceFile:
+    stats.files += 1
+    stats.bytes += len(text)
+    return SourceFile(content_id(text), source, path, text, **kw)
+
+
+def read_directory(root: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
+    for path in sorted(p for p in Path(root).rglob("*") if p.suffix in limits.suffixes):
+        try:
+            if path.stat().st_size > limits.max_file_bytes:
+                stats.skipped["oversized"] += 1
+                continue
+            raw = path.read_bytes()
+        except OSError:
+            stats.skipped["unreadable"] += 1
+            continue
+        text = _decode(raw, stats)
+        if text is not None:
+            yield _record(text, str(root), str(path.relative_to(root)), stats)
+
+
+def read_zip(archive: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
+    expanded = 0
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if info.is_dir() or not info.filename.endswith(limits.suffixes):
+                continue
+            if info.file_size > limits.max_file_bytes:
+                stats.skipped["oversized"] += 1
+                continue
+            if expanded + info.file_size > limits.max_archive_bytes:
+                stats.skipped["archive expansion limit"] += 1
+                return
+            try:
+                with zf.open(info) as f:
+                    raw = f.read(limits.max_file_bytes + 1)  # never trust the declared size
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError):
+                stats.skipped["unreadable"] += 1
+                continue
+            if len(raw) > limits.max_file_bytes:
+                stats.skipped["oversized"] += 1
+                continue
+            expanded += len(raw)
+            text = _decode(raw, stats)
+            if text is not None:
+                yield _record(text, str(archive), info.filename, stats)
+
+
+def read_tar(archive: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
+    expanded = 0
+    with tarfile.open(archive) as tf:
+        for m in tf:
+            if not m.isfile() or not m.name.endswith(limits.suffixes):
+                continue
+            if m.size > limits.max_file_bytes:
+                stats.skipped["oversized"] += 1
+                continue
+            if expanded + m.size > limits.max_archive_bytes:
+                stats.skipped["archive expansion limit"] += 1
+                return
+            f = tf.extractfile(m)
+            if f is None:
+                stats.skipped["unreadable"] += 1
+                continue
+            raw = f.read(limits.max_file_bytes + 1)
+            expanded += len(raw)
+            text = _decode(raw, stats)
+            if text is not None:
+                yield _record(text, str(archive), m.name, stats)
+
+
+def read_parquet(path: Path, stats: CorpusStats, limits: Limits = Limits(),
+                 drop_duplicates_of: str = "stackv2") -> Iterator[SourceFile]:
+    """The Heap's shards: ``content`` plus ``file_path``, ``repo_name``, ``repo_license`` and
+    boolean duplicate flags (``exact_duplicates_<corpus>``, ``near_duplicates_<corpus>``).
+    Rows flagged as duplicates of ``drop_duplicates_of`` (the target model's training data;
+    ``stackv2`` for StarCoder2) are dropped unless it is empty."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [Path(path)]
+    for f in files:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        if "content" not in names:
+            stats.skipped["parquet without content column"] += 1
+            continue
+        flags = [c for c in names if drop_duplicates_of and c.endswith(f"duplicates_{drop_duplicates_of}")]
+        cols = ["content"] + [c for c in ("file_path", "repo_name", "repo_license") if c in names] + flags
+        for batch in pf.iter_batches(batch_size=512, columns=cols):
+            for row in batch.to_pylist():
+                if any(row.get(c) for c in flags):
+                    stats.skipped[f"duplicate of {drop_duplicates_of}"] += 1
+                    continue
+                text = row["content"]
+                if not isinstance(text, str):
+                    stats.skipped["not utf-8"] += 1
+                    continue
+                if len(text.encode("utf-8")) > limits.max_file_bytes:
+                    stats.skipped["oversized"] += 1
+                    continue
+                yield _record(text, str(f), row.get("file_path") or "", stats,
+                              license=row.get("repo_license"), repo=row.get("repo_name"))
+
+
+def read_jsonl(path: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if len(line) > 4 * limits.max_file_bytes:
+                stats.skipped["oversized"] += 1
+                continue
+            try:
+                obj = json.loads(line)
+                text = obj["content"]
+                if not isinstance(text, str):
+                    raise TypeError("content is not a string")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                stats.skipped["malformed json line"] += 1
+                continue
+            if len(text.encode("utf-8")) > limits.max_file_bytes:
+                stats.skipped["oversized"] += 1
+                continue
+            yield _record(text, str(path), obj.get("path", f"line {lineno}"), stats,
+                          license=obj.get("license"), repo=obj.get("repo"))
+
+
+def open_corpus(path: str | Path, stats: CorpusStats, limits: Limits = Limits(),
+                drop_duplicates_of: str = "stackv2") -> Iterator[SourceFile]:
+    """Pick the reader from what ``path`` is."""
+    p = Path(path)
+    if p.is_dir():
+        if any(p.glob("*.parquet")):
+            return read_parquet(p, stats, limits, drop_duplicates_of)
+        return read_directory(p, stats, limits)
+    name = p.name.lower()
+    if name.endswith((".zip", ".jar")):
+        return read_zip(p, stats, limits)
+    if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        return read_tar(p, stats, limits)
+    if name.endswith(".parquet"):
+        return read_parquet(p, stats, limits, drop_duplicates_of)
+    if name.endswith((".jsonl", ".json")):
+        return read_jsonl(p, stats, limits)
+    raise ValueError(f"{path}: not a directory, zip/jar, tar, parquet or jsonl corpus")
+
+
+def default_jdk_corpus() -> Path | None:
+    """``$JAVA_HOME/lib/src.zip`` (every JDK ships it) or a common install location."""
+    import os
+
+    cands = []
+    if os.environ.get("JAVA_HOME"):
+        cands.append(Path(os.environ["JAVA_HOME"]) / "lib" / "src.zip")
+    cands += sorted(Path("/usr/lib/jvm").glob("*/lib/src.zip")) + sorted(Path("/usr/lib/jvm").glob("*/src.zip"))
+    return next((c for c in cands if c.exists()), None)
