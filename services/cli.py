@@ -168,6 +168,40 @@ def import_cmd(path: Path, to_topic: str | None, **kw: Any) -> None:
     click.echo(json.dumps(import_parquet(build(C.BusConfig, kw), path, to_topic)))
 
 
+def start_service(cfg: C.BusConfig, service: str, health=None):
+    """Start the /metrics + /healthz endpoint; register it with an embedded Prometheus if one
+    runs under the same state directory (production scrapes via deploy/prometheus.yml)."""
+    from services import infra, metrics
+
+    server = metrics.serve(cfg.metrics_host, cfg.metrics_port, health)
+    if (cfg.state_dir / "prometheus" / "targets").is_dir():
+        infra.register_target(cfg.state_dir, service, f"127.0.0.1:{server.server_port}")
+    metrics.UP.labels(service).set(1)
+    return server
+
+
+def _ingest_cfg():
+    from services.ingest import IngestConfig
+
+    return IngestConfig
+
+
+@main.command("ingest")
+@config_options(_ingest_cfg())
+def ingest_cmd(**kw: Any) -> None:
+    """Publish a corpus's files to the files topic, de-duplicated by content hash (Redis)."""
+    import signal
+
+    from services.ingest import Ingest, IngestConfig
+
+    cfg = build(IngestConfig, kw)
+    start_service(cfg, "ingest")
+    job = Ingest(cfg)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: job.stop.set())
+    click.echo(json.dumps(job.run()))
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)
