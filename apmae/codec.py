@@ -123,3 +123,31 @@ def log_scale(a: torch.Tensor | np.ndarray) -> torch.Tensor:
     m = torch.where(m >= 0, torch.full_like(m, -1.0), m)  # a pattern of exact ones: avoid 0/0
     s = (la - m) / (-m)
     return torch.where(pos, s.clamp(0.0, 1.0), torch.zeros_like(s))
+
+
+def encode_many(probs: torch.Tensor, dtype: str = "bfloat16") -> tuple[list[bytes | None], list[str]]:
+    """Vectorised ``encode_pattern`` for captured heads.
+
+    probs: ``(N, n, n)`` float32 probabilities (one row per head). Returns one wire payload
+    per pattern, or None with a reason for a pattern that must be dead-lettered (NaN/Inf).
+    """
+    n = probs.shape[-1]
+    rows, cols = (torch.from_numpy(i) for i in tril_indices(n))
+    flat = probs[:, rows, cols]  # (N, n (n + 1) / 2)
+    finite = torch.isfinite(flat).all(dim=1)
+    if dtype == "bfloat16":
+        arr = flat.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+    elif dtype == "float32":
+        arr = flat.float().cpu().numpy().astype("<f4")
+    else:
+        raise ValueError(f"unknown wire dtype {dtype!r}; choose one of {WIRE_DTYPES}")
+    out: list[bytes | None] = []
+    reasons: list[str] = []
+    for i in range(arr.shape[0]):
+        if bool(finite[i]):
+            out.append(arr[i].tobytes())
+            reasons.append("")
+        else:
+            out.append(None)
+            reasons.append(f"pattern has {int((~torch.isfinite(flat[i])).sum())} non-finite values")
+    return out, reasons

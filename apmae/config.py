@@ -20,7 +20,7 @@ ENV_PREFIX = "APMAE_"
 C = TypeVar("C")
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors click's name
+def setting(default: Any, help: str) -> Any:
     """A config field with its help text (shown by ``--help`` next to its env variable)."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})

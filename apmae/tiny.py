@@ -37,7 +37,7 @@ def tiny_starcoder2(vocab_size: int, layers: int = 2, heads: int = 4, kv_heads: 
     torch.manual_seed(seed)
     cfg = Starcoder2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                           max_position_embeddings=512, sliding_window=None)
+                           max_position_embeddings=512, sliding_window=None, bos_token_id=0, eos_token_id=0)
     return Starcoder2ForCausalLM(cfg).eval()
 
 

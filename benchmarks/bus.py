@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import embedded_infra, table, write_result  # noqa: E402
+from benchmarks._common import embedded_infra, table, write_result
 
 
 def patterns(n: int, size: int = 256) -> list[bytes]:

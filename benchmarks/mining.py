@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import table, write_result  # noqa: E402
+from benchmarks._common import table, write_result
 
 
 def main() -> None:

@@ -244,6 +244,23 @@ class Processor:
     consumer: KafkaConsumer | None = None
     processed: int = 0
 
+    def heartbeat(self) -> None:
+        """Keep group membership alive during a long batch (call between chunks of work).
+
+        kafka-python leaves the group when poll() is not called within max_poll_interval_ms,
+        which must stay short on the embedded broker. Polling with every partition paused
+        fetches nothing and counts as a poll. A rebalance that happens here makes the later
+        commit fail: the batch is then retried by the new owner and the done marks drop it.
+        """
+        if self.consumer is None:
+            return
+        parts = self.consumer.assignment()
+        self.consumer.pause(*parts)
+        try:
+            self.consumer.poll(timeout_ms=0)
+        finally:
+            self.consumer.resume(*[p for p in parts if p in self.consumer.assignment()])
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current batch, commit, and exit the loop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -286,6 +303,7 @@ class Processor:
             metrics.DUPLICATES_SKIPPED.labels(svc).inc(len(msgs) - len(fresh))
         if fresh:
             verdicts.extend(self._handle(fresh))
+        t_pub = time.perf_counter()
         for v in verdicts:
             if isinstance(v, DeadLetter):
                 m = v.message
@@ -293,6 +311,7 @@ class Processor:
             else:
                 self.bus.send(v)
         self.bus.flush()  # raises on failure: no mark, no commit
+        metrics.PUBLISH_SECONDS.labels(svc).inc(time.perf_counter() - t_pub)
         if self.done:
             self.done.mark([f"{m.topic}:{m.record.id}" for m in fresh])
         for r in raws:

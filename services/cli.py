@@ -202,6 +202,47 @@ def ingest_cmd(**kw: Any) -> None:
     click.echo(json.dumps(job.run()))
 
 
+def _producer_cfg():
+    from services.producer import ProducerConfig
+
+    return ProducerConfig
+
+
+def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None, idle_timeout_s: float | None) -> int:
+    """Run a Processor as a service: metrics endpoint, SIGTERM handling, a summary at the end."""
+    start_service(cfg, service, health=lambda: {"status": "ok", "service": service,
+                                                "processed": processor.processed})
+    processor.install_signal_handlers()
+    n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+    click.echo(json.dumps({"service": service, "processed": n}))
+    return n
+
+
+LOOP_OPTIONS = [
+    click.option("--max-messages", type=int, default=None, help="Stop after this many input messages"),
+    click.option("--idle-timeout", "idle_timeout_s", type=float, default=None,
+                 help="Stop when nothing arrived for this many seconds (default: run forever)"),
+]
+
+
+def loop_options(fn):
+    for opt in reversed(LOOP_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("produce")
+@loop_options
+@config_options(_producer_cfg())
+def produce_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+    """Mine tasks from files, run the target LLM, publish samples and attention patterns."""
+    from services.producer import Producer, ProducerConfig
+
+    cfg = build(ProducerConfig, kw)
+    prod = Producer(cfg)
+    run_loop(prod.processor_for(), "producer", cfg, max_messages, idle_timeout_s)
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)

@@ -19,7 +19,14 @@ from prometheus_client import Counter
 from tqdm import tqdm
 
 from apmae.config import BusConfig, setting
-from apmae.corpus import CorpusStats, Limits, SourceFile, default_jdk_corpus, open_corpus, read_directory
+from apmae.corpus import (
+    CorpusStats,
+    Limits,
+    SourceFile,
+    default_jdk_corpus,
+    open_corpus,
+    read_directory,
+)
 from apmae.topics import FILES, FileRecord
 from services.bus import Bus, Output
 

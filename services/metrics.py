@@ -14,7 +14,14 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 log = logging.getLogger("apmae.metrics")
 
@@ -28,6 +35,7 @@ PROCESSING_SECONDS = Histogram(
     "apmae_processing_seconds", "Seconds per processed batch", ["service"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+PUBLISH_SECONDS = Counter("apmae_publish_seconds_total", "Seconds spent producing and flushing outputs", ["service"])
 CONSUMER_LAG = Gauge("apmae_consumer_lag_messages", "End offset minus position", ["service", "topic"])
 UP = Gauge("apmae_service_up", "1 while the service loop runs", ["service"])
 OFFSETS_RESET = Counter(
@@ -73,7 +81,7 @@ def update_lag(service: str, consumer: Any, bus: Any, every_s: float = 5.0) -> N
 class _Handler(BaseHTTPRequestHandler):
     health: Callable[[], dict[str, Any]] = staticmethod(lambda: {"status": "ok"})
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         if self.path.startswith("/metrics"):
             body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
         elif self.path.startswith("/healthz"):

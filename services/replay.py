@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,11 +50,11 @@ def parse_time(t: str | None) -> int | None:
         return None
     if t.strip().lstrip("-").isdigit():
         return int(t)
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     dt = datetime.fromisoformat(t)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 

@@ -49,3 +49,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random StarCoder2 + FIM tokenizer saved like a hub checkpoint (no download)."""
+    from apmae.tiny import SAMPLE_JAVA, save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-sc2"), [SAMPLE_JAVA] * 3)
+
+
+def java_files(n: int, tag: str = "") -> list:
+    """n distinct, long-enough Java files (FileRecords) built from the sample class."""
+    from apmae.corpus import content_id
+    from apmae.tiny import SAMPLE_JAVA
+    from apmae.topics import FileRecord
+
+    out = []
+    for i in range(n):
+        text = SAMPLE_JAVA.replace("Counter", f"Counter{tag}{i}") * 3
+        out.append(FileRecord(id=content_id(text), source="test", path=f"Counter{i}.java", content=text))
+    return out

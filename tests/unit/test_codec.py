@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from apmae.codec import BadPattern, decode_pattern, encode_pattern, log_scale, pack_lower, packed_length
+from apmae.codec import (
+    BadPattern,
+    decode_pattern,
+    encode_pattern,
+    log_scale,
+    pack_lower,
+    packed_length,
+)
 
 
 def causal_softmax(n: int, seed: int = 0, sharp: float = 8.0) -> np.ndarray:

@@ -101,9 +101,8 @@ def test_random_and_noise_tasks(tok):
 
 
 def test_fim_mode_requires_sentinels():
-    from apmae.tiny import train_tokenizer as tt
-
     from apmae.inputs import Sentinels
+    from apmae.tiny import train_tokenizer as tt
 
     with pytest.raises(ValueError, match="sentinels"):
         InputBuilder(tt(["class A {}"], vocab_size=300), "fim", sentinels=Sentinels("<PRE>", "<SUF>", "<MID>"))

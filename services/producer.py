@@ -1,0 +1,272 @@
+"""``apmae produce``: files in, predictions and attention patterns out (paper section 4, 5.1).
+
+For each file record: mine the tasks (tree-sitter), build exact 256-token inputs, run the
+target model in batches with attention capture, label each prediction, and publish
+
+* ``samples``: one SampleRecord per prediction (task, target, prediction, correct, ...);
+* ``patterns.train``: for correct random-task predictions, a fresh random 25% of the heads
+  of every layer (AP-MAE training data);
+* ``patterns.mine``: for every task, all heads (or the configured subset), balanced between
+  correct and incorrect per task by a Redis-backed admission set (idempotent on retries),
+  up to ``mine_per_task`` samples per task and model.
+
+One replica per GPU, in one consumer group on ``files``. Ids are deterministic (model, file,
+task, span), so a re-delivered file produces the same ids and downstream drops duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import torch
+from prometheus_client import Counter
+
+from apmae.codec import encode_many
+from apmae.config import BusConfig, setting
+from apmae.inputs import InputBuilder, ModelInput, Rejected, Sentinels
+from apmae.messages import stable_id
+from apmae.target import LOCAL_DEFAULT, BatchResult, TargetModel, default_prompt_mode, is_correct
+from apmae.tasks import mine_spans, sample_spans
+from apmae.topics import (
+    FILES, PATTERNS_MINE, PATTERNS_TRAIN, SAMPLES, PatternRecord, SampleRecord, head_key,
+)
+from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor
+
+log = logging.getLogger("apmae.producer")
+
+PREDICTIONS = Counter("apmae_producer_predictions_total", "Predictions of the target model",
+                      ["model", "task", "result"])
+PATTERNS = Counter("apmae_producer_patterns_total", "Attention patterns published", ["model", "kind"])
+REJECTED = Counter("apmae_producer_rejected_inputs_total", "Inputs not built", ["task", "reason"])
+SECONDS = Counter("apmae_producer_seconds_total", "Producer time by stage", ["stage"])
+
+ADMIT_LUA = """
+-- KEYS: admitted-set of this label, admitted-set of the other label; ARGV: id, cap, slack
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+local mine = redis.call('SCARD', KEYS[1])
+local other = redis.call('SCARD', KEYS[2])
+if mine >= tonumber(ARGV[2]) then return 0 end
+if KEYS[1] ~= KEYS[2] and mine > other + tonumber(ARGV[3]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ProducerConfig(BusConfig):
+    model: str = setting(LOCAL_DEFAULT, "Target model: local:smollm2, a local directory or a hub id")
+    revision: str = setting("", "Model revision (hub models)")
+    prompt_mode: str = setting("", "fim or prefix (default: fim when the tokenizer has FIM sentinels)")
+    fim_prefix: str = setting("<fim_prefix>", "FIM prefix sentinel token")
+    fim_suffix: str = setting("<fim_suffix>", "FIM suffix sentinel token")
+    fim_middle: str = setting("<fim_middle>", "FIM middle sentinel token")
+    device: str = setting("", "cpu or cuda[:n] (default: cuda when available)")
+    dtype: str = setting("", "Model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    length: int = setting(256, "Tokens per input (the paper fixes 256)")
+    batch_size: int = setting(8, "Inputs per forward pass")
+    files_per_batch: int = setting(2, "Files consumed per processing turn")
+    spans_per_task: int = setting(2, "Candidates sampled per tree-sitter task per file")
+    random_per_file: int = setting(2, "Random-span (3-10 token) inputs per file")
+    noise_every: int = setting(8, "One noise-task input every N files (0 = none)")
+    train_fraction: float = setting(0.25, "Share of heads per layer kept for training patterns")
+    mine_per_task: int = setting(10_000, "Mining samples per task and model (balanced correct/incorrect)")
+    balance_slack: int = setting(8, "How far one label may run ahead of the other while mining")
+    mine_layers: str = setting("", "Layers to mine, e.g. '0,4,8' or '0-29' (default: all)")
+    mine_heads: str = setting("", "Heads to mine in each mined layer, e.g. '0-3' (default: all)")
+    generate_span: bool = setting(False, "Also greedy-generate the whole span (records exact_match)")
+    include_plain_assign: bool = setting(False, "Count plain '=' as an assignment operator")
+    pattern_dtype: str = setting("bfloat16", "Wire dtype of patterns: bfloat16 or float32")
+    seed: int = setting(0, "Seed for span sampling, random spans, noise and head subsampling")
+    group: str = setting("producer", "Consumer group on the files topic")
+
+    @property
+    def model_cache(self) -> Path:
+        return self.state_dir / "models"
+
+
+def parse_ranges(spec: str, n: int) -> list[int]:
+    """'0,4,8-10' -> [0, 4, 8, 9, 10]; '' -> all of range(n). Out-of-range ids are an error."""
+    if not spec:
+        return list(range(n))
+    out: set[int] = set()
+    for part in spec.split(","):
+        a, _, b = part.strip().partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"ids {sorted(bad)} out of range 0..{n - 1} in {spec!r}")
+    return sorted(out)
+
+
+@dataclass
+class Job:
+    """One model input and where it came from."""
+
+    sample_id: str
+    file_id: str
+    x: ModelInput
+
+
+class Producer:
+    def __init__(self, cfg: ProducerConfig, model: TargetModel | None = None, redis_client=None):
+        self.cfg = cfg
+        self.bus = Bus(cfg, "producer")
+        self.lm = model or TargetModel.load(cfg.model, cfg.model_cache, cfg.device or None, cfg.dtype or None,
+                                            cfg.revision or None)
+        mode = cfg.prompt_mode or default_prompt_mode(self.lm.tok)
+        self.mode = mode
+        self.builder = InputBuilder(self.lm.tok, mode, cfg.length, Sentinels(cfg.fim_prefix, cfg.fim_suffix,
+                                                                              cfg.fim_middle))
+        self.redis = redis_client or redis.Redis.from_url(cfg.redis_url)
+        self.admit_script = self.redis.register_script(ADMIT_LUA)
+        self.mine_layers = parse_ranges(cfg.mine_layers, self.lm.n_layers)
+        self.mine_heads = parse_ranges(cfg.mine_heads, self.lm.n_heads)
+        self.processor: Processor | None = None
+        self.files_seen = 0
+
+    # -- inputs ---------------------------------------------------------------------------
+    def jobs_for(self, msg: Message) -> list[Job]:
+        f = msg.record
+        jobs: list[Job] = []
+        tf = self.builder.tokenize(f.content)
+        res = mine_spans(f.content.encode("utf-8"), include_plain_assign=self.cfg.include_plain_assign)
+        for span in sample_spans(res, self.cfg.spans_per_task, f"{self.cfg.seed}:{f.id}"):
+            x = self.builder.build(tf, span)
+            if isinstance(x, Rejected):
+                REJECTED.labels(x.task, x.reason).inc()
+                continue
+            jobs.append(Job(stable_id(self.lm.name, f.id, x.task, x.char_start, x.char_end), f.id, x))
+        rng = random.Random(f"{self.cfg.seed}:{f.id}:random")
+        for k in range(self.cfg.random_per_file):
+            x = self.builder.random_span(tf, rng)
+            if isinstance(x, Rejected):
+                REJECTED.labels(x.task, x.reason).inc()
+                continue
+            jobs.append(Job(stable_id(self.lm.name, f.id, "random", k, self.cfg.seed), f.id, x))
+        noise_every = self.cfg.noise_every
+        if noise_every and int(f.id[:8], 16) % noise_every == 0:  # deterministic 1-in-N files
+            x = self.builder.noise(random.Random(f"{self.cfg.seed}:{f.id}:noise"))
+            jobs.append(Job(stable_id(self.lm.name, f.id, "noise", self.cfg.seed), f.id, x))
+        return jobs
+
+    # -- balancing ------------------------------------------------------------------------
+    def _set(self, task: str, label: bool | None) -> str:
+        name = {True: "correct", False: "incorrect", None: "unlabelled"}[label]
+        return f"apmae:mine:{self.cfg.topic_prefix}{self.lm.name}:{task}:{name}"
+
+    def admit(self, sample_id: str, task: str, label: bool | None) -> bool:
+        """Admit this sample's patterns to the mining topic? Balanced per task, capped, idempotent."""
+        cap = self.cfg.mine_per_task if label is None else self.cfg.mine_per_task // 2
+        other = self._set(task, None if label is None else not label)
+        return bool(self.admit_script(keys=[self._set(task, label), other],
+                                      args=[sample_id, cap, self.cfg.balance_slack]))
+
+    def task_full(self, task: str) -> bool:
+        if task == "noise":
+            return self.redis.scard(self._set(task, None)) >= self.cfg.mine_per_task
+        half = self.cfg.mine_per_task // 2
+        return all(self.redis.scard(self._set(task, lab)) >= half for lab in (True, False))
+
+    # -- the processing turn --------------------------------------------------------------
+    def heads_to_capture(self, jobs: list[Job], full: dict[str, bool], gen: torch.Generator) -> dict[int, torch.Tensor]:
+        """layer -> (B, k): all mined heads if any job may be mined, else a 25% subset for training."""
+        b = len(jobs)
+        if any(not full[j.x.task] for j in jobs):
+            return {layer: torch.arange(self.lm.n_heads).expand(b, -1) for layer in range(self.lm.n_layers)}
+        from apmae.capture import random_heads
+
+        if any(j.x.task == "random" for j in jobs):
+            return {layer: torch.stack([random_heads(self.lm.n_heads, self.cfg.train_fraction, gen) for _ in jobs])
+                    for layer in range(self.lm.n_layers)}
+        return {}
+
+    def outputs_for(self, jobs: list[Job], res: BatchResult) -> list[Output]:
+        outs: list[Output] = []
+        name = self.lm.name
+        t0 = time.perf_counter()
+        for i, job in enumerate(jobs):
+            x, pred = job.x, int(res.predicted[i])
+            correct = is_correct(pred, x)
+            exact = None
+            generated = None
+            if res.generated is not None and x.target_token is not None:
+                exact = tuple(res.generated[i]) == tuple(x.span_ids)
+                generated = self.lm.tok.decode(list(res.generated[i]))
+            outs.append(Output(SAMPLES, SampleRecord(
+                id=job.sample_id, file_id=job.file_id, model=name, task=x.task, prompt_mode=self.mode,
+                target=x.target_text, target_token=x.target_token if x.target_token is not None else -1,
+                predicted_token=pred, predicted=self.lm.tok.decode([pred]), correct=correct,
+                n_layers=self.lm.n_layers, n_heads=self.lm.n_heads, exact_match=exact, generated=generated)))
+            PREDICTIONS.labels(name, x.task, {True: "correct", False: "incorrect", None: "unlabelled"}[correct]).inc()
+            if not res.patterns:
+                continue
+            captured_all = next(iter(res.heads.values())).shape[1] == self.lm.n_heads
+            if x.task == "random" and correct:
+                gen = torch.Generator().manual_seed(int(job.sample_id[:12], 16))
+                from apmae.capture import random_heads
+
+                for layer in range(self.lm.n_layers):
+                    if captured_all:
+                        heads = random_heads(self.lm.n_heads, self.cfg.train_fraction, gen)
+                        probs = res.patterns[layer][i, heads]
+                    else:
+                        heads, probs = res.heads[layer][i], res.patterns[layer][i]
+                    outs += self._patterns(PATTERNS_TRAIN, "train", job, x, correct, layer, heads.tolist(), probs)
+            if captured_all and self.admit(job.sample_id, x.task, correct):
+                for layer in self.mine_layers:
+                    probs = res.patterns[layer][i, self.mine_heads]
+                    outs += self._patterns(PATTERNS_MINE, "mine", job, x, correct, layer, self.mine_heads, probs)
+        SECONDS.labels("encode").inc(time.perf_counter() - t0)
+        return outs
+
+    def _patterns(self, topic, kind: str, job: Job, x: ModelInput, correct, layer: int, heads: list[int],
+                  probs: torch.Tensor) -> list[Output]:
+        payloads, reasons = encode_many(probs, self.cfg.pattern_dtype)
+        outs = []
+        for h, payload, reason in zip(heads, payloads, reasons, strict=True):
+            pid = f"{job.sample_id}:{kind[0]}:{layer}:{h}"
+            if payload is None:  # NaN/Inf: never enters the pipeline, kept as a dead letter
+                self.bus.dead_letter(self.bus.name(topic), -1, -1, probs.numpy().tobytes(), f"{pid}: {reason}")
+                continue
+            rec = PatternRecord(id=pid, sample_id=job.sample_id, model=self.lm.name, task=x.task, layer=layer,
+                                head=h, correct=correct, size=self.cfg.length, dtype=self.cfg.pattern_dtype,
+                                payload=payload)
+            outs.append(Output(topic, rec, key=head_key(self.lm.name, layer, h)))
+            PATTERNS.labels(self.lm.name, kind).inc()
+        return outs
+
+    def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        out: list[Output | DeadLetter] = []
+        jobs: list[Job] = []
+        for m in msgs:
+            try:
+                jobs.extend(self.jobs_for(m))
+            except Exception as e:  # a file that breaks the tokenizer or parser: dead letter, go on
+                out.append(DeadLetter(m, f"could not build inputs: {type(e).__name__}: {e}"))
+            self.files_seen += 1
+        full = {t: self.task_full(t) for t in {j.x.task for j in jobs}}
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for k in range(0, len(jobs), self.cfg.batch_size):
+            chunk = jobs[k:k + self.cfg.batch_size]
+            heads = self.heads_to_capture(chunk, full, gen)
+            cap0 = self.lm.capture.seconds
+            res = self.lm.run([j.x for j in chunk], heads, generate_span=self.cfg.generate_span)
+            cap_s = self.lm.capture.seconds - cap0
+            SECONDS.labels("capture").inc(cap_s)
+            SECONDS.labels("model").inc(res.model_s - cap_s)
+            out.extend(self.outputs_for(chunk, res))
+            if self.processor is not None:
+                self.processor.heartbeat()
+        return out
+
+    def processor_for(self, done: DoneStore | None = None) -> Processor:
+        self.bus.ensure_topics([FILES, SAMPLES, PATTERNS_TRAIN, PATTERNS_MINE])
+        self.processor = Processor(self.bus, self.cfg.group, [FILES], self.handle,
+                                   done=done or DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group),
+                                   batch_size=self.cfg.files_per_batch)
+        return self.processor
