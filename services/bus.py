@@ -239,6 +239,7 @@ class Processor:
     done: DoneStore | None = None
     batch_size: int = 64
     poll_timeout_ms: int = 500
+    flush_every: int = 256
     stop_event: threading.Event = field(default_factory=threading.Event)
     on_commit: Callable[[dict[TopicPartition, int]], None] | None = None
     consumer: KafkaConsumer | None = None
@@ -304,12 +305,15 @@ class Processor:
         if fresh:
             verdicts.extend(self._handle(fresh))
         t_pub = time.perf_counter()
-        for v in verdicts:
+        for i, v in enumerate(verdicts, 1):
             if isinstance(v, DeadLetter):
                 m = v.message
                 self.bus.dead_letter(m.topic, m.partition, m.offset, m.value, v.reason)
             else:
                 self.bus.send(v)
+            if i % self.flush_every == 0:  # a big batch (all heads of many samples) takes a while
+                self.bus.flush()
+                self.heartbeat()
         self.bus.flush()  # raises on failure: no mark, no commit
         metrics.PUBLISH_SECONDS.labels(svc).inc(time.perf_counter() - t_pub)
         if self.done:
