@@ -1,0 +1,259 @@
+"""AP-MAE: a masked autoencoder for attention patterns (paper section 4, Table 1).
+
+MAE (He et al.) with a few named differences, each a small piece below:
+
+* ``log_scale``          patterns are log-normalised first (apmae.codec.log_scale);
+* ``lower_patches``      only the lower-triangle patches exist: 36 of 64 for 256 / 32;
+* ``pad_diagonal``       the diagonal patches' upper halves are padded with zeros, and the
+                         loss ignores those padded pixels;
+* the decoder receives the encoded visible tokens *at their own positions* and mask tokens
+  elsewhere (the authors' code let mask tokens overwrite them, so the decoder saw the encoder
+  only through CLS; ``test_decoder_uses_visible_encodings`` guards against that bug);
+* ``embed`` is an unmasked pass over the 36 lower-triangle patches and returns the CLS
+  output, the pattern's embedding for clustering (never the 64 patches training never saw).
+
+Parameter count: Table 1 (encoder 24 x 512, MLP 2048; decoder 8 x 512, MLP 2048) gives
+76.2M + 26.0M = 102M parameters. The paper's text calls 101M "the encoder" and 25M "the
+decoder"; the architecture it tabulates makes 101M the whole model. We follow Table 1 and
+assert these counts in the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apmae.codec import log_scale
+
+
+@dataclass(frozen=True)
+class APMAEConfig:
+    pattern_size: int = 256
+    patch_size: int = 32
+    mask_ratio: float = 0.5
+    enc_dim: int = 512
+    enc_depth: int = 24
+    enc_heads: int = 16
+    enc_mlp: int = 2048
+    dec_dim: int = 512
+    dec_depth: int = 8
+    dec_heads: int = 8
+    dec_mlp: int = 2048
+    log_scale: bool = True
+
+    def __post_init__(self):
+        assert self.pattern_size % self.patch_size == 0, (
+            f"pattern size {self.pattern_size} must be divisible by the patch size {self.patch_size}")
+        assert self.enc_dim % self.enc_heads == 0 and self.dec_dim % self.dec_heads == 0, "dims must split into heads"
+        assert 0 <= self.mask_ratio < 1, f"mask ratio {self.mask_ratio} must be in [0, 1)"
+
+    @property
+    def grid(self) -> int:
+        return self.pattern_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * (self.grid + 1) // 2
+
+
+# Named sizes (timm-style registry): the paper's, and small ones that train on a CPU.
+VARIANTS: dict[str, APMAEConfig] = {
+    "paper": APMAEConfig(),
+    "base": APMAEConfig(enc_depth=12, dec_depth=4),
+    "small": APMAEConfig(enc_dim=128, enc_depth=4, enc_heads=4, enc_mlp=512,
+                         dec_dim=128, dec_depth=2, dec_heads=4, dec_mlp=512),
+    "tiny": APMAEConfig(enc_dim=64, enc_depth=2, enc_heads=2, enc_mlp=128,
+                        dec_dim=64, dec_depth=1, dec_heads=2, dec_mlp=128),
+}
+
+
+def variant(name: str, **overrides) -> APMAEConfig:
+    if name not in VARIANTS:
+        raise KeyError(f"unknown AP-MAE variant {name!r}; known: {sorted(VARIANTS)}")
+    return dataclasses.replace(VARIANTS[name], **overrides)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (ViT): x + attn(ln(x)), x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, h, N, d/h)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class APMAE(nn.Module):
+    def __init__(self, cfg: APMAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, g = cfg.patch_size, cfg.grid
+        rows, cols = torch.tril_indices(g, g)  # the 36 lower-triangle patch positions, row-major
+        self.register_buffer("patch_rows", rows, persistent=False)
+        self.register_buffer("patch_cols", cols, persistent=False)
+        pix = torch.ones(len(rows), p, p)
+        pix[rows == cols] = torch.ones(p, p).tril()  # diagonal patches: upper half is padding
+        self.register_buffer("pixel_valid", pix.flatten(1), persistent=False)  # (P, p*p)
+        n = cfg.num_patches
+        # encoder
+        self.patch_norm = nn.LayerNorm(p * p, eps=1e-6)
+        self.patch_embed = nn.Linear(p * p, cfg.enc_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.enc_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, cfg.enc_dim))
+        self.blocks = nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads, cfg.enc_mlp) for _ in range(cfg.enc_depth))
+        self.norm = nn.LayerNorm(cfg.enc_dim, eps=1e-6)
+        # decoder
+        self.decoder_embed = nn.Linear(cfg.enc_dim, cfg.dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dec_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, cfg.dec_dim))
+        self.decoder_blocks = nn.ModuleList(Block(cfg.dec_dim, cfg.dec_heads, cfg.dec_mlp)
+                                            for _ in range(cfg.dec_depth))
+        self.decoder_norm = nn.LayerNorm(cfg.dec_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(cfg.dec_dim, p * p)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for t in (self.cls_token, self.mask_token, self.pos_embed, self.decoder_pos_embed):
+            nn.init.normal_(t, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- the AP-MAE differences -------------------------------------------------------------
+    def preprocess(self, patterns: torch.Tensor) -> torch.Tensor:
+        """patterns: (N, S, S) raw probabilities -> (N, S, S) float32, log-scaled unless ablated."""
+        return log_scale(patterns) if self.cfg.log_scale else patterns.float()
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, S, S) -> (N, P, p*p): only the lower-triangle patches, diagonal ones padded."""
+        n, p, g = x.shape[0], self.cfg.patch_size, self.cfg.grid
+        grid = x.reshape(n, g, p, g, p).permute(0, 1, 3, 2, 4)  # (N, g, g, p, p)
+        patches = grid[:, self.patch_rows, self.patch_cols].reshape(n, -1, p * p)
+        return patches * self.pixel_valid  # pad_diagonal
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, P, p*p) -> (N, S, S) with zeros in the upper-triangle patches."""
+        n, p, g = patches.shape[0], self.cfg.patch_size, self.cfg.grid
+        grid = patches.new_zeros(n, g, g, p, p)
+        grid[:, self.patch_rows, self.patch_cols] = (patches * self.pixel_valid).reshape(n, -1, p, p)
+        return grid.permute(0, 1, 3, 2, 4).reshape(n, g * p, g * p)
+
+    # -- MAE ----------------------------------------------------------------------------------
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+        """Per-sample random masking by argsort of noise.
+
+        x: (N, P, D). Returns x_visible (N, K, D), mask (N, P) with 1 = masked, ids_restore (N, P).
+        """
+        n, length, d = x.shape
+        keep = int(length * (1 - mask_ratio))
+        noise = torch.rand(n, length, device=x.device, generator=generator)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
+        mask = torch.ones(n, length, device=x.device)
+        mask[:, :keep] = 0
+        return x_visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+    def forward_encoder(self, patches: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None):
+        """patches: (N, P, p*p) -> latent (N, 1+K, D_enc), mask (N, P), ids_restore (N, P)."""
+        x = self.patch_embed(self.patch_norm(patches)) + self.pos_embed[:, 1:]
+        if mask_ratio > 0:
+            x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)
+        else:  # embedding: every patch, in order, so the same pattern always gives the same vector
+            n, length = x.shape[:2]
+            mask = x.new_zeros(n, length)
+            ids_restore = torch.arange(length, device=x.device).expand(n, -1)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent: (N, 1+K, D_enc) -> pred (N, P, p*p).
+
+        Visible encodings are placed back at their own positions (unshuffled with
+        ids_restore) next to mask tokens at the masked ones, as in MAE.
+        """
+        x = self.decoder_embed(latent)
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+        body = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (N, P, D_dec): visible first, then masks
+        body = torch.gather(body, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], body], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def forward_loss(self, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE over the valid pixels of the masked patches only (no per-patch target normalisation).
+
+        target, pred: (N, P, p*p); mask: (N, P), 1 = masked.
+        """
+        valid = self.pixel_valid  # (P, p*p): the diagonal patches' padding does not count
+        per_patch = ((pred - target) ** 2 * valid).sum(-1) / valid.sum(-1)  # (N, P)
+        return (per_patch * mask).sum() / mask.sum().clamp_min(1)
+
+    def forward(self, patterns: torch.Tensor, mask_ratio: float | None = None,
+                generator: torch.Generator | None = None):
+        """patterns: (N, S, S) raw attention probabilities -> (loss, pred (N, P, p*p), mask (N, P))."""
+        target = self.patchify(self.preprocess(patterns))
+        latent, mask, ids_restore = self.forward_encoder(
+            target, self.cfg.mask_ratio if mask_ratio is None else mask_ratio, generator)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(target, pred, mask), pred, mask
+
+    @torch.no_grad()
+    def embed(self, patterns: torch.Tensor) -> torch.Tensor:
+        """(N, S, S) -> (N, D_enc): CLS output of an unmasked pass over the lower-triangle patches."""
+        latent, _, _ = self.forward_encoder(self.patchify(self.preprocess(patterns)), 0.0)
+        return latent[:, 0]
+
+    def num_params(self) -> tuple[int, int]:
+        """(encoder, decoder) parameter counts."""
+        dec = sum(p.numel() for n, p in self.named_parameters() if n.startswith(("decoder", "mask_token")))
+        return sum(p.numel() for p in self.parameters()) - dec, dec
+
+
+def save(model: APMAE, directory: Path, extra: dict | None = None) -> Path:
+    """safetensors weights + config.json (model config and any resolved training config)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, directory / "model.safetensors")
+    meta = {"apmae": dataclasses.asdict(model.cfg), **(extra or {})}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return directory
+
+
+def load(directory: Path, device: str = "cpu") -> tuple[APMAE, dict]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / "config.json").read_text())
+    model = APMAE(APMAEConfig(**meta["apmae"]))
+    model.load_state_dict(load_file(directory / "model.safetensors", device=device))
+    return model.to(device).eval(), meta
