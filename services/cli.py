@@ -243,6 +243,16 @@ def produce_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(prod.processor_for(), "producer", cfg, max_messages, idle_timeout_s)
 
 
+@main.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                        "help_option_names": []})
+@click.pass_context
+def train_cmd(ctx: click.Context) -> None:
+    """Train AP-MAE from patterns.train (resumable; DDP under torchrun). See --help."""
+    from services.trainer import main as trainer_main
+
+    trainer_main(ctx.args)
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)

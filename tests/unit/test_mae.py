@@ -121,3 +121,24 @@ def test_save_load_round_trip(tmp_path):
 def test_sizes_not_divisible_are_rejected():
     with pytest.raises(AssertionError, match="divisible"):
         variant("tiny", pattern_size=100, patch_size=32)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_message():
+    from apmae.train import NonFiniteLoss, make_optimizer, train_step
+
+    m = small()
+    with torch.no_grad():
+        m.decoder_pred.weight.fill_(float("nan"))
+    opt = make_optimizer(m, 1e-3)
+    before = m.patch_embed.weight.clone()
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        train_step(m, opt, causal_patterns(2), 1e-3)
+    assert torch.equal(m.patch_embed.weight, before)  # no step was taken
+
+
+def test_schedule_scaling_and_cosine():
+    from apmae.train import Schedule, scaled_lr
+
+    assert abs(scaled_lr(480) - 1.44e-3) < 1e-12  # the paper's batch 480 -> 1.44e-3
+    s = Schedule(1.0, total_steps=100, warmup_steps=10)
+    assert s.at(0) == 0.1 and s.at(9) == 1.0 and abs(s.at(55) - 0.5) < 1e-9 and s.at(100) == 0.0

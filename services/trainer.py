@@ -1,0 +1,338 @@
+"""``apmae train``: train AP-MAE from the ``patterns.train`` topic, resumable and multi-GPU.
+
+One process (CPU or one GPU)::
+
+    apmae train --variant small --steps 2000 --batch-size 64
+
+Several GPUs on one machine (DDP, NCCL), or the same on CPU with gloo for testing::
+
+    torchrun --standalone --nproc_per_node 8 -m services.trainer --variant paper --batch-size 60 --steps 150000
+    torchrun --standalone --nproc_per_node 2 -m services.trainer --variant tiny --steps 20   # CPU, gloo
+
+Rank r reads the partitions p of ``patterns.train`` with p % world_size == r (manual
+assignment: deterministic, no group rebalances). Every ``checkpoint_every`` steps rank 0
+writes a checkpoint: safetensors weights, optimizer state, step, RNG state and the next
+offset of *every* partition (gathered from all ranks). A restart loads the latest checkpoint
+and seeks each partition to its saved offset, so each pattern is trained exactly once
+relative to the saved weights: nothing twice, nothing skipped. Offsets are also committed to
+the ``trainer`` group (for lag dashboards), but the checkpoint is the source of truth.
+Each checkpoint is published to the model registry: a Redis hash and a record on the
+``checkpoints`` topic, which the encoder watches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import Counter, Gauge
+
+from apmae import config as C
+from apmae.codec import BadPattern, decode_pattern
+from apmae.config import BusConfig, setting
+from apmae.mae import APMAE, save, variant
+from apmae.messages import InvalidMessage, decode, stable_id
+from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord, PatternRecord
+from apmae.train import NonFiniteLoss, Schedule, make_optimizer, scaled_lr, train_step
+from services import metrics
+from services.bus import Bus, Output
+
+log = logging.getLogger("apmae.trainer")
+LOSS = Gauge("apmae_trainer_loss", "Last training loss", ["run"])
+STEPS = Counter("apmae_trainer_steps_total", "Optimisation steps", ["run"])
+PATTERNS_TRAINED = Counter("apmae_trainer_patterns_total", "Patterns trained on", ["run"])
+CHECKPOINTS_WRITTEN = Counter("apmae_trainer_checkpoints_total", "Checkpoints written", ["run"])
+
+
+@dataclass(frozen=True)
+class TrainerConfig(BusConfig):
+    variant: str = setting("small", "AP-MAE size: paper, base, small, tiny")
+    pattern_size: int = setting(256, "Pattern size (the paper's 256; any multiple of the patch size)")
+    patch_size: int = setting(32, "Patch size")
+    mask_ratio: float = setting(0.5, "Share of patches masked")
+    log_scale: bool = setting(True, "Log-normalise patterns (off = the paper's ablation)")
+    batch_size: int = setting(64, "Patterns per step per process")
+    steps: int = setting(1000, "Steps to train (the cosine schedule spans these)")
+    warmup_steps: int = setting(0, "Linear warm-up steps")
+    lr: float = setting(0.0, "Peak learning rate (0: 1.5e-4 x global batch / 50)")
+    weight_decay: float = setting(0.05, "AdamW weight decay")
+    checkpoint_every: int = setting(100, "Steps between checkpoints")
+    keep_checkpoints: int = setting(3, "Checkpoints kept on disk")
+    name: str = setting("apmae", "Run / registry name")
+    idle_timeout_s: float = setting(0.0, "Stop (with a checkpoint) after this long without data (0: never)")
+    device: str = setting("", "cpu or cuda (default: cuda when available)")
+    seed: int = setting(0, "Seed for initialisation and masking")
+    group: str = setting("trainer", "Group offsets are committed under (for lag)")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.artifacts_dir / "trainer" / self.name
+
+
+@dataclass
+class Item:
+    tp: TopicPartition
+    offset: int
+    id: str
+    pattern: torch.Tensor | None  # None: dead-lettered, still consumed
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "LATEST"
+    if not pointer.exists():
+        return None
+    path = run_dir / pointer.read_text().strip()
+    return path if (path / "model.safetensors").exists() else None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, on_batch: Callable[[list[str]], None] | None = None):
+        self.cfg = cfg
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.startswith("cuda") else "gloo"
+            torch.distributed.init_process_group(backend)
+            if self.device.startswith("cuda"):
+                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                torch.cuda.set_device(self.device)
+        self.bus = Bus(cfg, f"trainer-{self.rank}" if self.world > 1 else "trainer")
+        torch.manual_seed(cfg.seed)
+        self.model = APMAE(variant(cfg.variant, pattern_size=cfg.pattern_size, patch_size=cfg.patch_size,
+                                   mask_ratio=cfg.mask_ratio, log_scale=cfg.log_scale)).to(self.device)
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
+        global_batch = cfg.batch_size * self.world
+        self.schedule = Schedule(cfg.lr or scaled_lr(global_batch), cfg.steps, cfg.warmup_steps)
+        self.opt = make_optimizer(self.model, self.schedule.lr, cfg.weight_decay)
+        self.step = 0
+        self.offsets: dict[int, int] = {}  # partition -> next offset to train (this rank's)
+        self.all_offsets: dict[int, int] = {}
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.stop = threading.Event()
+        self.on_batch = on_batch
+        self.last_loss: float | None = None
+        self.resumed_from: str | None = None
+        self.resume()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.cfg.run_dir)
+        if ckpt is None:
+            return
+        from safetensors.torch import load_file
+
+        meta = json.loads((ckpt / "config.json").read_text())
+        self.model.load_state_dict(load_file(ckpt / "model.safetensors", device=self.device))
+        state = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generators"][self.rank] if self.rank < len(state["generators"]) else
+                           self.gen.get_state())
+        self.step = meta["step"]
+        self.all_offsets = {int(p): o for p, o in meta["offsets"].items()}
+        self.resumed_from = str(ckpt)
+        log.info("resumed %s at step %d", ckpt, self.step)
+
+    def checkpoint(self) -> Path | None:
+        gens = [self.gen.get_state()]
+        offsets = dict(self.offsets)
+        if self.world > 1:
+            parts: list = [None] * self.world
+            torch.distributed.all_gather_object(parts, (offsets, self.gen.get_state()))
+            offsets = {p: o for off, _ in parts for p, o in off.items()}
+            gens = [g for _, g in parts]
+        merged = {**self.all_offsets, **offsets}
+        self.all_offsets = merged
+        path = None
+        if self.rank == 0:
+            run = self.cfg.run_dir
+            name = f"step-{self.step:08d}"
+            tmp = run / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(self.model, tmp, {"train": C.to_dict(self.cfg), "step": self.step, "loss": self.last_loss,
+                                   "offsets": {str(p): o for p, o in sorted(merged.items())},
+                                   "topic": self.bus.name(PATTERNS_TRAIN), "world_size": self.world})
+            torch.save({"optimizer": self.opt.state_dict(), "generators": gens}, tmp / "optimizer.pt")
+            path = run / name
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            (run / "LATEST.tmp").write_text(name)
+            (run / "LATEST.tmp").replace(run / "LATEST")  # atomic: a crash never leaves a torn pointer
+            for old in sorted(run.glob("step-*"))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.announce(path)
+            CHECKPOINTS_WRITTEN.labels(self.cfg.name).inc()
+        if self.world > 1:
+            torch.distributed.barrier()
+        self.commit_offsets()
+        return path
+
+    def announce(self, path: Path) -> None:
+        """Model registry: a Redis hash and a record on the checkpoints topic."""
+        digest = sha256_file(path / "model.safetensors")
+        rel = str(path.relative_to(self.cfg.artifacts_dir))
+        rec = CheckpointRecord(id=stable_id(self.cfg.name, self.step, digest), name=self.cfg.name, path=rel,
+                               step=self.step, sha256=digest, loss=self.last_loss)
+        try:
+            import redis
+
+            redis.Redis.from_url(self.cfg.redis_url).hset(
+                f"apmae:registry:apmae:{self.cfg.name}",
+                mapping={"path": rel, "step": self.step, "sha256": digest, "loss": str(self.last_loss)})
+        except Exception as e:  # the checkpoint is on disk; the pointer can be re-announced
+            log.error("registry update failed: %s", e)
+        self.bus.send(Output(CHECKPOINTS, rec, key=self.cfg.name))
+        self.bus.flush()
+
+    def commit_offsets(self) -> None:
+        if self.consumer is None or not self.offsets:
+            return
+        try:
+            self.consumer.commit({TopicPartition(self.bus.name(PATTERNS_TRAIN), p): OffsetAndMetadata(o, "", -1)
+                                  for p, o in self.offsets.items()})
+        except Exception as e:  # informational only: the checkpoint holds the offsets
+            log.warning("offset commit for lag failed: %s", e)
+
+    # -- data -----------------------------------------------------------------------------
+    consumer = None
+
+    def open(self) -> None:
+        self.bus.ensure_topics([PATTERNS_TRAIN, CHECKPOINTS])
+        topic = self.bus.name(PATTERNS_TRAIN)
+        self.consumer = self.bus.consumer(self.cfg.group)  # manual assignment: no group join
+        parts = sorted(self.consumer.partitions_for_topic(topic) or [])
+        mine = [TopicPartition(topic, p) for p in parts if p % self.world == self.rank]
+        self.consumer.assign(mine)
+        for tp in mine:
+            if tp.partition in self.all_offsets:
+                self.consumer.seek(tp, self.all_offsets[tp.partition])
+            else:
+                self.consumer.seek_to_beginning(tp)
+            self.offsets[tp.partition] = self.all_offsets.get(tp.partition, 0)
+        self.buffer: deque[Item] = deque()
+
+    def fill(self, need: int, deadline: float | None) -> bool:
+        """Poll until ``need`` trainable patterns are buffered; False on idle timeout or stop."""
+        while sum(i.pattern is not None for i in self.buffer) < need:
+            if self.stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+                return False
+            for tp, recs in self.consumer.poll(timeout_ms=500, max_records=4 * need).items():
+                for r in recs:
+                    self.buffer.append(self.to_item(tp, r))
+        return True
+
+    def to_item(self, tp: TopicPartition, r) -> Item:
+        try:
+            rec = decode(r.value, PatternRecord, self.cfg.max_message_bytes)
+            if rec.size != self.cfg.pattern_size:
+                raise BadPattern(f"pattern size {rec.size} != model pattern size {self.cfg.pattern_size}")
+            a = torch.from_numpy(decode_pattern(rec.payload, rec.size, rec.dtype))
+            return Item(tp, r.offset, rec.id, a)
+        except (InvalidMessage, BadPattern) as e:
+            self.bus.dead_letter(r.topic, r.partition, r.offset, r.value, str(e))
+            return Item(tp, r.offset, f"{tp.partition}:{r.offset}", None)
+
+    def take(self, n: int) -> list[Item]:
+        batch: list[Item] = []
+        while len([i for i in batch if i.pattern is not None]) < n:
+            item = self.buffer.popleft()
+            batch.append(item)
+        for item in batch:
+            self.offsets[item.tp.partition] = item.offset + 1
+        return batch
+
+    # -- the loop -------------------------------------------------------------------------
+    def all_ready(self, ready: bool) -> bool:
+        if self.world == 1:
+            return ready
+        flag = torch.tensor([1 if ready else 0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def run(self, max_steps: int | None = None) -> dict:
+        self.open()
+        t_start, trained = time.perf_counter(), 0
+        end = min(self.cfg.steps, self.step + max_steps) if max_steps else self.cfg.steps
+        self.model.train()
+        while self.step < end:
+            deadline = time.monotonic() + self.cfg.idle_timeout_s if self.cfg.idle_timeout_s else None
+            if not self.all_ready(self.fill(self.cfg.batch_size, deadline)):
+                break
+            batch = self.take(self.cfg.batch_size)
+            good = [i for i in batch if i.pattern is not None]
+            x = torch.stack([i.pattern for i in good]).to(self.device)
+            self.last_loss = train_step(self.ddp, self.opt, x, self.schedule.at(self.step), self.gen)
+            self.step += 1
+            trained += len(good)
+            if self.on_batch:
+                self.on_batch([i.id for i in good])
+            LOSS.labels(self.cfg.name).set(self.last_loss)
+            STEPS.labels(self.cfg.name).inc()
+            PATTERNS_TRAINED.labels(self.cfg.name).inc(len(good))
+            if self.step % self.cfg.checkpoint_every == 0:
+                self.checkpoint()
+            metrics.update_lag(self.bus.service, self.consumer, self.bus)
+        if self.step % self.cfg.checkpoint_every != 0:
+            self.checkpoint()
+        seconds = time.perf_counter() - t_start
+        self.consumer.close(autocommit=False)
+        self.bus.close()
+        return {"step": self.step, "patterns": trained, "seconds": seconds, "patterns_per_s": trained / max(seconds, 1e-9),
+                "loss": self.last_loss, "resumed_from": self.resumed_from}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for ``python -m services.trainer`` (torchrun) and ``apmae train``."""
+    import click
+
+    from services.cli import build, config_options
+
+    @click.command()
+    @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in this run")
+    @config_options(TrainerConfig)
+    def cmd(max_steps, **kw):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+        cfg = build(TrainerConfig, kw)
+        t = Trainer(cfg)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: t.stop.set())
+        if t.rank == 0:
+            from services.cli import start_service
+
+            start_service(cfg, "trainer")
+        try:
+            out = t.run(max_steps)
+        except NonFiniteLoss as e:
+            raise SystemExit(f"training stopped: {e}") from None
+        if t.rank == 0:
+            click.echo(json.dumps(out))
+        if t.world > 1:
+            torch.distributed.destroy_process_group()
+
+    cmd.main(args=argv, prog_name="apmae train", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()
