@@ -253,6 +253,24 @@ def train_cmd(ctx: click.Context) -> None:
     trainer_main(ctx.args)
 
 
+@main.command("eval")
+@click.option("--checkpoint", "checkpoints", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
+              help="AP-MAE checkpoint directory (repeat for a cross-evaluation table)")
+@click.option("--source", default="topic:patterns.mine", show_default=True,
+              help="topic:<name> or parquet:<dir or file>")
+@click.option("--limit", type=int, default=2000, show_default=True, help="Patterns to evaluate (0 = all)")
+@click.option("--figure", type=click.Path(path_type=Path), default=None, help="Write the paper's Figure 1 here")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write the matrix as JSON")
+@config_options(C.BusConfig)
+def eval_cmd(checkpoints, source, limit, figure, json_out, **kw: Any) -> None:
+    """Reconstruction loss (mean +- std) of checkpoints x target models (paper Table 2)."""
+    from services import evaluate
+
+    matrix = evaluate.run(build(C.BusConfig, kw), list(checkpoints), source, limit, figure)
+    if json_out:
+        Path(json_out).write_text(evaluate.dump(matrix))
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)

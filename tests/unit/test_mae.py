@@ -142,3 +142,20 @@ def test_schedule_scaling_and_cosine():
     assert abs(scaled_lr(480) - 1.44e-3) < 1e-12  # the paper's batch 480 -> 1.44e-3
     s = Schedule(1.0, total_steps=100, warmup_steps=10)
     assert s.at(0) == 0.1 and s.at(9) == 1.0 and abs(s.at(55) - 0.5) < 1e-9 and s.at(100) == 0.0
+
+
+def test_evaluation_baseline_cross_table_and_figure(tmp_path):
+    from apmae import evaluate as E
+
+    torch.manual_seed(0)
+    m = small()
+    x = causal_patterns(6, seed=5)
+    losses = E.reconstruction_losses(m, x, seed=1)
+    assert losses.shape == (6,) and torch.allclose(losses, E.reconstruction_losses(m, x, seed=1))
+    base = E.mean_patch_losses(m, x, x, seed=1)
+    assert base.shape == (6,) and torch.all(base >= 0)
+    table = E.cross_evaluation({"a": m, "b": small()}, {"m1": x, "m2": causal_patterns(3, seed=9)})
+    assert set(table) == {"a", "b"} and set(table["a"]) == {"m1", "m2"} and table["a"]["m2"]["n"] == 3
+    assert "trained \\ evaluated" in E.format_table(table)
+    png = E.figure1(m, x[0], tmp_path / "fig1.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,98 @@
+"""AP-MAE training throughput: from the broker (the trainer service) vs from in-memory tensors.
+
+Same model, same batch size, same number of steps, in the same run; the ratio is the input
+pipeline's overhead (fetch + decode + unpack of bfloat16 lower triangles + log scaling).
+
+    python benchmarks/trainer.py [--steps 20] [--paper-steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._common import embedded_infra, table, write_result  # noqa: E402
+
+
+def patterns(n: int, size: int = 256) -> list[np.ndarray]:
+    g = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        logits = g.normal(size=(size, size)) * (2 + i % 6)
+        logits[np.triu_indices(size, 1)] = -np.inf
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        out.append((e / e.sum(1, keepdims=True)).astype(np.float32))
+    return out
+
+
+def run(variant: str, steps: int, batch: int, infra) -> dict:
+    from apmae.codec import encode_pattern
+    from apmae.mae import APMAE
+    from apmae.mae import variant as make
+    from apmae.topics import PATTERNS_TRAIN, PatternRecord
+    from apmae.train import Schedule, make_optimizer, scaled_lr, train_step
+    from services.bus import Bus, Output
+    from services.trainer import Trainer, TrainerConfig
+
+    n = steps * batch
+    pats = patterns(n)
+    state = Path(tempfile.mkdtemp(prefix="apmae-bench-train-"))
+    cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url, state_dir=state,
+                        topic_prefix=f"{variant}.", variant=variant, batch_size=batch, steps=steps,
+                        checkpoint_every=10 ** 9, name=variant, idle_timeout_s=30)
+    bus = Bus(cfg, "bench")
+    bus.ensure_topics([PATTERNS_TRAIN])
+    for i, p in enumerate(pats):
+        bus.send(Output(PATTERNS_TRAIN, PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="random",
+                                                      layer=0, head=i % 9, correct=True, size=256,
+                                                      payload=encode_pattern(p)), key=f"m/0/{i}"))
+    bus.flush()
+
+    # in memory: the same steps on tensors already in RAM
+    torch.manual_seed(0)
+    model = APMAE(make(variant))
+    opt = make_optimizer(model, scaled_lr(batch))
+    sched = Schedule(scaled_lr(batch), steps)
+    x_all = torch.from_numpy(np.stack(pats))
+    g = torch.Generator().manual_seed(0)
+    train_step(model, opt, x_all[:batch], sched.at(0), g)  # warm-up step, not timed
+    t0 = time.perf_counter()
+    for s in range(steps):
+        train_step(model, opt, x_all[s * batch:(s + 1) * batch], sched.at(s), g)
+    mem_s = time.perf_counter() - t0
+
+    # from the broker: the trainer service's loop
+    t = Trainer(cfg)
+    out = t.run()
+    shutil.rmtree(state, ignore_errors=True)
+    params = sum(p.numel() for p in model.parameters())
+    return {"variant": variant, "params_M": params / 1e6, "batch": batch, "steps": steps,
+            "memory_patterns_s": n / mem_s, "broker_patterns_s": out["patterns_per_s"],
+            "broker_vs_memory": out["patterns_per_s"] / (n / mem_s)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--paper-steps", type=int, default=3)
+    ap.add_argument("--paper-batch", type=int, default=16)
+    args = ap.parse_args()
+    with embedded_infra(("broker", "redis")) as infra:
+        rows = [run("small", args.steps, args.batch, infra), run("paper", args.paper_steps, args.paper_batch, infra)]
+    print(table(rows, list(rows[0])))
+    print("broker_vs_memory = patterns/s from the broker / from RAM (1.0 = the input pipeline is free)")
+    print("wrote", write_result("trainer", {"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""``apmae eval``: score AP-MAE checkpoints on patterns from a topic, a replay range or Parquet.
+
+    apmae eval --checkpoint .apmae/artifacts/trainer/apmae/step-00001000 \\
+               --source topic:patterns.mine --limit 2000 --figure fig1.png
+
+With several ``--checkpoint`` values the output is the paper's Table 2: one row per
+checkpoint, one column per target model found in the patterns (the ``model`` field).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from apmae.codec import BadPattern, decode_pattern
+from apmae.config import BusConfig
+from apmae.messages import InvalidMessage, decode
+from apmae.topics import PatternRecord, topic
+from services.bus import Bus, Message, read_range
+
+
+def load_patterns(cfg: BusConfig, source: str, limit: int = 0, size: int = 256) -> dict[str, torch.Tensor]:
+    """``topic:<name>`` or ``parquet:<dir or file>`` -> {target model: (N, S, S) patterns}."""
+    kind, _, where = source.partition(":")
+    by_model: dict[str, list] = defaultdict(list)
+    count = 0
+
+    def add(rec: PatternRecord) -> None:
+        nonlocal count
+        if rec.size != size:
+            return
+        try:
+            by_model[rec.model].append(torch.from_numpy(decode_pattern(rec.payload, rec.size, rec.dtype)))
+            count += 1
+        except BadPattern:
+            pass
+
+    if kind == "topic":
+        for m in read_range(Bus(cfg, "eval"), topic(where)):
+            if isinstance(m, Message):
+                add(m.record)
+            if limit and count >= limit:
+                break
+    elif kind == "parquet":
+        p = Path(where)
+        for f in sorted(p.glob("*.parquet")) if p.is_dir() else [p]:
+            for value in pq.read_table(f, columns=["value"]).column("value").to_pylist():
+                try:
+                    add(decode(value, PatternRecord))
+                except InvalidMessage:
+                    continue
+                if limit and count >= limit:
+                    break
+    else:
+        raise ValueError(f"source {source!r}: use topic:<name> or parquet:<path>")
+    return {k: torch.stack(v) for k, v in by_model.items() if v}
+
+
+def run(cfg: BusConfig, checkpoints: list[Path], source: str, limit: int, figure: Path | None, seed: int = 0) -> dict:
+    from apmae import evaluate as E
+    from apmae.mae import load
+
+    models = {str(c): load(c)[0] for c in checkpoints}
+    size = next(iter(models.values())).cfg.pattern_size
+    sources = load_patterns(cfg, source, limit, size)
+    if not sources:
+        raise SystemExit(f"no {size}x{size} patterns found in {source}")
+    matrix = E.cross_evaluation(models, sources, seed)
+    print(E.format_table(matrix))
+    if figure:
+        first_model = next(iter(models.values()))
+        E.figure1(first_model, next(iter(sources.values()))[0], figure)
+        print(f"figure 1 -> {figure}")
+    return matrix
+
+
+def dump(matrix: dict) -> str:
+    return json.dumps(matrix, indent=2)
