@@ -1,0 +1,75 @@
+"""Per-head clustering on synthetic embeddings with known groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from apmae.cluster import ClusterConfig, DriftMonitor, HeadModel, IncrementalClusterer, fit_head, jitter_duplicates
+
+
+def groups(n_per: int, k: int = 5, dim: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim)) * 4
+    y = np.repeat(np.arange(k), n_per)
+    x = centres[y] + rng.normal(size=(len(y), dim))
+    perm = rng.permutation(len(y))
+    return x[perm].astype(np.float32), y[perm]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    x, y = groups(120)
+    return fit_head(x[:500], ClusterConfig()), x, y
+
+
+def test_fit_recovers_known_groups(fitted):
+    model, x, y = fitted
+    ari = adjusted_rand_score(y[:500], model.labels)
+    print(f"ARI of the batch fit against the planted groups: {ari:.3f} ({model.n_clusters} clusters)")
+    assert ari > 0.9 and model.n_clusters == 5  # chance is ~0
+    assert model.embedding.shape == (500, 8)
+
+
+@pytest.mark.parametrize("assigner", ["knn", "hdbscan"])
+def test_assignment_of_held_out_points_agrees_with_batch_labels(assigner):
+    x, y = groups(120, seed=1)
+    model = fit_head(x[:500], ClusterConfig(assigner=assigner))
+    labels, strength = model.predict_many(x[500:])
+    # map fitted cluster ids to planted groups through the batch labels
+    mapping = {c: np.bincount(y[:500][model.labels == c]).argmax() for c in set(model.labels.tolist()) - {-1}}
+    agree = np.mean([mapping.get(int(c), -1) == t for c, t in zip(labels, y[500:], strict=True)])
+    assert agree > 0.9, agree
+    assert np.all((strength >= 0) & (strength <= 1))
+
+
+def test_duplicates_are_jittered():
+    x = np.ones((30, 4), dtype=np.float32)
+    j, n = jitter_duplicates(x, 1e-6)
+    assert n == 29 and len(np.unique(j, axis=0)) == 30 and np.allclose(j, x, atol=1e-4)
+
+
+def test_persisted_model_checks_its_checksum(fitted):
+    import hashlib
+
+    model = fitted[0]
+    data = model.to_bytes()
+    back = HeadModel.from_bytes(data, hashlib.sha256(data).hexdigest())
+    assert np.array_equal(back.labels, model.labels)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        HeadModel.from_bytes(data, "0" * 64)
+
+
+def test_river_style_api_and_drift():
+    x, _ = groups(20, k=3, seed=2)
+    inc = IncrementalClusterer(ClusterConfig(min_cluster_size=10, min_samples=5), min_fit=60)
+    assert inc.predict_one(x[0]) is None
+    for row in x:
+        inc.learn_one(row)
+    c, s = inc.predict_one(x[0])
+    assert isinstance(c, int) and 0 <= s <= 1
+    mon = DriftMonitor()
+    assert not any([mon.update(0) for _ in range(300)])
+    assert any([mon.update(-1) for _ in range(300)])  # everything turns to noise: drift
+    assert mon.noise_rate == 0.5
