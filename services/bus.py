@@ -262,6 +262,26 @@ class Processor:
         finally:
             self.consumer.resume(*[p for p in parts if p in self.consumer.assignment()])
 
+    def keepalive(self, fn: Callable[[], Any], every_s: float = 1.0) -> Any:
+        """Run one long, uninterruptible piece of work (a UMAP fit) in a thread while this
+        thread keeps the group membership alive; returns its result or re-raises its error."""
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["out"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+                box["err"] = e
+
+        t = threading.Thread(target=work, name="keepalive-work", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(every_s)
+            self.heartbeat()
+        if "err" in box:
+            raise box["err"]
+        return box.get("out")
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current batch, commit, and exit the loop."""
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -271,6 +271,78 @@ def eval_cmd(checkpoints, source, limit, figure, json_out, **kw: Any) -> None:
         Path(json_out).write_text(evaluate.dump(matrix))
 
 
+def _encoder_cfg():
+    from services.encoder import EncoderConfig
+
+    return EncoderConfig
+
+
+def _cluster_cfg():
+    from services.cluster import ClusterServiceConfig
+
+    return ClusterServiceConfig
+
+
+@main.command("encode")
+@loop_options
+@config_options(_encoder_cfg())
+def encode_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+    """Embed mining patterns with the current AP-MAE checkpoint (hot-swapped from the registry)."""
+    from services.encoder import Encoder, EncoderConfig
+
+    cfg = build(EncoderConfig, kw)
+    run_loop(Encoder(cfg).processor(), "encoder", cfg, max_messages, idle_timeout_s)
+
+
+@main.group()
+def cluster() -> None:
+    """Per-head UMAP + HDBSCAN: plan jobs, run fit workers."""
+
+
+@cluster.command("plan")
+@config_options(_cluster_cfg())
+def cluster_plan_cmd(**kw: Any) -> None:
+    """Snapshot a window of embeddings per head and enqueue one fit job per head."""
+    from services.cluster import ClusterServiceConfig, plan
+
+    click.echo(json.dumps(plan(build(ClusterServiceConfig, kw))))
+
+
+@cluster.command("worker")
+@loop_options
+@config_options(_cluster_cfg())
+def cluster_worker_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+    """Fit heads from the job queue (--processes N: one per core; start more on other machines)."""
+    from services.cluster import ClusterServiceConfig, run_workers
+
+    cfg = build(ClusterServiceConfig, kw)
+    start_service(cfg, "cluster-fit")
+    click.echo(json.dumps({"jobs": run_workers(cfg, idle_timeout_s, max_messages)}))
+
+
+@cluster.command("fit")
+@config_options(_cluster_cfg())
+def cluster_fit_cmd(**kw: Any) -> None:
+    """plan + workers until the queue is drained: the whole batch fit in one command."""
+    from services.cluster import ClusterServiceConfig, plan, run_workers
+
+    cfg = build(ClusterServiceConfig, kw)
+    p = plan(cfg)
+    click.echo(json.dumps(p))
+    click.echo(json.dumps({"jobs": run_workers(cfg, idle_timeout_s=20)}))
+
+
+@main.command("assign")
+@loop_options
+@config_options(_cluster_cfg())
+def assign_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+    """Assign new embeddings to their head's fitted clusters; track drift; trigger refits."""
+    from services.cluster import Assigner, ClusterServiceConfig
+
+    cfg = build(ClusterServiceConfig, kw)
+    run_loop(Assigner(cfg).processor(), "assign", cfg, max_messages, idle_timeout_s)
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)

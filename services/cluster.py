@@ -1,0 +1,271 @@
+"""Per-head clustering as a Kafka job queue, and live assignment of new embeddings.
+
+``apmae cluster plan``: replays a window of the ``embeddings`` topic (from an offset or a
+time, optionally one checkpoint's embeddings only), writes each head's matrix to the
+artifact store, and publishes one FitJobRecord per head on ``cluster.jobs``.
+
+``apmae cluster worker [--processes N]``: N processes in the ``cluster-fit`` consumer group
+(one per core on this machine; more machines just start more workers: Kafka spreads the
+job partitions). Each job fits UMAP + HDBSCAN for one head, stores the pickled model with its
+SHA-256 in the registry, and publishes the batch labels of the fitted points as assignments.
+Jobs are committed only after that; the done marks make a re-delivered job (its worker
+died after finishing) a no-op, so every head is fitted and registered once.
+
+``apmae assign``: consumes ``embeddings``, assigns each to its head's fitted clusters
+(river-style predict), publishes AssignmentRecords, tracks per-head noise rate and drift
+(ADWIN), and on drift publishes a refit job for that head only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+from prometheus_client import Counter, Gauge
+
+from apmae.cluster import ClusterConfig, DriftMonitor, HeadModel, fit_head
+from apmae.config import BusConfig, setting
+from apmae.messages import stable_id
+from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, AssignmentRecord, FitJobRecord, head_key
+from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
+from services.encoder import embedding_vector
+from services.registry import ArtifactStore, Registry
+
+log = logging.getLogger("apmae.cluster")
+FITS = Counter("apmae_cluster_fits_total", "Heads fitted", ["model"])
+FIT_SECONDS = Counter("apmae_cluster_fit_seconds_total", "Seconds spent fitting heads", ["model"])
+CLUSTERS = Gauge("apmae_cluster_clusters", "Clusters in a head's fitted model", ["model", "layer", "head"])
+NOISE = Gauge("apmae_cluster_noise_rate", "Share of noise (-1) among a head's assignments", ["model", "layer", "head"])
+DRIFTS = Counter("apmae_cluster_drift_total", "Drift detections (refit triggered)", ["model", "layer", "head"])
+ASSIGNED = Counter("apmae_cluster_assignments_total", "Embeddings assigned", ["model", "result"])
+
+
+@dataclass(frozen=True)
+class ClusterServiceConfig(BusConfig):
+    n_components: int = setting(8, "UMAP output dimensions")
+    n_neighbors: int = setting(20, "UMAP neighbours")
+    min_dist: float = setting(0.05, "UMAP min_dist")
+    metric: str = setting("cosine", "UMAP metric")
+    min_samples: int = setting(20, "HDBSCAN min_samples")
+    min_cluster_size: int = setting(25, "HDBSCAN min_cluster_size")
+    assigner: str = setting("knn", "Assignment of new points: knn or hdbscan (approximate_predict)")
+    n_epochs: int = setting(0, "UMAP epochs (0 = umap-learn's default)")
+    min_points: int = setting(30, "Heads with fewer embeddings are not fitted (counted)")
+    checkpoint: str = setting("", "Only embeddings made by this checkpoint tag (default: the most common)")
+    from_time: str | None = setting(None, "Window start (ISO 8601 or epoch ms); default: the whole topic")
+    version: str = setting("", "Cluster model version (default: derived from the window)")
+    processes: int = setting(1, "Fit worker processes on this machine")
+    group: str = setting("cluster-fit", "Consumer group of the fit workers")
+    assign_group: str = setting("assign", "Consumer group of the assigner")
+    auto_refit: bool = setting(True, "Publish a refit job when a head drifts")
+
+    def cluster_config(self) -> ClusterConfig:
+        return ClusterConfig(n_components=self.n_components, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
+                             metric=self.metric, min_samples=self.min_samples, min_cluster_size=self.min_cluster_size,
+                             assigner=self.assigner, n_epochs=self.n_epochs or None)
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def plan(cfg: ClusterServiceConfig) -> dict:
+    """Snapshot a window of embeddings per head and enqueue one fit job per head."""
+    from services.replay import parse_time
+
+    bus = Bus(cfg, "cluster-plan")
+    bus.ensure_topics([EMBEDDINGS, FIT_JOBS])
+    store = ArtifactStore(cfg.artifacts_dir)
+    heads: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    tags: dict[str, int] = defaultdict(int)
+    seen: set[str] = set()
+    for m in read_range(bus, EMBEDDINGS, start_ms=parse_time(cfg.from_time)):
+        if not isinstance(m, Message) or m.record.id in seen:
+            continue  # undecodable rows were dead-lettered by their consumer; duplicates by id
+        seen.add(m.record.id)
+        r = m.record
+        tags[r.checkpoint] += 1
+        h = heads[head_key(r.model, r.layer, r.head)]
+        h["x"].append(embedding_vector(r))
+        h["ids"].append(r.id)
+        h["samples"].append(r.sample_id)
+        h["tasks"].append(r.task)
+        h["correct"].append(-1 if r.correct is None else int(r.correct))
+        h["tag"].append(r.checkpoint)
+    if not heads:
+        return {"heads": 0, "jobs": 0, "skipped": 0}
+    tag = cfg.checkpoint or max(tags, key=tags.get)
+    version = cfg.version or stable_id("clusters", tag, len(seen), sorted(heads))[:12]
+    jobs, skipped = 0, 0
+    for key, h in sorted(heads.items()):
+        keep = [i for i, t in enumerate(h["tag"]) if t == tag]
+        if len(keep) < cfg.min_points:
+            skipped += 1
+            continue
+        rel = f"clusters/{version}/data/{key}.npz"
+        store.write(rel, _npz(x=np.stack([h["x"][i] for i in keep]), ids=np.array([h["ids"][i] for i in keep]),
+                              samples=np.array([h["samples"][i] for i in keep]),
+                              tasks=np.array([h["tasks"][i] for i in keep]),
+                              correct=np.array([h["correct"][i] for i in keep])))
+        model, layer, head = key.rsplit("/", 2)
+        bus.send(Output(FIT_JOBS, FitJobRecord(id=stable_id("fit", version, key), model=model, layer=int(layer),
+                                               head=int(head), source=rel, version=version), key=key))
+        jobs += 1
+    bus.close()
+    log.info("cluster plan %s: %d jobs, %d heads below %d points", version, jobs, skipped, cfg.min_points)
+    return {"version": version, "checkpoint": tag, "heads": len(heads), "jobs": jobs, "skipped": skipped}
+
+
+class FitWorker:
+    def __init__(self, cfg: ClusterServiceConfig):
+        self.cfg = cfg
+        self.bus = Bus(cfg, "cluster-fit")
+        self.redis = redis.Redis.from_url(cfg.redis_url)
+        self.store = ArtifactStore(cfg.artifacts_dir)
+        self.registry = Registry(self.redis, cfg.topic_prefix)
+        self.proc: Processor | None = None
+
+    def head_data(self, job: FitJobRecord, key: str) -> dict[str, np.ndarray]:
+        """A planned snapshot from the store, or (refits) the head's embeddings read from the topic."""
+        if not job.source.startswith("topic:"):
+            return dict(np.load(io.BytesIO(self.store.read(job.source))))
+        rows: dict[str, list] = defaultdict(list)
+        seen: set[str] = set()
+        for m in read_range(self.bus, EMBEDDINGS):
+            r = getattr(m, "record", None)
+            if r is None or r.id in seen or head_key(r.model, r.layer, r.head) != key:
+                continue
+            seen.add(r.id)
+            rows["x"].append(embedding_vector(r))
+            rows["ids"].append(r.id)
+            rows["samples"].append(r.sample_id)
+            rows["tasks"].append(r.task)
+            rows["correct"].append(-1 if r.correct is None else int(r.correct))
+        return {k: np.array(v) if k != "x" else np.stack(v) for k, v in rows.items()}
+
+    def fit(self, job: FitJobRecord) -> list[Output]:
+        key = head_key(job.model, job.layer, job.head)
+        data = self.head_data(job, key)
+        model = fit_head(data["x"], self.cfg.cluster_config())
+        rel = f"clusters/{job.version}/models/{key}.joblib"
+        sha = self.store.write(rel, model.to_bytes())
+        self.registry.put("cluster", key, path=rel, sha256=sha, version=job.version, n=len(model.labels),
+                          n_clusters=model.n_clusters, noise_rate=model.noise_rate, seconds=model.fit_seconds)
+        FITS.labels(job.model).inc()
+        FIT_SECONDS.labels(job.model).inc(model.fit_seconds)
+        CLUSTERS.labels(job.model, str(job.layer), str(job.head)).set(model.n_clusters)
+        NOISE.labels(job.model, str(job.layer), str(job.head)).set(model.noise_rate)
+        self.redis.incr(f"apmae:cluster:fits:{self.cfg.topic_prefix}{job.version}:{key}")
+        outs = []
+        for eid, sid, task, corr, lab in zip(data["ids"], data["samples"], data["tasks"], data["correct"],
+                                             model.labels, strict=True):
+            outs.append(Output(ASSIGNMENTS, AssignmentRecord(
+                id=f"{eid}#{job.version}", sample_id=str(sid), model=job.model, task=str(task), layer=job.layer,
+                head=job.head, correct=None if corr < 0 else bool(corr), cluster=int(lab), strength=1.0,
+                cluster_version=job.version), key=key))
+        return outs
+
+    def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        out: list[Output | DeadLetter] = []
+        for m in msgs:
+            job = m.record
+            out.extend(self.proc.keepalive(lambda job=job: self.fit(job)) if self.proc else self.fit(job))
+        return out
+
+    def processor(self) -> Processor:
+        self.bus.ensure_topics([FIT_JOBS, ASSIGNMENTS])
+        self.proc = Processor(self.bus, self.cfg.group, [FIT_JOBS], self.handle,
+                              done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group), batch_size=1)
+        return self.proc
+
+
+def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_messages: int | None = None) -> int:
+    """Run ``cfg.processes`` fit workers (one per core) until idle; returns jobs done."""
+    if cfg.processes <= 1:
+        return FitWorker(cfg).processor().run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(cfg.processes) as pool:
+        return sum(pool.starmap(_worker_entry, [(cfg, idle_timeout_s)] * cfg.processes))
+
+
+def _worker_entry(cfg: ClusterServiceConfig, idle_timeout_s: float | None) -> int:
+    import os
+
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    return FitWorker(cfg).processor().run(idle_timeout_s=idle_timeout_s)
+
+
+class Assigner:
+    """Live assignment of new embeddings to their head's current clusters, with drift."""
+
+    def __init__(self, cfg: ClusterServiceConfig):
+        self.cfg = cfg
+        self.bus = Bus(cfg, "assign")
+        self.redis = redis.Redis.from_url(cfg.redis_url)
+        self.store = ArtifactStore(cfg.artifacts_dir)
+        self.registry = Registry(self.redis, cfg.topic_prefix)
+        self.models: dict[str, tuple[str, HeadModel]] = {}
+        self.drift: dict[str, DriftMonitor] = defaultdict(DriftMonitor)
+        self.checked: dict[str, float] = {}
+
+    def model_for(self, key: str) -> tuple[str, HeadModel] | None:
+        now = time.monotonic()
+        if key in self.models and now - self.checked.get(key, 0) < 10:
+            return self.models[key]
+        self.checked[key] = now
+        entry = self.registry.get("cluster", key)
+        if entry is None:
+            return None
+        if key not in self.models or self.models[key][0] != entry["version"]:
+            model = HeadModel.from_bytes(self.store.read(entry["path"]), entry["sha256"])
+            self.models[key] = (entry["version"], model)
+        return self.models[key]
+
+    def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        out: list[Output | DeadLetter] = []
+        by_head: dict[str, list[Message]] = defaultdict(list)
+        for m in msgs:
+            r = m.record
+            by_head[head_key(r.model, r.layer, r.head)].append(m)
+        for key, group in by_head.items():
+            found = self.model_for(key)
+            model_name = group[0].record.model
+            if found is None:
+                ASSIGNED.labels(model_name, "unfitted").inc(len(group))
+                continue
+            version, model = found
+            x = np.stack([embedding_vector(m.record) for m in group])
+            labels, strengths = model.predict_many(x)
+            mon = self.drift[key]
+            r0 = group[0].record
+            for m, lab, s in zip(group, labels, strengths, strict=True):
+                r = m.record
+                out.append(Output(ASSIGNMENTS, AssignmentRecord(
+                    id=f"{r.id}#{version}", sample_id=r.sample_id, model=r.model, task=r.task, layer=r.layer,
+                    head=r.head, correct=r.correct, cluster=int(lab), strength=float(s), cluster_version=version),
+                    key=key))
+                ASSIGNED.labels(r.model, "noise" if lab == -1 else "cluster").inc()
+                if mon.update(int(lab)):
+                    DRIFTS.labels(r0.model, str(r0.layer), str(r0.head)).inc()
+                    log.warning("drift in head %s (noise rate %.2f)", key, mon.noise_rate)
+                    if self.cfg.auto_refit:
+                        out.append(Output(FIT_JOBS, FitJobRecord(
+                            id=stable_id("refit", key, version, mon.n), model=r0.model, layer=r0.layer,
+                            head=r0.head, source="topic:embeddings", version=f"{version}-r{mon.n}"), key=key))
+                        self.drift[key] = mon = DriftMonitor()  # one refit per detection
+            NOISE.labels(r0.model, str(r0.layer), str(r0.head)).set(mon.noise_rate)
+        return out
+
+    def processor(self) -> Processor:
+        self.bus.ensure_topics([EMBEDDINGS, ASSIGNMENTS, FIT_JOBS])
+        return Processor(self.bus, self.cfg.assign_group, [EMBEDDINGS], self.handle,
+                         done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.assign_group), batch_size=256)

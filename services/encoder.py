@@ -1,0 +1,121 @@
+"""``apmae encode``: mining patterns in, AP-MAE CLS embeddings out (paper 5.1, Encoding).
+
+Consumes ``patterns.mine`` in a consumer group, embeds each pattern with the current AP-MAE
+checkpoint (an unmasked pass over the 36 lower-triangle patches, CLS output), and publishes
+EmbeddingRecords keyed by (model, layer, head), so replicas split heads by partition. The
+checkpoint comes from the model registry (Redis, written by the trainer); a newly announced
+checkpoint is picked up between batches without a restart, after its SHA-256 is checked.
+Each embedding records the checkpoint that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+import torch
+from prometheus_client import Counter, Gauge
+
+from apmae.codec import BadPattern, decode_pattern
+from apmae.config import BusConfig, setting
+from apmae.mae import APMAE, load
+from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
+from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
+from services.trainer import sha256_file
+
+log = logging.getLogger("apmae.encoder")
+EMBEDDED = Counter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
+CHECKPOINT_STEP = Gauge("apmae_encoder_checkpoint_step", "Step of the AP-MAE checkpoint in use")
+
+
+@dataclass(frozen=True)
+class EncoderConfig(BusConfig):
+    checkpoint: str = setting("apmae", "Registry name of the AP-MAE run to follow, or a checkpoint directory")
+    batch_size: int = setting(128, "Patterns per embedding batch")
+    reload_check_s: float = setting(5.0, "Seconds between registry checks for a new checkpoint")
+    device: str = setting("", "cpu or cuda (default: cuda when available)")
+    group: str = setting("encoder", "Consumer group on patterns.mine")
+
+
+class Encoder:
+    def __init__(self, cfg: EncoderConfig):
+        self.cfg = cfg
+        self.bus = Bus(cfg, "encoder")
+        self.redis = redis.Redis.from_url(cfg.redis_url)
+        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model: APMAE | None = None
+        self.sha: str | None = None
+        self.tag = ""
+        self.checked = 0.0
+
+    def current(self) -> tuple[Path, str, str] | None:
+        """(checkpoint dir, sha256, tag) the registry points at, or a fixed directory."""
+        p = Path(self.cfg.checkpoint)
+        if (p / "model.safetensors").exists():
+            return p, sha256_file(p / "model.safetensors"), p.name
+        h = self.redis.hgetall(f"apmae:registry:apmae:{self.cfg.checkpoint}")
+        if not h:
+            return None
+        rel, sha, step = h[b"path"].decode(), h[b"sha256"].decode(), h[b"step"].decode()
+        return self.cfg.artifacts_dir / rel, sha, f"{self.cfg.checkpoint}@{step}"
+
+    def ensure_model(self) -> None:
+        now = time.monotonic()
+        if self.model is not None and now - self.checked < self.cfg.reload_check_s:
+            return
+        self.checked = now
+        cur = self.current()
+        if cur is None:
+            raise Retryable(f"no AP-MAE checkpoint registered as {self.cfg.checkpoint!r} yet")
+        path, sha, tag = cur
+        if sha == self.sha:
+            return
+        if sha256_file(path / "model.safetensors") != sha:
+            raise Retryable(f"checkpoint {path} does not match its registered SHA-256 (still being written?)")
+        self.model, meta = load(path, self.device)
+        self.sha, self.tag = sha, tag
+        CHECKPOINT_STEP.set(meta.get("step", 0))
+        log.info("embedding with %s (%s)", tag, path)
+
+    def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        self.ensure_model()
+        out: list[Output | DeadLetter] = []
+        good, arrays = [], []
+        size = self.model.cfg.pattern_size
+        for m in msgs:
+            rec = m.record
+            try:
+                if rec.size != size:
+                    raise BadPattern(f"pattern size {rec.size} != AP-MAE pattern size {size}")
+                arrays.append(decode_pattern(rec.payload, rec.size, rec.dtype))
+                good.append(m)
+            except BadPattern as e:
+                out.append(DeadLetter(m, str(e)))
+        for k in range(0, len(good), self.cfg.batch_size):
+            x = torch.from_numpy(np.stack(arrays[k:k + self.cfg.batch_size])).to(self.device)
+            emb = self.model.embed(x).float().cpu().numpy()
+            for m, e in zip(good[k:k + self.cfg.batch_size], emb, strict=True):
+                r = m.record
+                out.append(Output(EMBEDDINGS, EmbeddingRecord(
+                    id=f"{r.id}@{self.sha[:12]}", sample_id=r.sample_id, model=r.model, task=r.task, layer=r.layer,
+                    head=r.head, correct=r.correct, checkpoint=self.tag, dim=int(e.shape[0]),
+                    payload=e.astype("<f4").tobytes()), key=head_key(r.model, r.layer, r.head)))
+                EMBEDDED.labels(r.model).inc()
+        return out
+
+    def processor(self) -> Processor:
+        self.bus.ensure_topics([PATTERNS_MINE, EMBEDDINGS])
+        return Processor(self.bus, self.cfg.group, [PATTERNS_MINE], self.handle,
+                         done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group),
+                         batch_size=self.cfg.batch_size)
+
+
+def embedding_vector(rec: EmbeddingRecord) -> np.ndarray:
+    v = np.frombuffer(rec.payload, dtype="<f4")
+    if v.shape[0] != rec.dim or not np.isfinite(v).all():
+        raise BadPattern(f"embedding payload of {v.shape[0]} values (dim {rec.dim}) or non-finite")
+    return v

@@ -1,0 +1,64 @@
+"""The artifact store (files under one root) and the model registry (Redis hashes).
+
+Every artifact is written with its SHA-256, which the registry records; a pickled artifact
+(a fitted UMAP/HDBSCAN, a CatBoost model) is unpickled only after the bytes read back hash
+to the recorded value, and the store refuses any path that resolves outside its root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+class UnsafePath(ValueError):
+    pass
+
+
+class ArtifactStore:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    def path(self, rel: str) -> Path:
+        p = (self.root / rel).resolve()
+        if self.root != p and self.root not in p.parents:
+            raise UnsafePath(f"{rel!r} resolves outside the artifact store {self.root}")
+        return p
+
+    def write(self, rel: str, data: bytes) -> str:
+        p = self.path(rel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(p)
+        return hashlib.sha256(data).hexdigest()
+
+    def read(self, rel: str, sha256: str | None = None) -> bytes:
+        data = self.path(rel).read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError(f"artifact {rel} does not match its recorded SHA-256")
+        return data
+
+
+class Registry:
+    """Redis hashes: ``apmae:registry:<kind>:<name>`` -> {path, sha256, version, ...}."""
+
+    def __init__(self, redis_client: Any, prefix: str = ""):
+        self.r, self.prefix = redis_client, prefix
+
+    def key(self, kind: str, name: str) -> str:
+        return f"apmae:registry:{kind}:{self.prefix}{name}"
+
+    def put(self, kind: str, name: str, **fields: Any) -> None:
+        self.r.hset(self.key(kind, name), mapping={k: json.dumps(v) if not isinstance(v, str) else v
+                                                   for k, v in fields.items()})
+        self.r.sadd(f"apmae:registry:{kind}:{self.prefix}*index", name)
+
+    def get(self, kind: str, name: str) -> dict[str, str] | None:
+        h = self.r.hgetall(self.key(kind, name))
+        return {k.decode(): v.decode() for k, v in h.items()} if h else None
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(n.decode() for n in self.r.smembers(f"apmae:registry:{kind}:{self.prefix}*index"))

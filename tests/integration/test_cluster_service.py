@@ -1,0 +1,120 @@
+"""Encoder, the Kafka fit-job queue and live assignment, on the real broker and Redis."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from apmae.codec import encode_pattern
+from apmae.mae import APMAE, save, variant
+from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, PATTERNS_MINE, EmbeddingRecord, PatternRecord
+from services.bus import Bus, Output, read_range
+from services.cluster import Assigner, ClusterServiceConfig, FitWorker, plan
+from services.encoder import Encoder, EncoderConfig
+
+HEADS = [("m", 0, 0), ("m", 0, 1), ("m", 1, 0)]
+
+
+def synthetic_embeddings(bus, n_per_head: int, seed: int = 0, tag: str = "ck@1", offset: int = 0):
+    rng = np.random.default_rng(seed)
+    truth = {}
+    for model, layer, head in HEADS:
+        centres = np.random.default_rng(layer * 10 + head).normal(size=(3, 32)) * 4
+        for i in range(n_per_head):
+            g = int(rng.integers(3))
+            v = (centres[g] + rng.normal(size=32)).astype("<f4")
+            rec = EmbeddingRecord(id=f"e{layer}{head}-{offset + i}", sample_id=f"s{offset + i}", model=model,
+                                  task="identifier", layer=layer, head=head, correct=bool(i % 2), checkpoint=tag,
+                                  dim=32, payload=v.tobytes())
+            bus.send(Output(EMBEDDINGS, rec, key=f"{model}/{layer}/{head}"))
+            truth[rec.id] = g
+    bus.flush()
+    return truth
+
+
+class Died(BaseException):
+    """Like SIGKILL, nothing in the service can catch it."""
+
+
+def test_fit_queue_fits_every_head_exactly_once_when_a_worker_dies(bus_cfg, redis_client):
+    from sklearn.metrics import adjusted_rand_score
+
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    truth = synthetic_embeddings(bus, 90)
+    cfg = ClusterServiceConfig(**vars(bus_cfg), min_cluster_size=10, min_samples=5, version="v1")
+    p = plan(cfg)
+    assert p["jobs"] == 3 and p["checkpoint"] == "ck@1"
+
+    first = FitWorker(cfg)
+    fitted = []
+
+    def die_on_second_job(msgs):
+        if fitted:
+            raise Died("SIGKILL mid-way")
+        out = FitWorker.handle(first, msgs)
+        fitted.append(msgs[0].record.head)
+        return out
+
+    proc = first.processor()
+    proc.handler = die_on_second_job
+    with pytest.raises(Died):
+        proc.run(idle_timeout_s=20)
+    proc.consumer = None
+    second = FitWorker(cfg).processor()
+    assert second.run(idle_timeout_s=8) >= 2  # the unfinished jobs are re-delivered
+    counts = {k: int(redis_client.get(f"apmae:cluster:fits:{bus_cfg.topic_prefix}v1:{'/'.join(map(str, k))}") or 0)
+              for k in HEADS}
+    assert counts == dict.fromkeys(HEADS, 1), counts  # each head fitted once
+
+    assigned = {m.record.id.split("#")[0]: m.record.cluster for m in read_range(bus, ASSIGNMENTS)}
+    assert set(assigned) == set(truth)
+    for layer, head in [(0, 0), (0, 1), (1, 0)]:
+        ids = [i for i in truth if i.startswith(f"e{layer}{head}-")]
+        ari = adjusted_rand_score([truth[i] for i in ids], [assigned[i] for i in ids])
+        assert ari > 0.9, (layer, head, ari)
+
+    # live assignment of new embeddings to the fitted clusters
+    new = synthetic_embeddings(bus, 20, seed=5, offset=1000)
+    a = Assigner(cfg)
+    a.processor().run(idle_timeout_s=8)
+    live = {m.record.id.split("#")[0]: m.record for m in read_range(bus, ASSIGNMENTS)}
+    for layer, head in [(0, 0), (0, 1), (1, 0)]:
+        ids = [i for i in new if i.startswith(f"e{layer}{head}-")]
+        ari = adjusted_rand_score([new[i] for i in ids], [live[i].cluster for i in ids])
+        assert ari > 0.8, (layer, head, ari)
+    assert all(live[i].cluster_version == "v1" for i in new)
+
+
+def test_encoder_embeds_and_hot_swaps_checkpoints(bus_cfg, redis_client):
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    g = np.random.default_rng(0)
+    for i in range(6):
+        logits = g.normal(size=(64, 64))
+        logits[np.triu_indices(64, 1)] = -np.inf
+        a = np.exp(logits - logits.max(1, keepdims=True))
+        bus.send(Output(PATTERNS_MINE, PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="identifier",
+                                                     layer=0, head=i % 2, correct=True, size=64,
+                                                     payload=encode_pattern(a / a.sum(1, keepdims=True)))))
+    bus.flush()
+    from services.trainer import sha256_file
+
+    def register(step: int, seed: int):
+        torch.manual_seed(seed)
+        d = save(APMAE(variant("tiny", pattern_size=64, patch_size=16)), bus_cfg.artifacts_dir / f"ck{step}")
+        redis_client.hset("apmae:registry:apmae:enc", mapping={"path": f"ck{step}", "step": step,
+                                                             "sha256": sha256_file(d / "model.safetensors")})
+
+    register(1, 0)
+    enc = Encoder(EncoderConfig(**vars(bus_cfg), checkpoint="enc", reload_check_s=0))
+    enc.processor().run(max_messages=3, idle_timeout_s=15)
+    register(2, 1)  # a new checkpoint is announced: picked up without a restart
+    enc.processor().run(max_messages=3, idle_timeout_s=15)
+    embs = [m.record for m in read_range(bus, EMBEDDINGS)]
+    assert len(embs) == 6 and all(e.dim == 64 for e in embs)
+    assert Counter(e.checkpoint for e in embs) == {"enc@1": 3, "enc@2": 3}
+    assert len(list(read_range(bus, FIT_JOBS))) == 0
