@@ -343,6 +343,45 @@ def assign_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(Assigner(cfg).processor(), "assign", cfg, max_messages, idle_timeout_s)
 
 
+def _classify_cfg():
+    from services.classifier import ClassifyConfig
+
+    return ClassifyConfig
+
+
+@main.group("classify")
+def classify() -> None:
+    """Per-task CatBoost on per-head cluster ids: fit (CV, SHAP, figures) and live scoring."""
+
+
+@classify.command("fit")
+@config_options(_classify_cfg())
+def classify_fit_cmd(**kw: Any) -> None:
+    """Join samples with assignments, 10-fold CV per task vs baseline, SHAP per head, figures."""
+    from services.classifier import ClassifyConfig, fit_all
+
+    report = fit_all(build(ClassifyConfig, kw))
+    for model, m in report["models"].items():
+        click.echo(f"{model}: {m['rows']} complete rows x {m['heads']} heads (clusters {report['cluster_version']})")
+        for t in m["tasks"]:
+            if "mean" in t:
+                click.echo(f"  {t['task']:20s} acc {t['mean']:.3f} +- {t['ci95']:.3f}  baseline "
+                           f"{t['baseline_mean']:.3f}  (n={t['n']}, LLM correct {t['llm_correct_rate']:.2f})")
+            else:
+                click.echo(f"  {t['task']:20s} skipped: {t['skipped']}")
+
+
+@classify.command("serve")
+@loop_options
+@config_options(_classify_cfg())
+def classify_serve_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+    """Score complete rows live; publish P(correct); export accuracy and calibration metrics."""
+    from services.classifier import ClassifyConfig, Scorer
+
+    cfg = build(ClassifyConfig, kw)
+    run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s)
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)

@@ -1,0 +1,84 @@
+"""The paper's figures as PNG files (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def layer_head_heatmap(values: dict[tuple[int, int], float], n_layers: int, n_heads: int, title: str, path: Path,
+                       cbar: str = "") -> Path:
+    """Figure 3 (clusters per head) and Figures 5-6 (SHAP difference per head): layer x head."""
+    plt = _plt()
+    grid = np.full((n_layers, n_heads), np.nan)
+    for (layer, head), v in values.items():
+        grid[layer, head] = v
+    fig, ax = plt.subplots(figsize=(max(4, n_heads * 0.45 + 2), max(3, n_layers * 0.22 + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="magma", origin="lower")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=cbar)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def cluster_examples(examples: dict[int, list[np.ndarray]], title: str, path: Path, per_cluster: int = 5) -> Path:
+    """Figure 2: rows = clusters of one head, columns = example (log-scaled) patterns."""
+    plt = _plt()
+    clusters = sorted(examples)
+    fig, axes = plt.subplots(len(clusters), per_cluster, figsize=(per_cluster * 1.8, len(clusters) * 1.9),
+                             squeeze=False)
+    for r, c in enumerate(clusters):
+        for k in range(per_cluster):
+            ax = axes[r][k]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k < len(examples[c]):
+                ax.imshow(examples[c][k], cmap="viridis", vmin=0, vmax=1)
+            if k == 0:
+                ax.set_ylabel("noise" if c == -1 else f"cluster {c}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Figure 4: per task, the LLM's correctness rate and the classifier's CV accuracy (95% CI)
+    next to the majority baseline."""
+    plt = _plt()
+    tasks = [r["task"] for r in rows]
+    x = np.arange(len(tasks))
+    fig, ax = plt.subplots(figsize=(max(6, len(tasks) * 0.9), 4))
+    ax.bar(x - 0.27, [r["llm_correct_rate"] for r in rows], 0.27, label="LLM correct rate")
+    ax.bar(x, [r["mean"] for r in rows], 0.27, yerr=[r["ci95"] for r in rows], capsize=3,
+           label="classifier CV accuracy (95% CI)")
+    ax.bar(x + 0.27, [r["baseline_mean"] for r in rows], 0.27, label="majority baseline")
+    ax.set_xticks(x, tasks, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

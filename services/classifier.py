@@ -1,0 +1,238 @@
+"""``apmae classify fit`` / ``apmae classify serve``: correctness prediction from clusters.
+
+fit: joins the ``samples`` topic (task, label) with the ``assignments`` topic (one cluster
+id per head and sample, of one cluster version) into feature rows, and per (target model,
+task) runs balanced 10-fold CV with the majority baseline, fits the final model, computes
+SHAP per head, and writes models (CatBoost's own .cbm format, with SHA-256 in the registry),
+a report JSON and the figures.
+
+serve: consumes ``assignments``; Redis holds each sample's partial row (hash per sample,
+head -> cluster) until every head the classifier uses has arrived (out of order and
+duplicates are fine: a hash field is set once per head); complete rows are scored and a
+ScoreRecord published. Rows that stay incomplete past the TTL are dropped and counted.
+Retrained classifiers are picked up from the registry without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import redis
+from prometheus_client import Counter, Gauge
+
+from apmae.classify import (
+    ClassifierConfig, balance, column, cross_validate, feature_frame, fit, head_importance, parse_column, shap_values,
+)
+from apmae.config import BusConfig, setting
+from apmae.config import save as save_config
+from apmae.messages import stable_id
+from apmae.topics import ASSIGNMENTS, SAMPLES, SCORES, ScoreRecord
+from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
+from services.registry import ArtifactStore, Registry
+from services.trainer import sha256_file
+
+log = logging.getLogger("apmae.classifier")
+SCORED = Counter("apmae_classifier_scored_total", "Samples scored", ["model", "task", "predicted"])
+ACTUAL = Counter("apmae_classifier_actual_total", "Actual correctness of scored samples", ["model", "task", "actual"])
+ROLLING_ACC = Gauge("apmae_classifier_rolling_accuracy", "Accuracy over the last 200 scored samples", ["model", "task"])
+BRIER = Gauge("apmae_classifier_rolling_brier", "Brier score (calibration) over the last 200 samples", ["model", "task"])
+EXPIRED = Counter("apmae_classifier_rows_expired_total", "Partial rows dropped incomplete after the TTL", ["model"])
+CV_ACC = Gauge("apmae_classifier_cv_accuracy", "Mean CV accuracy of the current classifier", ["model", "task"])
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(BusConfig):
+    iterations: int = setting(1000, "CatBoost iterations")
+    depth: int = setting(6, "CatBoost depth")
+    learning_rate: float = setting(0.1, "CatBoost learning rate")
+    early_stopping_rounds: int = setting(25, "Early stopping rounds (10% of each training part held out)")
+    one_hot_max_size: int = setting(2, "CatBoost one_hot_max_size")
+    folds: int = setting(10, "Cross-validation folds")
+    threads: int = setting(-1, "CatBoost threads (-1: all cores)")
+    min_rows: int = setting(20, "Tasks with fewer balanced rows are skipped (counted)")
+    cluster_version: str = setting("", "Cluster version to use (default: the most common in the topic)")
+    out_dir: Path = setting(Path(""), "Report and figures directory (default: <state>/artifacts/classifier)")
+    row_ttl_s: int = setting(3600, "Seconds a partial row may wait for its remaining heads")
+    group: str = setting("classifier", "Consumer group of the live scorer")
+    seed: int = setting(0, "Seed for balancing and CV")
+
+    def classifier_config(self) -> ClassifierConfig:
+        return ClassifierConfig(self.iterations, self.depth, self.learning_rate, self.early_stopping_rounds,
+                                self.one_hot_max_size, self.folds, self.threads, self.seed)
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out_dir if str(self.out_dir) not in ("", ".") else self.artifacts_dir / "classifier"
+
+
+def gather(cfg: ClassifyConfig) -> tuple[dict, dict, str]:
+    """(samples by id, {model: {sample_id: {column: cluster}}}, cluster version) from the topics."""
+    bus = Bus(cfg, "classify-fit")
+    samples = {m.record.id: m.record for m in read_range(bus, SAMPLES) if isinstance(m, Message)}
+    by_version: dict[str, int] = defaultdict(int)
+    assigns = []
+    for m in read_range(bus, ASSIGNMENTS):
+        if isinstance(m, Message):
+            assigns.append(m.record)
+            by_version[m.record.cluster_version] += 1
+    if not assigns:
+        return samples, {}, ""
+    version = cfg.cluster_version or max(by_version, key=by_version.get)
+    rows: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: defaultdict(dict))
+    for a in assigns:
+        if a.cluster_version == version:
+            rows[a.model][a.sample_id][column(a.layer, a.head)] = a.cluster
+    return samples, rows, version
+
+
+def fit_all(cfg: ClassifyConfig) -> dict:
+    from apmae.figures import accuracy_bars, layer_head_heatmap
+
+    samples, rows, version = gather(cfg)
+    out = cfg.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    store = ArtifactStore(cfg.artifacts_dir)
+    registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
+    ccfg = cfg.classifier_config()
+    report: dict = {"cluster_version": version, "models": {}}
+    for model_name, per_sample in rows.items():
+        columns = sorted({c for r in per_sample.values() for c in r}, key=parse_column)
+        complete = {s: r for s, r in per_sample.items() if len(r) == len(columns) and s in samples}
+        layers = 1 + max(parse_column(c)[0] for c in columns)
+        heads = 1 + max(parse_column(c)[1] for c in columns)
+        tasks: dict[str, list[str]] = defaultdict(list)
+        for s in complete:
+            if samples[s].correct is not None:  # noise has no label
+                tasks[samples[s].task].append(s)
+        results = []
+        for task, ids in sorted(tasks.items()):
+            y_all = pd.Series({s: bool(samples[s].correct) for s in ids})
+            llm_rate = float(y_all.mean())
+            if y_all.nunique() < 2:
+                results.append({"task": task, "skipped": "one label only", "n": len(ids), "llm_correct_rate": llm_rate})
+                continue
+            idx = balance(y_all, cfg.seed)
+            if len(idx) < cfg.min_rows:
+                results.append({"task": task, "skipped": f"{len(idx)} balanced rows < {cfg.min_rows}",
+                                "n": len(ids), "llm_correct_rate": llm_rate})
+                continue
+            x = feature_frame({s: complete[s] for s in idx}, columns)
+            y = y_all.loc[idx]
+            t0 = time.perf_counter()
+            cv = cross_validate(x, y, ccfg)
+            clf = fit(x, y, ccfg)
+            shap, _ = shap_values(clf, x)
+            imp = head_importance(shap, x)
+            rel = f"classifier/{version}/{model_name.replace('/', '_')}/{task}.cbm"
+            dest = store.path(rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            clf.save_model(str(dest))  # CatBoost's own format, not a pickle
+            sha = sha256_file(dest)
+            registry.put("classifier", f"{model_name}:{task}", path=rel, sha256=sha, version=version,
+                         columns=columns, cv_mean=cv["mean"])
+            CV_ACC.labels(model_name, task).set(cv["mean"])
+            layer_head_heatmap({parse_column(c): v for c, v in imp.items()}, layers, heads,
+                               f"{task}: max difference of mean SHAP per cluster", out / f"shap-{task}.png", "SHAP")
+            results.append({"task": task, **{k: v for k, v in cv.items() if k != "accuracy"},
+                            "fold_accuracy": cv["accuracy"], "llm_correct_rate": llm_rate,
+                            "top_heads": imp.head(10).round(4).to_dict(), "seconds": time.perf_counter() - t0})
+        fitted = [r for r in results if "mean" in r]
+        if fitted:
+            accuracy_bars(fitted, out / f"accuracy-{model_name.replace('/', '_')}.png",
+                          f"{model_name}: LLM correctness vs classifier accuracy")
+        report["models"][model_name] = {"heads": len(columns), "rows": len(complete), "tasks": results}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    save_config(cfg, out / "config.json")
+    return report
+
+
+class Scorer:
+    """Live scoring: partial rows in Redis until complete, then P(correct) per sample."""
+
+    def __init__(self, cfg: ClassifyConfig):
+        self.cfg = cfg
+        self.bus = Bus(cfg, "classifier")
+        self.redis = redis.Redis.from_url(cfg.redis_url)
+        self.store = ArtifactStore(cfg.artifacts_dir)
+        self.registry = Registry(self.redis, cfg.topic_prefix)
+        self.models: dict[str, tuple[str, object, list[str]]] = {}
+        self.checked: dict[str, float] = {}
+        self.recent: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=200))
+        self.pfx = f"apmae:row:{cfg.topic_prefix}"
+
+    def classifier(self, model: str, task: str):
+        key = f"{model}:{task}"
+        now = time.monotonic()
+        if key in self.models and now - self.checked.get(key, 0) < 10:
+            return self.models[key]
+        self.checked[key] = now
+        entry = self.registry.get("classifier", key)
+        if entry is None:
+            return None
+        if key not in self.models or self.models[key][0] != entry["sha256"]:
+            from catboost import CatBoostClassifier
+
+            self.store.read(entry["path"], entry["sha256"])  # checksum before loading
+            clf = CatBoostClassifier()
+            clf.load_model(str(self.store.path(entry["path"])))
+            self.models[key] = (entry["sha256"], clf, json.loads(entry["columns"]))
+        return self.models[key]
+
+    def sweep(self) -> None:
+        cutoff = time.time() - self.cfg.row_ttl_s
+        for member in self.redis.zrangebyscore(f"{self.pfx}index", 0, cutoff):
+            model = member.decode().split("|")[0]
+            self.redis.delete(f"{self.pfx}{member.decode()}")
+            self.redis.zrem(f"{self.pfx}index", member)
+            EXPIRED.labels(model).inc()
+
+    def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        out: list[Output | DeadLetter] = []
+        touched: dict[str, tuple[str, str, str, bool | None]] = {}
+        pipe = self.redis.pipeline(transaction=False)
+        for m in msgs:
+            a = m.record
+            if self.redis.exists(f"{self.pfx}scored:{a.model}|{a.sample_id}"):
+                continue  # a late duplicate of a row already scored
+            member = f"{a.model}|{a.sample_id}"
+            pipe.hset(f"{self.pfx}{member}", column(a.layer, a.head), a.cluster)
+            pipe.zadd(f"{self.pfx}index", {member: time.time()}, nx=True)
+            touched[member] = (a.model, a.task, a.sample_id, a.correct)
+        pipe.execute()
+        for member, (model, task, sample_id, actual) in touched.items():
+            found = self.classifier(model, task)
+            if found is None:
+                continue
+            _, clf, columns = found
+            row = {k.decode(): int(v) for k, v in self.redis.hgetall(f"{self.pfx}{member}").items()}
+            if not set(columns) <= set(row):
+                continue  # wait for the remaining heads
+            x = feature_frame({sample_id: row}, columns)
+            p = float(clf.predict_proba(x)[0, 1])
+            out.append(Output(SCORES, ScoreRecord(id=stable_id("score", member, found[0]), sample_id=sample_id,
+                                                  model=model, task=task, prob_correct=p, actual=actual,
+                                                  classifier_version=found[0][:12]), key=sample_id))
+            self.redis.set(f"{self.pfx}scored:{member}", 1, ex=7 * 24 * 3600)
+            self.redis.delete(f"{self.pfx}{member}")
+            self.redis.zrem(f"{self.pfx}index", member)
+            SCORED.labels(model, task, str(p >= 0.5).lower()).inc()
+            if actual is not None:
+                ACTUAL.labels(model, task, str(actual).lower()).inc()
+                rec = self.recent[(model, task)]
+                rec.append(((p >= 0.5) == actual, (p - float(actual)) ** 2))
+                ROLLING_ACC.labels(model, task).set(np.mean([r[0] for r in rec]))
+                BRIER.labels(model, task).set(np.mean([r[1] for r in rec]))
+        self.sweep()
+        return out
+
+    def processor(self) -> Processor:
+        self.bus.ensure_topics([ASSIGNMENTS, SCORES])
+        return Processor(self.bus, self.cfg.group, [ASSIGNMENTS], self.handle,
+                         done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group), batch_size=512)
