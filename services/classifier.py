@@ -36,7 +36,7 @@ from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, SAMPLES, SCORES, ScoreRecord
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
 from services.registry import ArtifactStore, Registry
-from services.trainer import sha256_file
+from services.registry import sha256_file
 
 log = logging.getLogger("apmae.classifier")
 SCORED = Counter("apmae_classifier_scored_total", "Samples scored", ["model", "task", "predicted"])

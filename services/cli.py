@@ -382,6 +382,23 @@ def classify_serve_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s)
 
 
+def _demo_cfg():
+    from services.demo import DemoConfig
+
+    return DemoConfig
+
+
+@main.command("demo")
+@config_options(_demo_cfg())
+def demo_cmd(**kw: Any) -> None:
+    """The whole pipeline on the embedded default, with an HTML report (resumable)."""
+    from services.demo import Demo, DemoConfig, summary
+
+    logging.getLogger("apmae").setLevel(logging.WARNING)
+    done = Demo(build(DemoConfig, kw)).run()
+    click.echo(summary(done))
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)

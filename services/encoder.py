@@ -25,7 +25,7 @@ from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, load
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
-from services.trainer import sha256_file
+from services.registry import sha256_file
 
 log = logging.getLogger("apmae.encoder")
 EMBEDDED = Counter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])

@@ -234,6 +234,7 @@ class Prometheus(Server):
             "global": {"scrape_interval": self.cfg.scrape_interval, "evaluation_interval": self.cfg.scrape_interval},
             "scrape_configs": [{
                 "job_name": "apmae",
+                "honor_labels": True,  # a service's own labels (service, topic) win over target labels
                 "file_sd_configs": [{"files": [str((self.home / "targets").resolve() / "*.json")],
                                      "refresh_interval": "1s"}],
             }],
@@ -278,7 +279,7 @@ def register_target(state_dir: Path, job: str, address: str, labels: dict[str, s
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{job}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([{"targets": [address], "labels": {"service": job, **(labels or {})}}]))
+    tmp.write_text(json.dumps([{"targets": [address], "labels": {"target": job, **(labels or {})}}]))
     tmp.replace(path)  # atomic: Prometheus never reads half a file
     return path
 

@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class UnsafePath(ValueError):
     pass
 

@@ -22,7 +22,6 @@ Each checkpoint is published to the model registry: a Redis hash and a record on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord, PatternR
 from apmae.train import NonFiniteLoss, Schedule, make_optimizer, scaled_lr, train_step
 from services import metrics
 from services.bus import Bus, Output
+from services.registry import sha256_file
 
 log = logging.getLogger("apmae.trainer")
 LOSS = Gauge("apmae_trainer_loss", "Last training loss", ["run"])
@@ -88,14 +88,6 @@ class Item:
     offset: int
     id: str
     pattern: torch.Tensor | None  # None: dead-lettered, still consumed
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -101,7 +101,7 @@ def test_encoder_embeds_and_hot_swaps_checkpoints(bus_cfg, redis_client):
                                                      layer=0, head=i % 2, correct=True, size=64,
                                                      payload=encode_pattern(a / a.sum(1, keepdims=True)))))
     bus.flush()
-    from services.trainer import sha256_file
+    from services.registry import sha256_file
 
     def register(step: int, seed: int):
         torch.manual_seed(seed)

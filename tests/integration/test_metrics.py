@@ -37,10 +37,10 @@ def test_prometheus_scrapes_service_metrics_and_health(infra_cfg):
         assert json.load(r)["service"] == "scrape-test"
     register_target(infra_cfg.state_dir, "scrape-test", f"127.0.0.1:{port}")
     try:
-        res = wait_for(infra_cfg.prometheus_url, 'apmae_messages_in_total{service="scrape-test"}')
+        res = wait_for(infra_cfg.prometheus_url, 'apmae_messages_in_total{service="scrape-test",target="scrape-test"}')
         assert res, "Prometheus never returned the scraped counter"
         assert float(res[0]["value"][1]) == 7.0
-        up = query(infra_cfg.prometheus_url, 'up{job="apmae",service="scrape-test"}')
+        up = query(infra_cfg.prometheus_url, 'up{job="apmae",target="scrape-test"}')
         assert up and up[0]["value"][1] == "1"
     finally:
         unregister_target(infra_cfg.state_dir, "scrape-test")

@@ -1,0 +1,242 @@
+"""``apmae demo``: the whole pipeline on the embedded default, on one machine, with a report.
+
+Stages (each resumable: a finished stage is recorded in ``<state>/demo/stages.json`` and
+skipped when the demo is started again, as long as the in-memory broker still holds its
+topics):
+
+ 1. infra       start the embedded broker, Redis and Prometheus
+ 2. ingest      a slice of a real corpus (the JDK's src.zip by default)
+ 3. produce     the local default model (SmolLM2-135M, prefix mode) mines tasks, predicts,
+                labels and captures attention
+ 4. train       a small AP-MAE on patterns.train
+ 5. encode      CLS embeddings of patterns.mine
+ 6. cluster     per-head UMAP + HDBSCAN through the Kafka job queue (one worker per core)
+ 7. classify    per-task CatBoost, 10-fold CV vs baseline, SHAP
+ 8. live        a few new files stream through produce -> encode -> assign -> score
+ 9. report      one HTML page with every figure and the numbers behind them
+
+The JDK sources are in StarCoder2's (and probably SmolLM2's) training data, so correctness
+rates are inflated; the demo shows the machinery, not a contamination-free measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from apmae.config import BusConfig, setting, to_dict
+from services import infra
+
+log = logging.getLogger("apmae.demo")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    state_dir: Path = setting(Path(".apmae"), "State directory (infra, artifacts, report)")
+    corpus: str = setting("", "Corpus (default: the JDK's src.zip)")
+    files: int = setting(24, "Files to mine")
+    live_files: int = setting(3, "Extra files streamed through the live path at the end")
+    skip_files: int = setting(400, "Corpus files to skip first (the JDK zip starts with tiny package-info files)")
+    model: str = setting("local:smollm2", "Target model (local:smollm2, a directory, or a hub id)")
+    mine_layers: str = setting("0,6,12,18,24,29", "Layers mined for clustering (every head of each); '' = all")
+    mine_per_task: int = setting(40, "Mining samples per task (balanced)")
+    spans_per_task: int = setting(2, "Candidates per task per file")
+    apmae_variant: str = setting("small", "AP-MAE size")
+    train_steps: int = setting(120, "AP-MAE training steps")
+    train_batch: int = setting(32, "AP-MAE batch size")
+    pattern_size: int = setting(256, "Pattern size (256 for real models)")
+    patch_size: int = setting(32, "AP-MAE patch size")
+    min_cluster_size: int = setting(10, "HDBSCAN min_cluster_size (the paper's 25 needs ~110k points per head)")
+    min_samples: int = setting(5, "HDBSCAN min_samples (paper: 20)")
+    folds: int = setting(10, "Classifier CV folds")
+    cb_iterations: int = setting(300, "CatBoost iterations")
+    kafka_port: int = setting(9092, "Embedded broker port")
+    redis_port: int = setting(6379, "Embedded Redis port")
+    prometheus_port: int = setting(9090, "Embedded Prometheus port")
+    fresh: bool = setting(False, "Forget finished stages and start over")
+    topic_prefix: str = setting("demo.", "Topic prefix of this demo run")
+
+
+STAGES = ("infra", "ingest", "produce", "train", "encode", "cluster", "classify", "live", "report")
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.dir = cfg.state_dir / "demo"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stages_file = self.dir / "stages.json"
+        self.done: dict = {} if cfg.fresh or not self.stages_file.exists() else json.loads(self.stages_file.read_text())
+        self.infra = infra.InfraConfig(state_dir=cfg.state_dir, kafka_port=cfg.kafka_port, redis_port=cfg.redis_port,
+                                       prometheus_port=cfg.prometheus_port)
+        self.bus = BusConfig(bootstrap_servers=self.infra.bootstrap_servers, redis_url=self.infra.redis_url,
+                             state_dir=cfg.state_dir, topic_prefix=cfg.topic_prefix, group_poll_interval_ms=10_000)
+        self.timings: dict[str, float] = dict(self.done.get("_timings", {}))
+
+    def record(self, stage: str, result) -> None:
+        self.done[stage] = result
+        self.done["_timings"] = self.timings
+        self.stages_file.write_text(json.dumps(self.done, indent=2, default=str))
+
+    def common(self, cls, **kw):
+        return cls(**{f.name: getattr(self.bus, f.name) for f in dataclasses.fields(BusConfig)}, **kw)
+
+    # -- stages -----------------------------------------------------------------------------
+    def stage_infra(self):
+        states = infra.up(self.infra)
+        if states["broker"].startswith("started") and len(self.done) > 1:
+            log.warning("the embedded broker was (re)started: its in-memory topics are gone, starting the demo over")
+            self.done = {}
+        from services.cli import start_service
+
+        start_service(self.bus, "demo")
+        return states
+
+    def stage_ingest(self):
+        import itertools
+
+        from apmae.corpus import CorpusStats, Limits, open_corpus
+        from services.ingest import Ingest, IngestConfig, corpus_path
+
+        cfg = self.common(IngestConfig, corpus=self.cfg.corpus)
+        job = Ingest(cfg)
+        job.bus.ensure_topics()
+        stats = CorpusStats()
+        files = open_corpus(corpus_path(cfg), stats, Limits(max_file_bytes=200_000))
+        files = (f for f in files if 4_000 < len(f.content) < 60_000)  # long enough for 256 tokens, not huge
+        job.ingest(itertools.islice(files, self.cfg.skip_files, self.cfg.skip_files + self.cfg.files))
+        job.bus.close()
+        return job.summary()
+
+    def producer_cfg(self):
+        from services.producer import ProducerConfig
+
+        return self.common(ProducerConfig, model=self.cfg.model, mine_layers=self.cfg.mine_layers,
+                           mine_per_task=self.cfg.mine_per_task, spans_per_task=self.cfg.spans_per_task,
+                           files_per_batch=1, length=self.cfg.pattern_size)
+
+    def stage_produce(self, n: int | None = None):
+        from services.producer import Producer
+
+        prod = Producer(self.producer_cfg())
+        n = n or self.cfg.files
+        processed = prod.processor_for().run(max_messages=n, idle_timeout_s=60)
+        from services.producer import PREDICTIONS
+
+        by_task: dict[str, dict[str, int]] = {}
+        for s in PREDICTIONS.collect()[0].samples:
+            if s.name.endswith("_total"):
+                by_task.setdefault(s.labels["task"], {})[s.labels["result"]] = int(s.value)
+        return {"files": processed, "predictions": by_task, "mode": prod.mode, "model": prod.lm.name,
+                "heads_per_sample": prod.lm.heads_per_sample, "mined_heads": len(prod.mine_layers) * len(prod.mine_heads)}
+
+    def stage_train(self):
+        from services.trainer import Trainer, TrainerConfig
+
+        cfg = self.common(TrainerConfig, variant=self.cfg.apmae_variant, pattern_size=self.cfg.pattern_size,
+                          patch_size=self.cfg.patch_size, batch_size=self.cfg.train_batch, steps=self.cfg.train_steps,
+                          checkpoint_every=40, name="demo", idle_timeout_s=20)
+        return Trainer(cfg).run()
+
+    def stage_encode(self):
+        from services.encoder import Encoder, EncoderConfig
+
+        n = Encoder(self.common(EncoderConfig, checkpoint="demo")).processor().run(idle_timeout_s=20)
+        return {"embedded": n}
+
+    def cluster_cfg(self):
+        import os
+
+        from services.cluster import ClusterServiceConfig
+
+        return self.common(ClusterServiceConfig, min_cluster_size=self.cfg.min_cluster_size,
+                           min_samples=self.cfg.min_samples, processes=max(1, min(2, os.cpu_count() or 1)))
+
+    def stage_cluster(self):
+        from services.cluster import plan, run_workers
+
+        cfg = self.cluster_cfg()
+        p = plan(cfg)
+        jobs = run_workers(cfg, idle_timeout_s=30)
+        return {**p, "fitted": jobs}
+
+    def classify_cfg(self):
+        from services.classifier import ClassifyConfig
+
+        return self.common(ClassifyConfig, iterations=self.cfg.cb_iterations, folds=self.cfg.folds, min_rows=10,
+                           out_dir=self.dir / "report")
+
+    def stage_classify(self):
+        from services.classifier import fit_all
+
+        return fit_all(self.classify_cfg())
+
+    def stage_live(self):
+        from apmae.topics import SCORES
+        from services.bus import Bus, read_range
+        from services.classifier import Scorer
+        from services.cluster import Assigner
+        from services.encoder import Encoder, EncoderConfig
+
+        before = self.cfg.files
+        self.cfg = dataclasses.replace(self.cfg, skip_files=self.cfg.skip_files + before, files=self.cfg.live_files)
+        ing = self.stage_ingest()
+        self.stage_produce(self.cfg.live_files)
+        enc = Encoder(self.common(EncoderConfig, checkpoint="demo")).processor().run(idle_timeout_s=15)
+        assigned = Assigner(self.cluster_cfg()).processor().run(idle_timeout_s=15)
+        scored = Scorer(self.classify_cfg()).processor().run(idle_timeout_s=15)
+        scores = [m.record for m in read_range(Bus(self.bus), SCORES)]
+        labelled = [s for s in scores if s.actual is not None]
+        acc = float(np.mean([(s.prob_correct >= 0.5) == s.actual for s in labelled])) if labelled else None
+        return {"ingested": ing["published"], "embedded": enc, "assignment_messages": assigned,
+                "classifier_inputs": scored, "scores": len(scores), "live_accuracy": acc}
+
+    def stage_report(self):
+        from services.report import write_report
+
+        return {"path": str(write_report(self))}
+
+    # -- driver -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        bar = tqdm(STAGES, desc="demo", unit="stage")
+        for stage in bar:
+            bar.set_postfix_str(stage)
+            if stage != "infra" and stage in self.done:
+                continue
+            t0 = time.perf_counter()
+            result = getattr(self, f"stage_{stage}")()
+            self.timings[stage] = time.perf_counter() - t0
+            self.record(stage, result)
+        return self.done
+
+
+def summary(done: dict) -> str:
+    lines = ["", "apmae demo finished", "-" * 60]
+    for stage, secs in done.get("_timings", {}).items():
+        lines.append(f"  {stage:10s} {secs:8.1f} s")
+    tr = done.get("train", {})
+    lines.append(f"  AP-MAE: {tr.get('step')} steps, final loss {tr.get('loss')}")
+    cl = done.get("cluster", {})
+    lines.append(f"  clusters: {cl.get('fitted')} heads fitted (version {cl.get('version')})")
+    for model, m in done.get("classify", {}).get("models", {}).items():
+        for t in m["tasks"]:
+            if "mean" in t:
+                lines.append(f"  {t['task']:20s} classifier {t['mean']:.2f} +- {t['ci95']:.2f} vs baseline "
+                             f"{t['baseline_mean']:.2f} (LLM correct {t['llm_correct_rate']:.2f})")
+    lines.append(f"  report: {done.get('report', {}).get('path')}")
+    return "\n".join(lines)
+
+
+def config_as_dict(cfg: DemoConfig) -> dict:
+    return to_dict(cfg)
+
+
