@@ -245,6 +245,11 @@ class Processor:
     consumer: KafkaConsumer | None = None
     processed: int = 0
 
+    def __post_init__(self) -> None:
+        for t in self.inputs:  # dead-letter and lag series exist (at 0) from the start
+            metrics.DEADLETTERS.labels(self.bus.service, t.name)
+            metrics.CONSUMER_LAG.labels(self.bus.service, t.name)
+
     def heartbeat(self) -> None:
         """Keep group membership alive during a long batch (call between chunks of work).
 

@@ -243,6 +243,7 @@ class Assigner:
                 ASSIGNED.labels(model_name, "unfitted").inc(len(group))
                 continue
             version, model = found
+            DRIFTS.labels(model_name, str(group[0].record.layer), str(group[0].record.head))  # series at 0
             x = np.stack([embedding_vector(m.record) for m in group])
             labels, strengths = model.predict_many(x)
             mon = self.drift[key]

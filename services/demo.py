@@ -102,14 +102,13 @@ class Demo:
     def stage_ingest(self):
         import itertools
 
-        from apmae.corpus import CorpusStats, Limits, open_corpus
+        from apmae.corpus import Limits, open_corpus
         from services.ingest import Ingest, IngestConfig, corpus_path
 
         cfg = self.common(IngestConfig, corpus=self.cfg.corpus)
         job = Ingest(cfg)
         job.bus.ensure_topics()
-        stats = CorpusStats()
-        files = open_corpus(corpus_path(cfg), stats, Limits(max_file_bytes=200_000))
+        files = open_corpus(corpus_path(cfg), job.stats, Limits(max_file_bytes=200_000))
         files = (f for f in files if 4_000 < len(f.content) < 60_000)  # long enough for 256 tokens, not huge
         job.ingest(itertools.islice(files, self.cfg.skip_files, self.cfg.skip_files + self.cfg.files))
         job.bus.close()

@@ -1,0 +1,90 @@
+"""The whole pipeline end to end, as `apmae demo` runs it, on the local default model and
+the real broker, Redis and Prometheus; then every Grafana panel's PromQL must return data."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from apmae.topics import ALL_TOPICS, ASSIGNMENTS, EMBEDDINGS, FILES, PATTERNS_MINE, PATTERNS_TRAIN, SAMPLES, SCORES
+from services.bus import Bus, read_range
+from services.demo import Demo, DemoConfig
+from services.infra import down, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def promql(url: str, expr: str) -> list:
+    q = f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(q, timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from apmae.corpus import default_jdk_corpus
+
+    state = tmp_path_factory.mktemp("demo")
+    corpus = default_jdk_corpus()
+    if corpus is None:  # no JDK: a generated corpus of small distinct classes
+        from tests.conftest import java_files
+
+        corpus = state / "corpus"
+        corpus.mkdir()
+        for f in java_files(12, "e2e"):
+            (corpus / f.path).write_text(f.content * 2)
+    cfg = DemoConfig(state_dir=state, corpus=str(corpus), files=6, live_files=2, skip_files=40,
+                     mine_layers="0,29", mine_per_task=40, spans_per_task=4, apmae_variant="tiny", train_steps=20,
+                     train_batch=16, min_cluster_size=5, min_samples=3, folds=5, cb_iterations=60,
+                     kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
+    d = Demo(cfg)
+    d.infra = type(d.infra)(**{**vars(d.infra), "scrape_interval": "1s"})
+    d.run()
+    yield d
+    down(d.infra)
+
+
+def test_every_topic_received_what_the_next_stage_consumed(demo):
+    bus = Bus(demo.bus)
+    count = {t.name: len({m.record.id for m in read_range(bus, t)}) for t in
+             (FILES, SAMPLES, PATTERNS_TRAIN, PATTERNS_MINE, EMBEDDINGS, ASSIGNMENTS, SCORES)}
+    done = demo.done
+    assert count["files"] == 6 + 2
+    assert count["samples"] > 50
+    assert done["train"]["patterns"] > 0 and done["train"]["patterns"] <= count["patterns.train"]
+    assert count["embeddings"] == count["patterns.mine"]  # every mined pattern was embedded once
+    fitted = {m.record.id.split("#")[0] for m in read_range(bus, ASSIGNMENTS)}
+    embedded = {m.record.id for m in read_range(bus, EMBEDDINGS)}
+    assert fitted == embedded  # batch fit + live assignment cover every embedding
+    assert count["scores"] > 0
+    models = done["classify"]["models"]
+    assert any("mean" in t for m in models.values() for t in m["tasks"])
+    assert {t.name for t in ALL_TOPICS} >= set(count)
+
+
+def test_report_was_written(demo):
+    path = Path(demo.done["report"]["path"])
+    page = path.read_text()
+    for img in ("figure1.png", "figure2.png", "figure3.png"):
+        assert img in page and (path.parent / img).read_bytes()[:4] == b"\x89PNG"
+    numbers = json.loads((path.parent / "numbers.json").read_text())
+    assert numbers["reconstruction"]["apmae"]["n"] > 0
+
+
+def test_every_dashboard_panel_returns_data(demo):
+    url = demo.infra.prometheus_url
+    time.sleep(3)  # one more scrape after the last stage
+    empty = []
+    for board in sorted((ROOT / "deploy/grafana/dashboards").glob("*.json")):
+        for panel in json.loads(board.read_text())["panels"]:
+            for target in panel["targets"]:
+                if not promql(url, target["expr"]):
+                    empty.append(f"{board.stem}: {panel['title']}: {target['expr']}")
+    assert not empty, "panels without data:\n" + "\n".join(empty)
