@@ -118,7 +118,7 @@ class TargetModel:
         ids = torch.tensor([list(x.input_ids) for x in inputs], dtype=torch.long, device=self.device)
         self.capture.clear()
         if heads:
-            self.capture.select.update({l: h.to(self.device) for l, h in heads.items()})
+            self.capture.select.update({layer: h.to(self.device) for layer, h in heads.items()})
         t0 = time.perf_counter()
         logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits  # (B, 1, V)
         predicted = logits[:, -1].argmax(-1).cpu()

@@ -91,7 +91,7 @@ def run(n: int) -> dict:
 
             # ours: the Processor loop (decode + validate + flush + commit), no-op handler
             seen = []
-            proc = Processor(bus, f"ours-{comp}", [PATTERNS_MINE], lambda ms: seen.extend(ms) or [], batch_size=256)
+            proc = Processor(bus, f"ours-{comp}", [PATTERNS_MINE], lambda ms, seen=seen: seen.extend(ms) or [], batch_size=256)
             t0 = time.perf_counter()
             proc.consumer = bus.consumer(proc.group, proc.inputs)
             while not proc.consumer.assignment() and time.perf_counter() - t0 < 60:

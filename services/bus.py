@@ -489,6 +489,7 @@ def read_range(
 
 def schema_of(value: bytes) -> str:
     try:
-        return "%s/v%s" % peek_schema(value)
+        name, version = peek_schema(value)
+        return f"{name}/v{version}"
     except InvalidMessage:
         return "?"

@@ -28,15 +28,22 @@ import redis
 from prometheus_client import Counter, Gauge
 
 from apmae.classify import (
-    ClassifierConfig, balance, column, cross_validate, feature_frame, fit, head_importance, parse_column, shap_values,
+    ClassifierConfig,
+    balance,
+    column,
+    cross_validate,
+    feature_frame,
+    fit,
+    head_importance,
+    parse_column,
+    shap_values,
 )
 from apmae.config import BusConfig, setting
 from apmae.config import save as save_config
 from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, SAMPLES, SCORES, ScoreRecord
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
-from services.registry import ArtifactStore, Registry
-from services.registry import sha256_file
+from services.registry import ArtifactStore, Registry, sha256_file
 
 log = logging.getLogger("apmae.classifier")
 SCORED = Counter("apmae_classifier_scored_total", "Samples scored", ["model", "task", "predicted"])

@@ -22,7 +22,6 @@ rates are inflated; the demo shows the machinery, not a contamination-free measu
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import logging
 import time
@@ -226,7 +225,7 @@ def summary(done: dict) -> str:
     lines.append(f"  AP-MAE: {tr.get('step')} steps, final loss {tr.get('loss')}")
     cl = done.get("cluster", {})
     lines.append(f"  clusters: {cl.get('fitted')} heads fitted (version {cl.get('version')})")
-    for model, m in done.get("classify", {}).get("models", {}).items():
+    for m in done.get("classify", {}).get("models", {}).values():
         for t in m["tasks"]:
             if "mean" in t:
                 lines.append(f"  {t['task']:20s} classifier {t['mean']:.2f} +- {t['ci95']:.2f} vs baseline "

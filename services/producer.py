@@ -33,7 +33,13 @@ from apmae.messages import stable_id
 from apmae.target import LOCAL_DEFAULT, BatchResult, TargetModel, default_prompt_mode, is_correct
 from apmae.tasks import mine_spans, sample_spans
 from apmae.topics import (
-    FILES, PATTERNS_MINE, PATTERNS_TRAIN, SAMPLES, PatternRecord, SampleRecord, head_key,
+    FILES,
+    PATTERNS_MINE,
+    PATTERNS_TRAIN,
+    SAMPLES,
+    PatternRecord,
+    SampleRecord,
+    head_key,
 )
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor
 

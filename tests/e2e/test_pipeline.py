@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from apmae.topics import ALL_TOPICS, ASSIGNMENTS, EMBEDDINGS, FILES, PATTERNS_MINE, PATTERNS_TRAIN, SAMPLES, SCORES
+from apmae.topics import (
+    ALL_TOPICS,
+    ASSIGNMENTS,
+    EMBEDDINGS,
+    FILES,
+    PATTERNS_MINE,
+    PATTERNS_TRAIN,
+    SAMPLES,
+    SCORES,
+)
 from services.bus import Bus, read_range
 from services.demo import Demo, DemoConfig
 from services.infra import down, free_port

@@ -10,7 +10,14 @@ import torch
 
 from apmae.codec import encode_pattern
 from apmae.mae import APMAE, save, variant
-from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, PATTERNS_MINE, EmbeddingRecord, PatternRecord
+from apmae.topics import (
+    ASSIGNMENTS,
+    EMBEDDINGS,
+    FIT_JOBS,
+    PATTERNS_MINE,
+    EmbeddingRecord,
+    PatternRecord,
+)
 from services.bus import Bus, Output, read_range
 from services.cluster import Assigner, ClusterServiceConfig, FitWorker, plan
 from services.encoder import Encoder, EncoderConfig

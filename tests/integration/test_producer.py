@@ -47,7 +47,7 @@ def test_producer_publishes_what_a_consumer_decodes(bus_cfg, tiny_model_dir):
     p = mined[0]
     a = decode_pattern(p.payload, p.size, p.dtype)
     assert a.shape == (256, 256) and np.allclose(a.sum(1), 1, atol=0.02) and np.all(np.triu(a, 1) == 0)
-    assert {m.key.decode() for m in read_range(bus, PATTERNS_MINE)} <= {f"{prod.lm.name}/{l}/{h}" for l in range(2)
+    assert {m.key.decode() for m in read_range(bus, PATTERNS_MINE)} <= {f"{prod.lm.name}/{layer}/{h}" for layer in range(2)
                                                                       for h in range(4)}
 
 

@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae.classify import ClassifierConfig, balance, column, cross_validate, fit, head_importance, shap_values
+from apmae.classify import (
+    ClassifierConfig,
+    balance,
+    column,
+    cross_validate,
+    fit,
+    head_importance,
+    shap_values,
+)
 
 CFG = ClassifierConfig(iterations=150, depth=4, folds=5, thread_count=2)
 

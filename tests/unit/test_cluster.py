@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from apmae.cluster import ClusterConfig, DriftMonitor, HeadModel, IncrementalClusterer, fit_head, jitter_duplicates
+from apmae.cluster import (
+    ClusterConfig,
+    DriftMonitor,
+    HeadModel,
+    IncrementalClusterer,
+    fit_head,
+    jitter_duplicates,
+)
 
 
 def groups(n_per: int, k: int = 5, dim: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
