@@ -363,8 +363,10 @@ class Processor:
         for r in raws:
             tp = TopicPartition(r.topic, r.partition)
             first[tp] = min(first.get(tp, r.offset), r.offset)
+        assigned = self.consumer.assignment()
         for tp, off in first.items():
-            self.consumer.seek(tp, off)
+            if tp in assigned:  # a revoked partition restarts at its committed offset with its new owner
+                self.consumer.seek(tp, off)
 
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> int:
         """Loop until stopped, ``max_messages`` handled, or nothing arrived for ``idle_timeout_s``."""
