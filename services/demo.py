@@ -88,11 +88,33 @@ class Demo:
         return cls(**{f.name: getattr(self.bus, f.name) for f in dataclasses.fields(BusConfig)}, **kw)
 
     # -- stages -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget a previous run: Redis state under this demo's prefix and its artifacts.
+
+        Redis and the artifact store persist, the embedded broker does not: done marks,
+        dedupe sets and checkpoints of a run whose topics are gone would make the new run
+        skip its inputs or resume at offsets that no longer exist.
+        """
+        import shutil
+
+        import redis
+
+        r = redis.Redis.from_url(self.bus.redis_url)
+        keys = list(r.scan_iter(match=f"apmae:*{self.cfg.topic_prefix}*", count=1000))
+        keys += [b"apmae:registry:apmae:demo"]
+        for i in range(0, len(keys), 500):
+            r.delete(*keys[i:i + 500])
+        art = self.bus.artifacts_dir
+        for d in (art / "trainer" / "demo", art / "clusters", art / "classifier", self.dir / "report"):
+            shutil.rmtree(d, ignore_errors=True)
+
     def stage_infra(self):
         states = infra.up(self.infra)
-        if states["broker"].startswith("started") and len(self.done) > 1:
-            log.warning("the embedded broker was (re)started: its in-memory topics are gone, starting the demo over")
+        if states["broker"].startswith("started") or self.cfg.fresh:
+            if len(self.done) > 1:
+                log.warning("the embedded broker was (re)started: its in-memory topics are gone, starting over")
             self.done = {}
+            self.reset()
         from services.cli import start_service
 
         start_service(self.bus, "demo")
