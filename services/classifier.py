@@ -43,7 +43,7 @@ from apmae.config import save as save_config
 from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, SAMPLES, SCORES, ScoreRecord
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
-from services.registry import ArtifactStore, Registry, sha256_file
+from services.registry import ArtifactStore, Registry, safe_name, sha256_file
 
 log = logging.getLogger("apmae.classifier")
 SCORED = Counter("apmae_classifier_scored_total", "Samples scored", ["model", "task", "predicted"])
@@ -137,7 +137,7 @@ def fit_all(cfg: ClassifyConfig) -> dict:
             clf = fit(x, y, ccfg)
             shap, _ = shap_values(clf, x)
             imp = head_importance(shap, x)
-            rel = f"classifier/{version}/{model_name.replace('/', '_')}/{task}.cbm"
+            rel = f"classifier/{version}/{safe_name(model_name)}/{task}.cbm"
             dest = store.path(rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             clf.save_model(str(dest))  # CatBoost's own format, not a pickle
@@ -152,7 +152,7 @@ def fit_all(cfg: ClassifyConfig) -> dict:
                             "top_heads": imp.head(10).round(4).to_dict(), "seconds": time.perf_counter() - t0})
         fitted = [r for r in results if "mean" in r]
         if fitted:
-            accuracy_bars(fitted, out / f"accuracy-{model_name.replace('/', '_')}.png",
+            accuracy_bars(fitted, out / f"accuracy-{safe_name(model_name)}.png",
                           f"{model_name}: LLM correctness vs classifier accuracy")
         report["models"][model_name] = {"heads": len(columns), "rows": len(complete), "tasks": results}
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -21,6 +21,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def safe_name(name: str) -> str:
+    """A model name as a file name (and a relative URL): 'local:smollm2' -> 'local_smollm2'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 class UnsafePath(ValueError):
     pass
 

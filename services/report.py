@@ -16,7 +16,7 @@ from apmae.figures import cluster_examples, layer_head_heatmap
 from apmae.mae import load
 from apmae.topics import ASSIGNMENTS, PATTERNS_MINE, head_key
 from services.bus import Bus, Message, read_range
-from services.registry import Registry
+from services.registry import Registry, safe_name
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
@@ -109,7 +109,7 @@ def write_report(demo) -> Path:
                          "CV accuracy": t.get("mean"), "95% CI": t.get("ci95"), "baseline": t.get("baseline_mean"),
                          "top head": next(iter(t.get("top_heads", {})), None), "skipped": t.get("skipped")})
         sections.append(f"<h2>Correctness classifier, {html.escape(model_name)} (Figure 4)</h2>"
-                        f"<img src='accuracy-{model_name.replace('/', '_')}.png'>")
+                        f"<img src='accuracy-{safe_name(model_name)}.png'>")
     sections.append(_table(rows, ["model", "task", "n", "LLM correct", "CV accuracy", "95% CI", "baseline",
                                   "top head", "skipped"]))
     for png in sorted(out.glob("shap-*.png")):
