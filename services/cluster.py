@@ -194,7 +194,20 @@ def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_mes
 
     ctx = mp.get_context("spawn")
     with ctx.Pool(cfg.processes) as pool:
-        return sum(pool.starmap(_worker_entry, [(cfg, idle_timeout_s)] * cfg.processes))
+        done = sum(pool.starmap(_worker_entry, [(cfg, idle_timeout_s)] * cfg.processes))
+    publish_fit_metrics(cfg)  # the worker processes are gone: report their results from the registry
+    return done
+
+
+def publish_fit_metrics(cfg: ClusterServiceConfig) -> None:
+    """Set the per-head cluster gauges (and fit counter) from the registry entries."""
+    registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
+    for key in registry.names("cluster"):
+        e = registry.get("cluster", key)
+        model, layer, head = key.rsplit("/", 2)
+        CLUSTERS.labels(model, layer, head).set(int(e["n_clusters"]))
+        NOISE.labels(model, layer, head).set(float(e["noise_rate"]))
+        FITS.labels(model).inc()
 
 
 def _worker_entry(cfg: ClusterServiceConfig, idle_timeout_s: float | None) -> int:

@@ -47,9 +47,11 @@ class DemoConfig:
     mine_layers: str = setting("0,6,12,18,24,29", "Layers mined for clustering (every head of each); '' = all")
     mine_per_task: int = setting(30, "Mining samples per task (balanced)")
     spans_per_task: int = setting(2, "Candidates per task per file")
+    random_per_file: int = setting(6, "Random-span inputs per file (their correct ones feed AP-MAE training)")
     apmae_variant: str = setting("small", "AP-MAE size")
     train_steps: int = setting(100, "AP-MAE training steps")
     train_batch: int = setting(32, "AP-MAE batch size")
+    train_lr: float = setting(1e-3, "AP-MAE peak learning rate (a short demo run needs more than 1.5e-4 x 32/50)")
     pattern_size: int = setting(256, "Pattern size (256 for real models)")
     patch_size: int = setting(32, "AP-MAE patch size")
     min_cluster_size: int = setting(10, "HDBSCAN min_cluster_size (the paper's 25 needs ~110k points per head)")
@@ -140,6 +142,7 @@ class Demo:
 
         return self.common(ProducerConfig, model=self.cfg.model, mine_layers=self.cfg.mine_layers,
                            mine_per_task=self.cfg.mine_per_task, spans_per_task=self.cfg.spans_per_task,
+                           random_per_file=self.cfg.random_per_file,
                            files_per_batch=1, length=self.cfg.pattern_size)
 
     def stage_produce(self, n: int | None = None):
@@ -162,7 +165,7 @@ class Demo:
 
         cfg = self.common(TrainerConfig, variant=self.cfg.apmae_variant, pattern_size=self.cfg.pattern_size,
                           patch_size=self.cfg.patch_size, batch_size=self.cfg.train_batch, steps=self.cfg.train_steps,
-                          checkpoint_every=40, name="demo", idle_timeout_s=20)
+                          lr=self.cfg.train_lr, checkpoint_every=40, name="demo", idle_timeout_s=20)
         return Trainer(cfg).run()
 
     def stage_encode(self):
