@@ -76,11 +76,9 @@ def format_table(matrix: dict, scale: float = 1e3) -> str:
 @torch.no_grad()
 def figure1(model: APMAE, pattern: torch.Tensor, path: Path, seed: int = 0, title: str = "") -> Path:
     """Paper Figure 1 for one pattern (S, S): pattern, masked input, reconstruction, combined."""
-    import matplotlib
+    from apmae.figures import _plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     model.eval()
     x = pattern[None]
     target = model.patchify(model.preprocess(x))
@@ -102,9 +100,4 @@ def figure1(model: APMAE, pattern: torch.Tensor, path: Path, seed: int = 0, titl
         ax.set_yticks([])
     scaled = "log-scaled" if model.cfg.log_scale else "raw (no log scaling)"
     fig.suptitle(title or f"AP-MAE reconstruction ({scaled}, mask ratio {model.cfg.mask_ratio})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

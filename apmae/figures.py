@@ -16,6 +16,17 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 90) -> Path:
+    """tight_layout, create the folder, write the PNG, free the figure."""
+    plt = _plt()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def layer_head_heatmap(values: dict[tuple[int, int], float], n_layers: int, n_heads: int, title: str, path: Path,
                        cbar: str = "") -> Path:
     """Figure 3 (clusters per head) and Figures 5-6 (SHAP difference per head): layer x head."""
@@ -29,12 +40,7 @@ def layer_head_heatmap(values: dict[tuple[int, int], float], n_layers: int, n_he
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=cbar)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def cluster_examples(examples: dict[int, list[np.ndarray]], title: str, path: Path, per_cluster: int = 5) -> Path:
@@ -53,12 +59,7 @@ def cluster_examples(examples: dict[int, list[np.ndarray]], title: str, path: Pa
             if k == 0:
                 ax.set_ylabel("noise" if c == -1 else f"cluster {c}")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -76,9 +77,4 @@ def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
