@@ -43,7 +43,7 @@ from apmae.config import save as save_config
 from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, SAMPLES, SCORES, ScoreRecord
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
-from services.registry import ArtifactStore, Registry, safe_name, sha256_file
+from services.registry import ArtifactStore, Registry, RegistryCache, safe_name, sha256_file
 
 log = logging.getLogger("apmae.classifier")
 SCORED = Counter("apmae_classifier_scored_total", "Samples scored", ["model", "task", "predicted"])
@@ -169,28 +169,25 @@ class Scorer:
         self.redis = redis.Redis.from_url(cfg.redis_url)
         self.store = ArtifactStore(cfg.artifacts_dir)
         self.registry = Registry(self.redis, cfg.topic_prefix)
-        self.models: dict[str, tuple[str, object, list[str]]] = {}
-        self.checked: dict[str, float] = {}
+        self.models = RegistryCache(self.registry, "classifier", self.load_classifier)
         self.recent: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=200))
         self.pfx = f"apmae:row:{cfg.topic_prefix}"
 
-    def classifier(self, model: str, task: str):
-        key = f"{model}:{task}"
-        now = time.monotonic()
-        if key in self.models and now - self.checked.get(key, 0) < 10:
-            return self.models[key]
-        self.checked[key] = now
-        entry = self.registry.get("classifier", key)
-        if entry is None:
-            return None
-        if key not in self.models or self.models[key][0] != entry["sha256"]:
-            from catboost import CatBoostClassifier
+    def load_classifier(self, entry: dict[str, str]):
+        from catboost import CatBoostClassifier
 
-            self.store.read(entry["path"], entry["sha256"])  # checksum before loading
-            clf = CatBoostClassifier()
-            clf.load_model(str(self.store.path(entry["path"])))
-            self.models[key] = (entry["sha256"], clf, json.loads(entry["columns"]))
-        return self.models[key]
+        self.store.read(entry["path"], entry["sha256"])  # checksum before loading
+        clf = CatBoostClassifier()
+        clf.load_model(str(self.store.path(entry["path"])))
+        return clf
+
+    def classifier(self, model: str, task: str):
+        """(sha256, CatBoost model, feature columns) of the current classifier, or None."""
+        found = self.models.get(f"{model}:{task}")
+        if found is None:
+            return None
+        entry, clf = found
+        return entry["sha256"], clf, json.loads(entry["columns"])
 
     def sweep(self) -> None:
         cutoff = time.time() - self.cfg.row_ttl_s

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, AssignmentRecord, FitJobRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
 from services.encoder import embedding_vector
-from services.registry import ArtifactStore, Registry
+from services.registry import ArtifactStore, Registry, RegistryCache
 
 log = logging.getLogger("apmae.cluster")
 FITS = Counter("apmae_cluster_fits_total", "Heads fitted", ["model"])
@@ -226,22 +225,13 @@ class Assigner:
         self.redis = redis.Redis.from_url(cfg.redis_url)
         self.store = ArtifactStore(cfg.artifacts_dir)
         self.registry = Registry(self.redis, cfg.topic_prefix)
-        self.models: dict[str, tuple[str, HeadModel]] = {}
+        self.models = RegistryCache(self.registry, "cluster", version_field="version", load=lambda e: (
+            HeadModel.from_bytes(self.store.read(e["path"]), e["sha256"])))
         self.drift: dict[str, DriftMonitor] = defaultdict(DriftMonitor)
-        self.checked: dict[str, float] = {}
 
     def model_for(self, key: str) -> tuple[str, HeadModel] | None:
-        now = time.monotonic()
-        if key in self.models and now - self.checked.get(key, 0) < 10:
-            return self.models[key]
-        self.checked[key] = now
-        entry = self.registry.get("cluster", key)
-        if entry is None:
-            return None
-        if key not in self.models or self.models[key][0] != entry["version"]:
-            model = HeadModel.from_bytes(self.store.read(entry["path"]), entry["sha256"])
-            self.models[key] = (entry["version"], model)
-        return self.models[key]
+        found = self.models.get(key)
+        return None if found is None else (found[0]["version"], found[1])
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         out: list[Output | DeadLetter] = []

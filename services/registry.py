@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +77,32 @@ class Registry:
 
     def names(self, kind: str) -> list[str]:
         return sorted(n.decode() for n in self.r.smembers(f"apmae:registry:{kind}:{self.prefix}*index"))
+
+
+class RegistryCache:
+    """Artifacts named in the registry, loaded once and reloaded when their entry changes.
+
+    The registry is looked at again at most every ``every_s`` seconds per name, so a
+    retrained model is picked up without a restart and without a Redis round trip per message.
+    ``load(entry)`` turns an entry into the loaded object (and must verify its checksum).
+    """
+
+    def __init__(self, registry: Registry, kind: str, load: Callable[[dict[str, str]], Any],
+                 version_field: str = "sha256", every_s: float = 10.0):
+        self.registry, self.kind, self.load = registry, kind, load
+        self.version_field, self.every_s = version_field, every_s
+        self.loaded: dict[str, tuple[dict[str, str], Any]] = {}
+        self.checked: dict[str, float] = {}
+
+    def get(self, name: str) -> tuple[dict[str, str], Any] | None:
+        now = time.monotonic()
+        if name in self.loaded and now - self.checked.get(name, 0.0) < self.every_s:
+            return self.loaded[name]
+        self.checked[name] = now
+        entry = self.registry.get(self.kind, name)
+        if entry is None:
+            return self.loaded.get(name)
+        old = self.loaded.get(name)
+        if old is None or old[0][self.version_field] != entry[self.version_field]:
+            self.loaded[name] = (entry, self.load(entry))
+        return self.loaded[name]
