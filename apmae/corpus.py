@@ -14,9 +14,10 @@ import json
 import tarfile
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 
 @dataclass(frozen=True)
@@ -79,54 +80,49 @@ def read_directory(root: Path, stats: CorpusStats, limits: Limits = Limits()) ->
             yield _record(text, str(root), str(path.relative_to(root)), stats)
 
 
-def read_zip(archive: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
+def _read_members(archive: Path, members: Iterator[tuple[str, int, Callable[[], IO[bytes] | None]]],
+                  stats: CorpusStats, limits: Limits) -> Iterator[SourceFile]:
+    """The archive readers' shared loop over (name, declared size, opener) members: size and
+    expansion limits (zip-bomb guard), reads bounded whatever the declared size says."""
     expanded = 0
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            if info.is_dir() or not info.filename.endswith(limits.suffixes):
-                continue
-            if info.file_size > limits.max_file_bytes:
-                stats.skipped["oversized"] += 1
-                continue
-            if expanded + info.file_size > limits.max_archive_bytes:
-                stats.skipped["archive expansion limit"] += 1
-                return
-            try:
-                with zf.open(info) as f:
-                    raw = f.read(limits.max_file_bytes + 1)  # never trust the declared size
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError):
-                stats.skipped["unreadable"] += 1
-                continue
-            if len(raw) > limits.max_file_bytes:
-                stats.skipped["oversized"] += 1
-                continue
-            expanded += len(raw)
-            text = _decode(raw, stats)
-            if text is not None:
-                yield _record(text, str(archive), info.filename, stats)
-
-
-def read_tar(archive: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
-    expanded = 0
-    with tarfile.open(archive) as tf:
-        for m in tf:
-            if not m.isfile() or not m.name.endswith(limits.suffixes):
-                continue
-            if m.size > limits.max_file_bytes:
-                stats.skipped["oversized"] += 1
-                continue
-            if expanded + m.size > limits.max_archive_bytes:
-                stats.skipped["archive expansion limit"] += 1
-                return
-            f = tf.extractfile(m)
+    for name, size, opener in members:
+        if not name.endswith(limits.suffixes):
+            continue
+        if size > limits.max_file_bytes:
+            stats.skipped["oversized"] += 1
+            continue
+        if expanded + size > limits.max_archive_bytes:
+            stats.skipped["archive expansion limit"] += 1
+            return
+        try:
+            f = opener()
             if f is None:
                 stats.skipped["unreadable"] += 1
                 continue
-            raw = f.read(limits.max_file_bytes + 1)
-            expanded += len(raw)
-            text = _decode(raw, stats)
-            if text is not None:
-                yield _record(text, str(archive), m.name, stats)
+            with f:
+                raw = f.read(limits.max_file_bytes + 1)  # never trust the declared size
+        except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, NotImplementedError):
+            stats.skipped["unreadable"] += 1
+            continue
+        if len(raw) > limits.max_file_bytes:
+            stats.skipped["oversized"] += 1
+            continue
+        expanded += len(raw)
+        text = _decode(raw, stats)
+        if text is not None:
+            yield _record(text, str(archive), name, stats)
+
+
+def read_zip(archive: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
+    with zipfile.ZipFile(archive) as zf:
+        members = ((i.filename, i.file_size, lambda i=i: zf.open(i)) for i in zf.infolist() if not i.is_dir())
+        yield from _read_members(archive, members, stats, limits)
+
+
+def read_tar(archive: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
+    with tarfile.open(archive) as tf:
+        members = ((m.name, m.size, lambda m=m: tf.extractfile(m)) for m in tf if m.isfile())
+        yield from _read_members(archive, members, stats, limits)
 
 
 def read_parquet(path: Path, stats: CorpusStats, limits: Limits = Limits(),
