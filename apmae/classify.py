@@ -13,7 +13,7 @@ difference between the mean SHAP values of its categories.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -127,7 +127,3 @@ def head_importance(shap: np.ndarray, x: pd.DataFrame) -> pd.Series:
         means = pd.Series(shap[:, j]).groupby(x[col].to_numpy()).mean()
         out[col] = float(means.max() - means.min()) if len(means) > 1 else 0.0
     return pd.Series(out).sort_values(ascending=False)
-
-
-def config_dict(cfg: ClassifierConfig) -> dict:
-    return asdict(cfg)

@@ -20,7 +20,6 @@ assignment stream decides when (see :class:`DriftMonitor`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import time
@@ -193,7 +192,3 @@ class DriftMonitor:
     @property
     def noise_rate(self) -> float:
         return self.noise_count / max(1, self.n)
-
-
-def config_dict(cfg: ClusterConfig) -> dict:
-    return dataclasses.asdict(cfg)

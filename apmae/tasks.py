@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import tree_sitter_java
@@ -154,10 +153,3 @@ def sample_spans(result: MiningResult, per_task: int, seed: int | str) -> list[S
         rng = random.Random(f"{seed}:{task}")
         out.extend(cands if len(cands) <= per_task else rng.sample(cands, per_task))
     return out
-
-
-def candidate_counts(results: list[MiningResult]) -> Counter:
-    total: Counter = Counter()
-    for r in results:
-        total.update(r.counts())
-    return total

@@ -22,7 +22,6 @@ deadletter        source topic              DeadLetterRecord + original bytes   
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from apmae.messages import Record
@@ -207,7 +206,3 @@ def topic(name: str) -> Topic:
         return BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown topic {name!r}; known: {sorted(BY_NAME)}") from None
-
-
-def record_fields(t: Topic) -> list[str]:
-    return [f.name for f in dataclasses.fields(t.record)]

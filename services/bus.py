@@ -32,7 +32,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from apmae.config import BusConfig
-from apmae.messages import InvalidMessage, Record, decode, encode, peek_schema, stable_id
+from apmae.messages import InvalidMessage, Record, decode, encode, stable_id
 from apmae.topics import ALL_TOPICS, BY_NAME, DEADLETTER, DeadLetterRecord, Topic
 from services import metrics
 
@@ -487,11 +487,3 @@ def read_range(
                         todo.discard(tp)
     finally:
         c.close(autocommit=False)
-
-
-def schema_of(value: bytes) -> str:
-    try:
-        name, version = peek_schema(value)
-        return f"{name}/v{version}"
-    except InvalidMessage:
-        return "?"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apmae.config import BusConfig, setting, to_dict
+from apmae.config import BusConfig, setting
 from services import infra
 
 log = logging.getLogger("apmae.demo")
@@ -257,9 +257,5 @@ def summary(done: dict) -> str:
                              f"{t['baseline_mean']:.2f} (LLM correct {t['llm_correct_rate']:.2f})")
     lines.append(f"  report: {done.get('report', {}).get('path')}")
     return "\n".join(lines)
-
-
-def config_as_dict(cfg: DemoConfig) -> dict:
-    return to_dict(cfg)
 
 
