@@ -78,3 +78,21 @@ def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     ax.set_title(title)
     return save_figure(fig, path, dpi=90)
+
+
+def intervention_bars(summary: list[dict], path: Path, title: str) -> Path:
+    """Per task, the change in the LLM's correctness rate with k heads zeroed: top-SHAP heads,
+    random heads (mean and std over draws) and neutral heads."""
+    plt = _plt()
+    x = np.arange(len(summary))
+    fig, ax = plt.subplots(figsize=(max(6, len(summary) * 0.9), 4))
+    ax.bar(x - 0.27, [s["top"] for s in summary], 0.27, label="top-SHAP heads zeroed")
+    ax.bar(x, [s["random_mean"] for s in summary], 0.27, yerr=[s["random_std"] for s in summary], capsize=3,
+           label="random heads (mean, std)")
+    ax.bar(x + 0.27, [s["neutral"] for s in summary], 0.27, label="neutral heads")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(x, [s["task"] for s in summary], rotation=30, ha="right")
+    ax.set_ylabel("change in correctness rate")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return save_figure(fig, path, dpi=90)

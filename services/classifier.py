@@ -149,7 +149,8 @@ def fit_all(cfg: ClassifyConfig) -> dict:
                                f"{task}: max difference of mean SHAP per cluster", out / f"shap-{task}.png", "SHAP")
             results.append({"task": task, **{k: v for k, v in cv.items() if k != "accuracy"},
                             "fold_accuracy": cv["accuracy"], "llm_correct_rate": llm_rate,
-                            "top_heads": imp.head(10).round(4).to_dict(), "seconds": time.perf_counter() - t0})
+                            "top_heads": imp.head(10).round(4).to_dict(),
+                            "importance": imp.round(6).to_dict(), "seconds": time.perf_counter() - t0})
         fitted = [r for r in results if "mean" in r]
         if fitted:
             accuracy_bars(fitted, out / f"accuracy-{safe_name(model_name)}.png",

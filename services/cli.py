@@ -382,6 +382,26 @@ def classify_serve_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s)
 
 
+def _intervene_cfg():
+    from services.intervene import InterveneConfig
+
+    return InterveneConfig
+
+
+@main.command("intervene")
+@config_options(_intervene_cfg())
+def intervene_cmd(**kw: Any) -> None:
+    """Zero the top-SHAP / random / neutral heads of the target model; correctness change per task."""
+    from services.intervene import InterveneConfig, run
+
+    result = run(build(InterveneConfig, kw))
+    click.echo(f"{result['model']}: correctness change with {result['k']} heads zeroed (held-out inputs)")
+    for s in result["summary"]:
+        click.echo(f"  {s['task']:20s} n={s['n']:4d} correct {s['correct_rate']:.3f}  top {s['top']:+.3f}  "
+                   f"random {s['random_mean']:+.3f} +- {s['random_std']:.3f}  neutral {s['neutral']:+.3f}")
+    click.echo(f"wrote {result['figure']}")
+
+
 def _demo_cfg():
     from services.demo import DemoConfig
 

@@ -53,7 +53,8 @@ class ClusterServiceConfig(BusConfig):
     min_samples: int = setting(20, "HDBSCAN min_samples")
     min_cluster_size: int = setting(25, "HDBSCAN min_cluster_size")
     assigner: str = setting("knn", "Assignment of new points: knn or hdbscan (approximate_predict)")
-    n_epochs: int = setting(0, "UMAP epochs (0 = umap-learn's default)")
+    n_epochs: int = setting(200, "UMAP epochs (0 = umap-learn's default: 500 up to 10k points, 200 above)")
+    pca_components: int = setting(64, "PCA dims before UMAP, on unit vectors for cosine (0 = off, the paper's exact pipeline)")
     min_points: int = setting(30, "Heads with fewer embeddings are not fitted (counted)")
     checkpoint: str = setting("", "Only embeddings made by this checkpoint tag (default: the most common)")
     from_time: str | None = setting(None, "Window start (ISO 8601 or epoch ms); default: the whole topic")
@@ -66,7 +67,8 @@ class ClusterServiceConfig(BusConfig):
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(n_components=self.n_components, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
                              metric=self.metric, min_samples=self.min_samples, min_cluster_size=self.min_cluster_size,
-                             assigner=self.assigner, n_epochs=self.n_epochs or None)
+                             assigner=self.assigner, n_epochs=self.n_epochs or None,
+                             pca_components=self.pca_components)
 
 
 def _npz(**arrays) -> bytes:
