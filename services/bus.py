@@ -242,6 +242,8 @@ class Processor:
     flush_every: int = 256
     stop_event: threading.Event = field(default_factory=threading.Event)
     on_commit: Callable[[dict[TopicPartition, int]], None] | None = None
+    # state changes that must follow, never precede, the batch's outputs being durable
+    on_flushed: Callable[[], None] | None = None
     consumer: KafkaConsumer | None = None
     processed: int = 0
 
@@ -340,6 +342,8 @@ class Processor:
                 self.bus.flush()
                 self.heartbeat()
         self.bus.flush()  # raises on failure: no mark, no commit
+        if self.on_flushed:
+            self.on_flushed()
         metrics.PUBLISH_SECONDS.labels(svc).inc(time.perf_counter() - t_pub)
         if self.done:
             self.done.mark([f"{m.topic}:{m.record.id}" for m in fresh])
