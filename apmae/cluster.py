@@ -83,6 +83,7 @@ class HeadModel:
     fit_seconds: float = 0.0
     duplicates_jittered: int = 0
     explained_variance: float = 1.0  # share of the normalised input's variance the PCA kept
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # pca, umap, hdbscan
     _knn: object | None = field(default=None, repr=False)
 
     @property
@@ -159,6 +160,7 @@ def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
     import umap
 
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
     x = np.asarray(x, dtype=np.float32)
     x, dups = jitter_duplicates(x, cfg.jitter, cfg.seed)
     pca, explained, metric = None, 1.0, cfg.metric
@@ -172,15 +174,19 @@ def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
             x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12) if cosine else x)
         explained = float(pca.explained_variance_ratio_.sum())
         x, metric = _reduce(x, pca, cosine), "euclidean"
+    stages["pca"] = time.perf_counter() - t0
     n_neighbors = min(cfg.n_neighbors, max(2, len(x) - 1))
     reducer = umap.UMAP(n_components=cfg.n_components, n_neighbors=n_neighbors, min_dist=cfg.min_dist,
                         metric=metric, n_epochs=cfg.n_epochs, random_state=cfg.seed, n_jobs=1)
     low = reducer.fit_transform(x)
+    stages["umap"] = time.perf_counter() - t0 - sum(stages.values())
     clusterer = hdbscan.HDBSCAN(min_samples=min(cfg.min_samples, len(x) - 1), min_cluster_size=cfg.min_cluster_size,
                                 allow_single_cluster=cfg.allow_single_cluster,
                                 prediction_data=cfg.assigner == "hdbscan", core_dist_n_jobs=1)
     labels = clusterer.fit_predict(low)
-    return HeadModel(cfg, reducer, clusterer, low, np.asarray(labels), pca, time.perf_counter() - t0, dups, explained)
+    stages["hdbscan"] = time.perf_counter() - t0 - sum(stages.values())
+    return HeadModel(cfg, reducer, clusterer, low, np.asarray(labels), pca, time.perf_counter() - t0, dups, explained,
+                     stages)
 
 
 class IncrementalClusterer:

@@ -258,7 +258,7 @@ def train_cmd(ctx: click.Context) -> None:
               help="AP-MAE checkpoint directory (repeat for a cross-evaluation table)")
 @click.option("--source", default="topic:patterns.mine", show_default=True,
               help="topic:<name> or parquet:<dir or file>")
-@click.option("--limit", type=int, default=2000, show_default=True, help="Patterns to evaluate (0 = all)")
+@click.option("--limit", type=int, default=2000, show_default=True, help="Patterns to evaluate per target model (0 = all)")
 @click.option("--figure", type=click.Path(path_type=Path), default=None, help="Write the paper's Figure 1 here")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write the matrix as JSON")
 @config_options(C.BusConfig)

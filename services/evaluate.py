@@ -24,27 +24,30 @@ from services.bus import Bus, Message, read_range
 
 
 def load_patterns(cfg: BusConfig, source: str, limit: int = 0, size: int = 256) -> dict[str, torch.Tensor]:
-    """``topic:<name>`` or ``parquet:<dir or file>`` -> {target model: (N, S, S) patterns}."""
+    """``topic:<name>`` or ``parquet:<dir or file>`` -> {target model: (N, S, S) patterns}.
+
+    ``limit`` is per target model (so a mixed topic gives every model its share); the whole
+    range is read. Undecodable records and NaN/Inf patterns are skipped and counted.
+    """
     kind, _, where = source.partition(":")
     by_model: dict[str, list] = defaultdict(list)
-    count = 0
+    bad = 0
 
     def add(rec: PatternRecord) -> None:
-        nonlocal count
-        if rec.size != size:
+        nonlocal bad
+        if rec.size != size or (limit and len(by_model[rec.model]) >= limit):
             return
         try:
             by_model[rec.model].append(torch.from_numpy(decode_pattern(rec.payload, rec.size, rec.dtype)))
-            count += 1
         except BadPattern:
-            pass
+            bad += 1
 
     if kind == "topic":
         for m in read_range(Bus(cfg, "eval"), topic(where)):
             if isinstance(m, Message):
                 add(m.record)
-            if limit and count >= limit:
-                break
+            else:
+                bad += 1
     elif kind == "parquet":
         p = Path(where)
         for f in sorted(p.glob("*.parquet")) if p.is_dir() else [p]:
@@ -52,11 +55,11 @@ def load_patterns(cfg: BusConfig, source: str, limit: int = 0, size: int = 256) 
                 try:
                     add(decode(value, PatternRecord))
                 except InvalidMessage:
-                    continue
-                if limit and count >= limit:
-                    break
+                    bad += 1
     else:
         raise ValueError(f"source {source!r}: use topic:<name> or parquet:<path>")
+    if bad:
+        print(f"skipped {bad} undecodable messages or non-finite patterns in {source}")
     return {k: torch.stack(v) for k, v in by_model.items() if v}
 
 

@@ -54,6 +54,7 @@ log = logging.getLogger("apmae.trainer")
 LOSS = Gauge("apmae_trainer_loss", "Last training loss", ["run"])
 STEPS = Counter("apmae_trainer_steps_total", "Optimisation steps", ["run"])
 PATTERNS_TRAINED = Counter("apmae_trainer_patterns_total", "Patterns trained on", ["run"])
+SKIPPED = Counter("apmae_trainer_skipped_total", "Patterns of other target models passed over", ["run"])
 CHECKPOINTS_WRITTEN = Counter("apmae_trainer_checkpoints_total", "Checkpoints written", ["run"])
 
 
@@ -64,6 +65,8 @@ class TrainerConfig(BusConfig):
     patch_size: int = setting(32, "Patch size")
     mask_ratio: float = setting(0.5, "Share of patches masked")
     log_scale: bool = setting(True, "Log-normalise patterns (off = the paper's ablation)")
+    target_model: str = setting("", "Train only on this target model's patterns (the paper trains one AP-MAE per "
+                                    "LLM); others are skipped, not dead-lettered (default: all)")
     batch_size: int = setting(64, "Patterns per step per process")
     steps: int = setting(1000, "Steps to train (the cosine schedule spans these)")
     warmup_steps: int = setting(0, "Linear warm-up steps")
@@ -87,7 +90,7 @@ class Item:
     tp: TopicPartition
     offset: int
     id: str
-    pattern: torch.Tensor | None  # None: dead-lettered, still consumed
+    pattern: torch.Tensor | None  # None: dead-lettered or another model's, still consumed
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -239,6 +242,9 @@ class Trainer:
             rec = decode(r.value, PatternRecord, self.cfg.max_message_bytes)
             if rec.size != self.cfg.pattern_size:
                 raise BadPattern(f"pattern size {rec.size} != model pattern size {self.cfg.pattern_size}")
+            if self.cfg.target_model and rec.model != self.cfg.target_model:
+                SKIPPED.labels(self.cfg.name).inc()
+                return Item(tp, r.offset, rec.id, None)
             a = torch.from_numpy(decode_pattern(rec.payload, rec.size, rec.dtype))
             return Item(tp, r.offset, rec.id, a)
         except (InvalidMessage, BadPattern) as e:

@@ -26,12 +26,12 @@ def pattern(seed: int) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def publish(bus_cfg, n: int, bad: int = 0) -> list[str]:
+def publish(bus_cfg, n: int, bad: int = 0, model: str = "m") -> list[str]:
     bus = Bus(bus_cfg, "test")
     bus.ensure_topics()
     ids = []
     for i in range(n):
-        rec = PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="random", layer=i % 5, head=i % 3,
+        rec = PatternRecord(id=f"{model}-p{i}", sample_id=f"s{i}", model=model, task="random", layer=i % 5, head=i % 3,
                             correct=True, size=SIZE, payload=encode_pattern(pattern(i)))
         bus.send(Output(PATTERNS_TRAIN, rec, key=f"m/{i % 5}/{i}"))
         ids.append(rec.id)
@@ -83,6 +83,16 @@ def test_resume_from_checkpoint_consumes_exactly_the_remaining_messages(bus_cfg)
     # deterministic id, which is how a reader of the dead-letter topic drops the repeat)
     assert len({d.id for d in dead}) == 2
     assert {d.reason for d in dead} == {"decoded pattern has non-finite values"}
+
+
+def test_one_ap_mae_per_target_model(bus_cfg):
+    mine = publish(bus_cfg, 24, model="a")
+    publish(bus_cfg, 24, model="b")
+    seen: list[str] = []
+    out = Trainer(cfg(bus_cfg, name="only-a", target_model="a"), on_batch=seen.extend).run()
+    assert out["step"] == 3 and sorted(seen) == sorted(mine)  # every "a" pattern, no "b" pattern
+    dead = list(read_range(Bus(bus_cfg), DEADLETTER))
+    assert not dead  # another model's patterns are passed over, not dead-lettered
 
 
 def test_checkpoints_are_announced_to_the_registry(bus_cfg, redis_client):
