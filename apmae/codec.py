@@ -94,7 +94,11 @@ def encode_pattern(a: np.ndarray, dtype: str = "bfloat16") -> bytes:
 
 
 def decode_pattern(buf: bytes, n: int, dtype: str = "bfloat16") -> np.ndarray:
-    """Wire bytes -> ``(n, n)`` float32 pattern; BadPattern on a wrong size or NaN/Inf."""
+    """Wire bytes -> ``(n, n)`` float32 pattern; BadPattern on a wrong size or dtype, or NaN/Inf."""
+    if dtype not in WIRE_DTYPES:
+        raise BadPattern(f"unknown wire dtype {dtype!r}; expected one of {WIRE_DTYPES}")
+    if not isinstance(n, int) or n < 1:
+        raise BadPattern(f"pattern size {n!r} is not a positive integer")
     width = 2 if dtype == "bfloat16" else 4
     expected = packed_length(n) * width
     if len(buf) != expected:

@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import IO
 
 
+class CorpusError(ValueError):
+    """The corpus itself cannot be read (not an archive, a truncated one, a broken Parquet
+    file). Problems with single members are counted in CorpusStats instead."""
+
+
 @dataclass(frozen=True)
 class SourceFile:
     id: str
@@ -181,7 +186,24 @@ def read_jsonl(path: Path, stats: CorpusStats, limits: Limits = Limits()) -> Ite
 
 def open_corpus(path: str | Path, stats: CorpusStats, limits: Limits = Limits(),
                 drop_duplicates_of: str = "stackv2") -> Iterator[SourceFile]:
-    """Pick the reader from what ``path`` is."""
+    """Pick the reader from what ``path`` is; a corpus that cannot be read raises CorpusError
+    (when iterated) naming the file and the reason."""
+    return _guarded(path, _reader(path, stats, limits, drop_duplicates_of))
+
+
+def _guarded(path: str | Path, files: Iterator[SourceFile]) -> Iterator[SourceFile]:
+    import zlib
+
+    from pyarrow import ArrowException
+
+    try:
+        yield from files
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, ArrowException,
+            OSError) as e:
+        raise CorpusError(f"{path}: cannot read the corpus: {type(e).__name__}: {e}") from e
+
+
+def _reader(path: str | Path, stats: CorpusStats, limits: Limits, drop_duplicates_of: str) -> Iterator[SourceFile]:
     p = Path(path)
     if p.is_dir():
         if any(p.glob("*.parquet")):

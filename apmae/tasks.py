@@ -104,8 +104,10 @@ def mine_spans(source: bytes, include_plain_assign: bool = False, max_depth: int
             errors += 1
         parent = node.parent
         ptype = parent.type if parent is not None else ""
-        if not node.is_named:  # an anonymous token: operators and brackets
-            if kind in (")", "]", "}") and not node.is_missing:
+        if node.is_missing or node.start_byte == node.end_byte:
+            pass  # a token tree-sitter inserted to recover from an error: nothing to mask
+        elif not node.is_named:  # an anonymous token: operators and brackets
+            if kind in (")", "]", "}"):
                 spans["closing_bracket"].append(Span("closing_bracket", node.start_byte, node.end_byte))
             elif ptype in EXPRESSIONS and kind in BOOLEAN_OPS:
                 spans["boolean_operator"].append(Span("boolean_operator", node.start_byte, node.end_byte))

@@ -8,7 +8,7 @@ On the same synthetic 512-d embeddings with 20 planted groups of unequal size an
 * ``paper``: the paper's parameters exactly (8-d, cosine, 20 neighbours, min_dist 0.05,
   HDBSCAN 20/25), umap-learn's epoch default, one thread (our earlier pipeline).
 * ``ours``: :func:`apmae.cluster.fit_head` with its defaults: the paper's parameters after
-  unit-normalise + PCA-64, euclidean on those, 200 epochs, one thread.
+  unit-normalise + PCA-64, euclidean on those, 100 epochs, one thread.
 
 Wall and CPU seconds are both reported: plain uses both cores, ours one (the fit workers
 run one head per core). Quality: ARI against the planted groups and against ``paper``.

@@ -53,7 +53,7 @@ class ClusterServiceConfig(BusConfig):
     min_samples: int = setting(20, "HDBSCAN min_samples")
     min_cluster_size: int = setting(25, "HDBSCAN min_cluster_size")
     assigner: str = setting("knn", "Assignment of new points: knn or hdbscan (approximate_predict)")
-    n_epochs: int = setting(200, "UMAP epochs (0 = umap-learn's default: 500 up to 10k points, 200 above)")
+    n_epochs: int = setting(100, "UMAP epochs (0 = umap-learn's default: 500 up to 10k points, 200 above)")
     pca_components: int = setting(64, "PCA dims before UMAP, on unit vectors for cosine (0 = off, the paper's exact pipeline)")
     min_points: int = setting(30, "Heads with fewer embeddings are not fitted (counted)")
     checkpoint: str = setting("", "Only embeddings made by this checkpoint tag (default: the most common)")
