@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -41,6 +42,12 @@ log = logging.getLogger("apmae.bus")
 
 class Retryable(Exception):
     """Raised by a handler for a transient failure: the batch is retried, not dead-lettered."""
+
+
+# Failures of the infrastructure, not of a message: the batch is rewound and retried with
+# backoff (never dead-lettered, never committed) until Redis or the broker is back.
+TRANSIENT: tuple[type[BaseException], ...] = (Retryable, KafkaError, ConnectionError, OSError,
+                                              redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def kafka_security(cfg: BusConfig) -> dict[str, Any]:
@@ -307,7 +314,7 @@ class Processor:
     def _handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         try:
             return list(self.handler(msgs))
-        except Retryable:
+        except TRANSIENT:
             raise
         except Exception:  # isolate the poison message
             if len(msgs) == 1:
@@ -397,7 +404,7 @@ class Processor:
                     self._commit(raws)
                     self.processed += len(raws)
                     backoff = 0.5
-                except (Retryable, KafkaError, ConnectionError, OSError) as e:
+                except TRANSIENT as e:
                     metrics.ERRORS.labels(svc, type(e).__name__).inc()
                     log.error("batch failed, not committed, will retry: %s", e)
                     self._rewind(raws)
