@@ -80,3 +80,16 @@ def test_river_style_api_and_drift():
     assert not any([mon.update(0) for _ in range(300)])
     assert any([mon.update(-1) for _ in range(300)])  # everything turns to noise: drift
     assert mon.noise_rate == 0.5
+
+
+def test_pca_reduction_keeps_the_clusters_of_the_papers_exact_pipeline():
+    """512-d input: our unit-normalise + PCA-64 path against UMAP(cosine) on the raw vectors."""
+    x, y = groups(100, k=4, dim=512, seed=3)
+    fast = fit_head(x, ClusterConfig())
+    exact = fit_head(x, ClusterConfig(pca_components=0, n_epochs=None))
+    assert fast.pca is not None and exact.pca is None and fast.explained_variance > 0.5
+    assert adjusted_rand_score(y, fast.labels) > 0.9
+    assert adjusted_rand_score(exact.labels, fast.labels) > 0.9
+    # new points go through the same normalisation and projection
+    labels, _ = fast.predict_many(x[:20] * 3.0)  # cosine: scale must not matter
+    assert np.mean(labels == fast.labels[:20]) > 0.9
