@@ -12,8 +12,10 @@ topics):
  5. encode      CLS embeddings of patterns.mine
  6. cluster     per-head UMAP + HDBSCAN through the Kafka job queue (one worker per core)
  7. classify    per-task CatBoost, 10-fold CV vs baseline, SHAP
- 8. live        a few new files stream through produce -> encode -> assign -> score
- 9. report      one HTML page with every figure and the numbers behind them
+ 8. intervene   zero each task's top-SHAP heads (and random / neutral heads) in the target
+                model on held-out files: does the correctness rate move?
+ 9. live        a few new files stream through produce -> encode -> assign -> score
+10. report      one HTML page with every figure and the numbers behind them
 
 The JDK sources are in StarCoder2's (and probably SmolLM2's) training data, so correctness
 rates are inflated; the demo shows the machinery, not a contamination-free measurement.
@@ -58,6 +60,8 @@ class DemoConfig:
     min_samples: int = setting(5, "HDBSCAN min_samples (paper: 20)")
     folds: int = setting(10, "Classifier CV folds")
     cb_iterations: int = setting(300, "CatBoost iterations")
+    intervene_per_task: int = setting(12, "Held-out inputs per task for the head intervention (0 = skip it)")
+    intervene_k: int = setting(5, "Heads zeroed per condition in the intervention")
     kafka_port: int = setting(9092, "Embedded broker port")
     redis_port: int = setting(6379, "Embedded Redis port")
     prometheus_port: int = setting(9090, "Embedded Prometheus port")
@@ -65,7 +69,7 @@ class DemoConfig:
     topic_prefix: str = setting("demo.", "Topic prefix of this demo run")
 
 
-STAGES = ("infra", "ingest", "produce", "train", "encode", "cluster", "classify", "live", "report")
+STAGES = ("infra", "ingest", "produce", "train", "encode", "cluster", "classify", "intervene", "live", "report")
 
 
 class Demo:
@@ -200,6 +204,19 @@ class Demo:
         from services.classifier import fit_all
 
         return fit_all(self.classify_cfg())
+
+    def stage_intervene(self):
+        from services.intervene import InterveneConfig, run
+
+        if not self.cfg.intervene_per_task:
+            return {"skipped": "intervene_per_task = 0"}
+        p = self.producer_cfg()
+        cfg = InterveneConfig(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)},
+                              corpus=self.cfg.corpus, per_task=self.cfg.intervene_per_task, k=self.cfg.intervene_k,
+                              random_draws=2, skip_files=self.cfg.skip_files + 3 * (self.cfg.files + self.cfg.live_files),
+                              report=self.dir / "report" / "report.json", out_dir=self.dir / "report")
+        result = run(cfg)
+        return {"k": result["k"], "summary": result["summary"]}
 
     def stage_live(self):
         from apmae.topics import SCORES

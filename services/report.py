@@ -115,6 +115,16 @@ def write_report(demo) -> Path:
     for png in sorted(out.glob("shap-*.png")):
         sections.append(f"<h3>{html.escape(png.stem)} (Figures 5-6)</h3><img src='{png.name}'>")
 
+    # --- head intervention ---------------------------------------------------------------------
+    iv = done.get("intervene", {})
+    if iv.get("summary"):
+        numbers["intervene"] = iv
+        sections.append(f"<h2>Head intervention: {iv['k']} heads zeroed per task</h2><img src='intervene.png'>"
+                        "<p>Change in the target model's correctness rate on held-out files when the task's "
+                        "top-SHAP heads, random heads (mean of draws) or the most neutral heads are zeroed.</p>"
+                        + _table(iv["summary"], ["task", "n", "correct_rate", "top", "random_mean", "random_std",
+                                                 "neutral"]))
+
     # --- pipeline numbers ------------------------------------------------------------------------
     pred_rows = [{"task": t, **c} for t, c in sorted(prod.get("predictions", {}).items())]
     timing_rows = [{"stage": s, "seconds": v} for s, v in done.get("_timings", {}).items()]

@@ -52,6 +52,7 @@ def demo(tmp_path_factory):
     cfg = DemoConfig(state_dir=state, corpus=str(corpus), files=6, live_files=2, skip_files=40,
                      mine_layers="0,29", mine_per_task=40, spans_per_task=4, apmae_variant="tiny", train_steps=20,
                      train_batch=16, min_cluster_size=5, min_samples=3, folds=5, cb_iterations=60,
+                     intervene_per_task=4, intervene_k=3,
                      kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
     d = Demo(cfg)
     d.infra = type(d.infra)(**{**vars(d.infra), "scrape_interval": "1s"})
@@ -85,6 +86,10 @@ def test_report_was_written(demo):
         assert img in page and (path.parent / img).read_bytes()[:4] == b"\x89PNG"
     numbers = json.loads((path.parent / "numbers.json").read_text())
     assert numbers["reconstruction"]["apmae"]["n"] > 0
+    # the head intervention ran on held-out inputs for every task with a classifier
+    iv = numbers["intervene"]["summary"]
+    assert iv and all(r["n"] > 0 and -1 <= r["top"] <= 1 for r in iv)
+    assert "intervene.png" in page and (path.parent / "intervene.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_every_dashboard_panel_returns_data(demo):
