@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -66,6 +67,7 @@ def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str
     Overrides whose value is None are ignored (an unset flag). Unknown override keys raise.
     """
     env = os.environ if env is None else env
+    env = {**env, **_secret_files(cls, env)}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - names
@@ -84,10 +86,41 @@ def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str
     return cls(**values)
 
 
+SECRET_FIELDS = ("password", "secret", "token")  # fields whose names contain these are secrets
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):([^@/]+)@")
+
+
+def is_secret(name: str) -> bool:
+    return any(s in name for s in SECRET_FIELDS)
+
+
+def _secret_files(cls: type, env: typing.Mapping[str, str]) -> dict[str, str]:
+    """``APMAE_<FIELD>_FILE=/run/secrets/x`` sets the field from that file (Docker/K8s secrets)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        path = env.get(env_name(f.name) + "_FILE")
+        if path:
+            try:
+                out[env_name(f.name)] = Path(path).read_text().strip()
+            except OSError as e:
+                raise ValueError(f"{cls.__name__}.{f.name}: cannot read {env_name(f.name)}_FILE={path}: {e}") from e
+    return out
+
+
+def redact(name: str, value: Any) -> Any:
+    """The value as it may be written to a log or a file: secrets and URL passwords masked."""
+    if is_secret(name) and value:
+        return "***"
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:***@", value)
+    return value
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as JSON-able values, secrets redacted (this is what is saved and logged)."""
     out = {}
     for k, v in dataclasses.asdict(cfg).items():
-        out[k] = str(v) if isinstance(v, Path) else v
+        out[k] = redact(k, str(v) if isinstance(v, Path) else v)
     return out
 
 

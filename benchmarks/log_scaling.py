@@ -37,12 +37,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0: the paper's 1.5e-4 x batch / 50)")
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    ap.add_argument("--variant", default="small")
+    ap.add_argument("--target-model", default="local:smollm2", help="whose patterns (the topic may hold several)")
     ap.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     ap.add_argument("--topic-prefix", default="demo.")
     args = ap.parse_args()
     bus = Bus(BusConfig(bootstrap_servers=args.bootstrap_servers, topic_prefix=args.topic_prefix), "ablation")
     pats = [decode_pattern(m.record.payload, m.record.size, m.record.dtype) for m in read_range(bus, PATTERNS_TRAIN)
-            if isinstance(m, Message)]
+            if isinstance(m, Message) and m.record.model == args.target_model]
     if len(pats) < 100:
         sys.exit(f"only {len(pats)} training patterns on {args.bootstrap_servers} ({args.topic_prefix}); run apmae demo first")
     x = torch.from_numpy(np.stack(pats))
@@ -52,9 +56,10 @@ def main() -> None:
     rows = []
     for scaled in (True, False):
         torch.manual_seed(0)
-        m = APMAE(variant("small", log_scale=scaled))
-        opt = make_optimizer(m, scaled_lr(args.batch))
-        sched = Schedule(scaled_lr(args.batch), args.steps)
+        m = APMAE(variant(args.variant, log_scale=scaled))
+        lr = args.lr or scaled_lr(args.batch)
+        opt = make_optimizer(m, lr)
+        sched = Schedule(lr, args.steps, args.warmup)
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         for s in range(args.steps):
@@ -63,7 +68,7 @@ def main() -> None:
         loss = E.reconstruction_losses(m, x[held])
         base = E.mean_patch_losses(m, x[train], x[held])
         E.figure1(m, x[held[0]], RESULTS / f"figure1-{'log' if scaled else 'raw'}.png")
-        rows.append({"log_scaling": scaled, "patterns": len(x), "steps": args.steps, "train_s": time.perf_counter() - t0,
+        rows.append({"log_scaling": scaled, "variant": args.variant, "patterns": len(x), "steps": args.steps, "lr": lr, "train_s": time.perf_counter() - t0,
                      "loss_mean": float(loss.mean()), "loss_std": float(loss.std()),
                      "mean_patch_baseline": float(base.mean()), "ratio_to_baseline": float(loss.mean() / base.mean())})
     print(table(rows, list(rows[0])))

@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    TopicPartition,
+)
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
@@ -101,6 +107,7 @@ class Bus:
         self.cfg = cfg
         self.service = service
         self._producer: KafkaProducer | None = None
+        self._pending: list[Any] = []  # send futures since the last flush
 
     # -- names ---------------------------------------------------------------------------
     def name(self, t: Topic | str) -> str:
@@ -146,7 +153,8 @@ class Bus:
             )
         return self._producer
 
-    def consumer(self, group: str | None, topics: Sequence[Topic | str] = (), **kw: Any) -> KafkaConsumer:
+    def consumer(self, group: str | None, topics: Sequence[Topic | str] = (), listener: Any = None,
+                 **kw: Any) -> KafkaConsumer:
         opts: dict[str, Any] = dict(
             bootstrap_servers=self.cfg.bootstrap_servers,
             client_id=self.service,
@@ -163,7 +171,7 @@ class Bus:
         opts.update(kw)
         c = KafkaConsumer(**opts)
         if topics:
-            c.subscribe([self.name(t) for t in topics])
+            c.subscribe([self.name(t) for t in topics], listener=listener)
         return c
 
     # -- producing -----------------------------------------------------------------------
@@ -174,17 +182,34 @@ class Bus:
                                  f"{self.cfg.max_message_bytes}-byte limit")
         metrics.MESSAGES_OUT.labels(self.service, out.topic.name).inc()
         metrics.BYTES_OUT.labels(self.service, out.topic.name).inc(len(value))
-        return self.producer.send(
+        future = self.producer.send(
             self.name(out.topic),
             key=(out.key or out.record.id).encode(),
             value=value,
             headers=[("id", out.record.id.encode()), ("schema", out.record.SCHEMA.encode())],
             timestamp_ms=timestamp_ms,
         )
+        self._pending.append(future)
+        return future
 
     def flush(self, timeout: float = 60.0) -> None:
-        if self._producer is not None:
-            self._producer.flush(timeout=timeout)
+        """Wait until every send since the last flush is acknowledged; raise Retryable if any
+        was not. kafka-python's flush() returns even when the producer aborted its batches (a
+        restarted broker that forgot the idempotent producer id is fatal to the client): only
+        the futures tell, and committing after such a flush would lose those messages."""
+        if self._producer is None:
+            return
+        self._producer.flush(timeout=timeout)
+        pending, self._pending = self._pending, []
+        failed = [f.exception for f in pending if f.failed()]
+        if failed or any(not f.is_done for f in pending):
+            log.error("%d of %d sends were not acknowledged (%s): recreating the producer; the batch will be "
+                      "retried", len(failed), len(pending), failed[0] if failed else "timeout")
+            try:
+                self._producer.close(0)
+            finally:
+                self._producer = None
+            raise Retryable(f"{len(failed)} sends failed: {failed[0] if failed else 'not acknowledged in time'}")
 
     def dead_letter(self, topic: str, partition: int, offset: int, value: bytes, reason: str) -> None:
         """Send the original bytes and the reason to the dead-letter topic."""
@@ -258,6 +283,24 @@ class Processor:
         for t in self.inputs:  # dead-letter and lag series exist (at 0) from the start
             metrics.DEADLETTERS.labels(self.bus.service, t.name)
             metrics.CONSUMER_LAG.labels(self.bus.service, t.name)
+        self._committed: dict[TopicPartition, int] = {}  # what this process committed last
+        self._assigned_now: list[TopicPartition] = []
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self._assigned_now = list(assigned)  # checked after poll returns (the client forbids calls from here)
+
+    def _check_vanished_offsets(self) -> None:
+        """Say so when offsets this process committed are gone: the broker lost its state
+        (the embedded one keeps topics in memory). Consumption then restarts from the
+        beginning of what the broker holds now; done marks drop anything seen before."""
+        assigned, self._assigned_now = self._assigned_now, []
+        for tp in assigned:
+            if tp in self._committed and self.consumer.committed(tp) is None:
+                name = self.bus.logical(tp.topic).name
+                metrics.OFFSETS_RESET.labels(self.bus.service, name).inc()
+                log.error("%s: the committed offset %d of %s vanished: broker restarted and lost its topics? "
+                          "reading %s from its beginning", self.bus.service, self._committed[tp], tp, tp.topic)
+                del self._committed[tp]
 
     def heartbeat(self) -> None:
         """Keep group membership alive during a long batch (call between chunks of work).
@@ -366,6 +409,7 @@ class Processor:
             if tp not in offsets or offsets[tp].offset <= r.offset:
                 offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
         self.consumer.commit(offsets)
+        self._committed.update({tp: om.offset for tp, om in offsets.items()})
         if self.on_commit:
             self.on_commit({tp: om.offset for tp, om in offsets.items()})
 
@@ -379,9 +423,12 @@ class Processor:
             if tp in assigned:  # a revoked partition restarts at its committed offset with its new owner
                 self.consumer.seek(tp, off)
 
-    def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> int:
-        """Loop until stopped, ``max_messages`` handled, or nothing arrived for ``idle_timeout_s``."""
-        self.consumer = self.consumer or self.bus.consumer(self.group, self.inputs)
+    def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None,
+            progress: Callable[[int], Any] | None = None) -> int:
+        """Loop until stopped, ``max_messages`` handled, or nothing arrived for ``idle_timeout_s``.
+
+        ``progress(n)`` is called with each committed batch's size (a progress bar's update)."""
+        self.consumer = self.consumer or self.bus.consumer(self.group, self.inputs, listener=_OffsetsWatch(self))
         svc = self.bus.service
         last_data = time.monotonic()
         backoff = 0.5
@@ -392,7 +439,16 @@ class Processor:
                 limit = self.batch_size
                 if max_messages is not None:
                     limit = min(limit, max_messages - self.processed)
-                polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=limit)
+                try:
+                    polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=limit)
+                    if self._assigned_now:
+                        self._check_vanished_offsets()
+                except TRANSIENT as e:  # the broker is away: keep the process, wait, poll again
+                    metrics.ERRORS.labels(svc, type(e).__name__).inc()
+                    log.error("poll failed, will retry: %s", e)
+                    self.stop_event.wait(backoff)
+                    backoff = min(backoff * 2, 30)
+                    continue
                 raws = [r for part in polled.values() for r in part]
                 if not raws:
                     if idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
@@ -404,9 +460,16 @@ class Processor:
                     self._commit(raws)
                     self.processed += len(raws)
                     backoff = 0.5
+                    if progress:
+                        progress(len(raws))
                 except TRANSIENT as e:
                     metrics.ERRORS.labels(svc, type(e).__name__).inc()
                     log.error("batch failed, not committed, will retry: %s", e)
+                    if isinstance(e, KafkaError):  # a restarted broker may have lost the topics
+                        try:
+                            self.bus.ensure_topics()
+                        except Exception as again:  # noqa: BLE001 - still down: the retry loop waits
+                            log.debug("ensure_topics failed: %s", again)
                     self._rewind(raws)
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, 30)
@@ -416,6 +479,17 @@ class Processor:
             self.consumer.close(autocommit=False)
             self.consumer = None
         return self.processed
+
+
+class _OffsetsWatch(ConsumerRebalanceListener):
+    def __init__(self, processor: Processor):
+        self.processor = processor
+
+    def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.processor.on_partitions_assigned(assigned)
 
 
 def true_end_offsets(bus: Bus, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:

@@ -120,7 +120,9 @@ def fit_all(cfg: ClassifyConfig) -> dict:
             if samples[s].correct is not None:  # noise has no label
                 tasks[samples[s].task].append(s)
         results = []
-        for task, ids in sorted(tasks.items()):
+        from tqdm import tqdm
+
+        for task, ids in tqdm(sorted(tasks.items()), desc=f"classify {model_name}", unit="task", leave=False):
             y_all = pd.Series({s: bool(samples[s].correct) for s in ids})
             llm_rate = float(y_all.mean())
             if y_all.nunique() < 2:

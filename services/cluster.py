@@ -187,15 +187,29 @@ class FitWorker:
         return self.proc
 
 
-def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_messages: int | None = None) -> int:
-    """Run ``cfg.processes`` fit workers (one per core) until idle; returns jobs done."""
+def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_messages: int | None = None,
+                jobs: int | None = None) -> int:
+    """Run ``cfg.processes`` fit workers (one per core) until idle; returns jobs done.
+
+    With ``jobs`` (the plan's count), a progress bar follows the heads registered."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=jobs, desc="cluster", unit="head", leave=False, disable=jobs is None)
     if cfg.processes <= 1:
-        return FitWorker(cfg).processor().run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+        with bar:
+            return FitWorker(cfg).processor().run(max_messages=max_messages, idle_timeout_s=idle_timeout_s,
+                                                  progress=bar.update)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    with ctx.Pool(cfg.processes) as pool:
-        done = sum(pool.starmap(_worker_entry, [(cfg, idle_timeout_s)] * cfg.processes))
+    registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
+    with ctx.Pool(cfg.processes) as pool, bar:
+        pending = pool.starmap_async(_worker_entry, [(cfg, idle_timeout_s)] * cfg.processes)
+        while not pending.ready():
+            pending.wait(2.0)
+            bar.n = len(registry.names("cluster"))
+            bar.refresh()
+        done = sum(pending.get())
     publish_fit_metrics(cfg)  # the worker processes are gone: report their results from the registry
     return done
 

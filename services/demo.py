@@ -65,6 +65,7 @@ class DemoConfig:
     kafka_port: int = setting(9092, "Embedded broker port")
     redis_port: int = setting(6379, "Embedded Redis port")
     prometheus_port: int = setting(9090, "Embedded Prometheus port")
+    redis_password: str = setting("", "Require this password on the embedded Redis (or APMAE_REDIS_PASSWORD_FILE)")
     fresh: bool = setting(False, "Forget finished stages and start over")
     topic_prefix: str = setting("demo.", "Topic prefix of this demo run")
 
@@ -80,7 +81,7 @@ class Demo:
         self.stages_file = self.dir / "stages.json"
         self.done: dict = {} if cfg.fresh or not self.stages_file.exists() else json.loads(self.stages_file.read_text())
         self.infra = infra.InfraConfig(state_dir=cfg.state_dir, kafka_port=cfg.kafka_port, redis_port=cfg.redis_port,
-                                       prometheus_port=cfg.prometheus_port)
+                                       prometheus_port=cfg.prometheus_port, redis_password=cfg.redis_password)
         self.bus = BusConfig(bootstrap_servers=self.infra.bootstrap_servers, redis_url=self.infra.redis_url,
                              state_dir=cfg.state_dir, topic_prefix=cfg.topic_prefix, group_poll_interval_ms=10_000)
         self.timings: dict[str, float] = dict(self.done.get("_timings", {}))
@@ -154,7 +155,8 @@ class Demo:
 
         prod = Producer(self.producer_cfg())
         n = n or self.cfg.files
-        processed = prod.processor_for().run(max_messages=n, idle_timeout_s=60)
+        with _bar("produce", n, "file") as bar:
+            processed = prod.processor_for().run(max_messages=n, idle_timeout_s=60, progress=bar.update)
         from services.producer import PREDICTIONS
 
         by_task: dict[str, dict[str, int]] = {}
@@ -175,7 +177,9 @@ class Demo:
     def stage_encode(self):
         from services.encoder import Encoder, EncoderConfig
 
-        n = Encoder(self.common(EncoderConfig, checkpoint="demo")).processor().run(idle_timeout_s=20)
+        with _bar("encode", None, "pattern") as bar:
+            n = Encoder(self.common(EncoderConfig, checkpoint="demo")).processor().run(idle_timeout_s=20,
+                                                                                     progress=bar.update)
         return {"embedded": n}
 
     def cluster_cfg(self):
@@ -191,7 +195,7 @@ class Demo:
 
         cfg = self.cluster_cfg()
         p = plan(cfg)
-        jobs = run_workers(cfg, idle_timeout_s=30)
+        jobs = run_workers(cfg, idle_timeout_s=30, jobs=p["jobs"])
         return {**p, "fitted": jobs}
 
     def classify_cfg(self):
@@ -257,6 +261,12 @@ class Demo:
             self.timings[stage] = time.perf_counter() - t0
             self.record(stage, result)
         return self.done
+
+
+def _bar(desc: str, total: int | None, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, total=total, unit=unit, leave=False)
 
 
 def summary(done: dict) -> str:

@@ -141,9 +141,13 @@ class Server:
             raise InfraError(f"{self.name}: port {self.port} is taken by another process")
         self.cfg.dir.mkdir(parents=True, exist_ok=True)
         self.prepare()
+        secret = self.stdin_config()
         with open(self.logfile, "ab") as logf:
             proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.PIPE if secret else subprocess.DEVNULL, start_new_session=True)
+        if secret:  # secrets go through a pipe: never on the command line (ps) or on disk
+            proc.stdin.write(secret)
+            proc.stdin.close()
         self.pidfile.write_text(str(proc.pid))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -154,6 +158,10 @@ class Server:
                 return f"started (pid {proc.pid})"
             time.sleep(0.1)
         raise InfraError(f"{self.name} not healthy after {timeout:.0f} s; see {self.logfile}")
+
+    def stdin_config(self) -> bytes | None:
+        """Configuration (secrets) the server reads from stdin, if any."""
+        return None
 
     def stop(self, grace: float = 10.0) -> str:
         pid = self.pid()
@@ -206,12 +214,18 @@ class Broker(Server):
 class Redis(Server):
     def command(self) -> list[str]:
         exe = _which("redis-server", "run scripts/bootstrap.sh (apt-get install redis-server)")
-        cmd = [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.cfg.dir.resolve()),
+        cmd = [exe, *(["-"] if self.cfg.redis_password else []), "--bind", "127.0.0.1", "--port", str(self.port),
+               "--dir", str(self.cfg.dir.resolve()),
                "--appendonly", "yes", "--appendfilename", f"redis-{self.port}.aof", "--save", "",
                "--dbfilename", f"redis-{self.port}.rdb", "--protected-mode", "yes", "--daemonize", "no"]
-        if self.cfg.redis_password:
-            cmd += ["--requirepass", self.cfg.redis_password]
         return cmd
+
+    def stdin_config(self) -> bytes | None:
+        if not self.cfg.redis_password:
+            return None
+        if any(c in self.cfg.redis_password for c in "\n\r\" "):
+            raise InfraError("the Redis password may not contain whitespace or quotes")
+        return f"requirepass {self.cfg.redis_password}\n".encode()
 
     def healthy(self) -> bool:
         import redis

@@ -269,10 +269,13 @@ class Trainer:
         return bool(flag.item())
 
     def run(self, max_steps: int | None = None) -> dict:
+        from tqdm import tqdm
+
         self.open()
         t_start, trained = time.perf_counter(), 0
         end = min(self.cfg.steps, self.step + max_steps) if max_steps else self.cfg.steps
         self.model.train()
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", leave=False, disable=self.rank != 0)
         while self.step < end:
             deadline = time.monotonic() + self.cfg.idle_timeout_s if self.cfg.idle_timeout_s else None
             if not self.all_ready(self.fill(self.cfg.batch_size, deadline)):
@@ -285,12 +288,15 @@ class Trainer:
             trained += len(good)
             if self.on_batch:
                 self.on_batch([i.id for i in good])
+            bar.update()
+            bar.set_postfix(loss=f"{self.last_loss:.4f}")
             LOSS.labels(self.cfg.name).set(self.last_loss)
             STEPS.labels(self.cfg.name).inc()
             PATTERNS_TRAINED.labels(self.cfg.name).inc(len(good))
             if self.step % self.cfg.checkpoint_every == 0:
                 self.checkpoint()
             metrics.update_lag(self.bus.service, self.consumer, self.bus)
+        bar.close()
         if self.step % self.cfg.checkpoint_every != 0:
             self.checkpoint()
         seconds = time.perf_counter() - t_start

@@ -7,6 +7,7 @@ import json
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from services.demo import Demo, DemoConfig
 from services.infra import down, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+SECRET = f"pw-{uuid.uuid4().hex}"  # the demo's Redis requires it; it must never reach a log or a file
 
 
 def promql(url: str, expr: str) -> list:
@@ -52,7 +54,7 @@ def demo(tmp_path_factory):
     cfg = DemoConfig(state_dir=state, corpus=str(corpus), files=6, live_files=2, skip_files=40,
                      mine_layers="0,29", mine_per_task=40, spans_per_task=4, apmae_variant="tiny", train_steps=20,
                      train_batch=16, min_cluster_size=5, min_samples=3, folds=5, cb_iterations=60,
-                     intervene_per_task=4, intervene_k=3,
+                     intervene_per_task=4, intervene_k=3, redis_password=SECRET,
                      kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
     d = Demo(cfg)
     d.infra = type(d.infra)(**{**vars(d.infra), "scrape_interval": "1s"})
@@ -90,6 +92,14 @@ def test_report_was_written(demo):
     iv = numbers["intervene"]["summary"]
     assert iv and all(r["n"] > 0 and -1 <= r["top"] <= 1 for r in iv)
     assert "intervene.png" in page and (path.parent / "intervene.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_redis_password_is_in_no_log_or_file(demo, capfd):
+    """Every service connected with it; no log, saved config, report or artifact contains it."""
+    leaks = [str(p) for p in demo.cfg.state_dir.rglob("*") if p.is_file() and p.stat().st_size < 50 << 20
+             and SECRET.encode() in p.read_bytes()]
+    out, err = capfd.readouterr()
+    assert not leaks and SECRET not in out + err, leaks
 
 
 def test_every_dashboard_panel_returns_data(demo):

@@ -281,3 +281,50 @@ def test_rebalance_when_a_second_worker_joins(bus_cfg, tmp_path):
     finish(second[0])
     scores = [m.record.sample_id for m in read_range(bus, SCORES)]
     account("classifier", expected, scores, ids(bus, DEADLETTER), fault="rebalance (2nd worker joins)")
+
+
+# -- the (in-memory) broker stopped and restarted ---------------------------------------------
+def test_broker_restart_is_detected_said_and_survived(bus_cfg, infra_cfg, redis_client):
+    """The embedded broker forgets every topic and offset when it restarts. The encoder must
+    keep running, say so (log + apmae_offsets_reset_total), and process everything published
+    after the restart from its first offset: nothing after the restart is skipped."""
+    import torch
+
+    from apmae.mae import APMAE, save, variant
+    from services.registry import sha256_file
+
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    patterns(bus, 600)
+    torch.manual_seed(0)
+    d = save(APMAE(variant("small", pattern_size=64, patch_size=16)), bus_cfg.artifacts_dir / "ck1")
+    redis_client.hset("apmae:registry:apmae:brk", mapping={"path": "ck1", "step": 1,
+                                                         "sha256": sha256_file(d / "model.safetensors")})
+    proc = start(["encode", "--checkpoint", "brk", "--batch-size", "16", "--idle-timeout", "60"], bus_cfg)
+    broker = next(s for s in servers(infra_cfg, ("broker",)))
+
+    def restart() -> None:
+        broker.stop()
+        time.sleep(2)
+        broker.start()
+
+    wait_then(proc, lambda: count_so_far(bus, EMBEDDINGS)() >= 100, restart)
+    bus = Bus(bus_cfg, "test")  # the test's own clients reconnect too
+    bus.ensure_topics()
+    g = np.random.default_rng(1)
+    after = set()
+    for i in range(200):  # new work after the restart, fewer messages than the encoder had consumed
+        logits = g.normal(size=(64, 64))
+        logits[np.triu_indices(64, 1)] = -np.inf
+        a = np.exp(logits - logits.max(1, keepdims=True))
+        rec = PatternRecord(id=f"q{i}", sample_id=f"after{i}", model="m", task="identifier", layer=0, head=0,
+                            correct=True, size=64, payload=encode_pattern(a / a.sum(1, keepdims=True)))
+        bus.send(Output(PATTERNS_MINE, rec))
+        after.add(rec.sample_id)
+    bus.flush()
+    out, log = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    embs = [m.record.sample_id for m in read_range(bus, EMBEDDINGS)]
+    account("encoder", after, [e for e in embs if e.startswith("after")], ids(bus, DEADLETTER),
+            fault="broker stop + restart (topics lost)")
+    assert "broker restarted" in log, log[-3000:]

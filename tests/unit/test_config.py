@@ -28,3 +28,21 @@ def test_config_is_frozen_and_saved(tmp_path: Path):
         cfg.compression = "none"  # type: ignore[misc]
     text = save(cfg, tmp_path / "config.json").read_text()
     assert '"config_class": "BusConfig"' in text and str(tmp_path) in text
+
+
+def test_secrets_come_from_files_and_are_never_saved(tmp_path):
+    import json
+
+    from apmae.config import BusConfig, resolve, save
+
+    secret = tmp_path / "sasl"
+    secret.write_text("s3cr3t-from-file\n")
+    env = {"APMAE_SASL_PASSWORD_FILE": str(secret), "APMAE_REDIS_URL": "redis://:hunter2@127.0.0.1:6379/0"}
+    cfg = resolve(BusConfig, env=env)
+    assert cfg.sasl_password == "s3cr3t-from-file" and "hunter2" in cfg.redis_url
+    text = save(cfg, tmp_path / "config.json").read_text()
+    assert "s3cr3t" not in text and "hunter2" not in text
+    saved = json.loads(text)["config"]
+    assert saved["sasl_password"] == "***" and saved["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+    with pytest.raises(ValueError, match="cannot read"):
+        resolve(BusConfig, env={"APMAE_SASL_PASSWORD_FILE": str(tmp_path / "missing")})
