@@ -50,7 +50,8 @@ SCORED = Counter("apmae_classifier_scored_total", "Samples scored", ["model", "t
 ACTUAL = Counter("apmae_classifier_actual_total", "Actual correctness of scored samples", ["model", "task", "actual"])
 ROLLING_ACC = Gauge("apmae_classifier_rolling_accuracy", "Accuracy over the last 200 scored samples", ["model", "task"])
 BRIER = Gauge("apmae_classifier_rolling_brier", "Brier score (calibration) over the last 200 samples", ["model", "task"])
-EXPIRED = Counter("apmae_classifier_rows_expired_total", "Partial rows dropped incomplete after the TTL", ["model"])
+EXPIRED = Counter("apmae_classifier_rows_expired_total", "Partial rows dropped incomplete (TTL, or the cap on "
+                  "partial rows)", ["model", "reason"])
 CV_ACC = Gauge("apmae_classifier_cv_accuracy", "Mean CV accuracy of the current classifier", ["model", "task"])
 
 
@@ -68,6 +69,7 @@ class ClassifyConfig(BusConfig):
     cluster_version: str = setting("", "Cluster version to use (default: the most common in the topic)")
     out_dir: Path = setting(Path(""), "Report and figures directory (default: <state>/artifacts/classifier)")
     row_ttl_s: int = setting(3600, "Seconds a partial row may wait for its remaining heads")
+    max_partial_rows: int = setting(100_000, "Most partial rows held in Redis; the oldest beyond it are dropped (counted)")
     group: str = setting("classifier", "Consumer group of the live scorer")
     seed: int = setting(0, "Seed for balancing and CV")
 
@@ -195,12 +197,18 @@ class Scorer:
         return entry["sha256"], clf, json.loads(entry["columns"])
 
     def sweep(self) -> None:
+        """Drop partial rows past the TTL, then the oldest beyond ``max_partial_rows``: the
+        queue of incomplete rows is bounded whatever the assignment stream does."""
+        index = f"{self.pfx}index"
         cutoff = time.time() - self.cfg.row_ttl_s
-        for member in self.redis.zrangebyscore(f"{self.pfx}index", 0, cutoff):
-            model = member.decode().split("|")[0]
+        expired = [(m, "ttl") for m in self.redis.zrangebyscore(index, 0, cutoff)]
+        excess = self.redis.zcard(index) - len(expired) - self.cfg.max_partial_rows
+        if excess > 0:
+            expired += [(m, "queue full") for m in self.redis.zrange(index, len(expired), len(expired) + excess - 1)]
+        for member, reason in expired:
             self.redis.delete(f"{self.pfx}{member.decode()}")
-            self.redis.zrem(f"{self.pfx}index", member)
-            EXPIRED.labels(model).inc()
+            self.redis.zrem(index, member)
+            EXPIRED.labels(member.decode().split("|")[0], reason).inc()
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         """Merge a batch of assignments into the partial rows; score the rows it completes.

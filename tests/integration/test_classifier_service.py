@@ -65,3 +65,19 @@ def test_fit_then_live_scoring_with_out_of_order_and_duplicate_assignments(bus_c
     assert len(raw) == len(set(raw))  # and once each
     right = sum((scores[s].prob_correct >= 0.5) == scores[s].actual for s in live_ids)
     assert right >= 18
+
+
+def test_partial_rows_are_bounded_and_a_score_waits_for_its_flush(bus_cfg, tmp_path):
+    from services.bus import Message
+
+    cfg = ClassifyConfig(**vars(bus_cfg), max_partial_rows=5, out_dir=tmp_path / "rep")
+    scorer = Scorer(cfg)
+    rng = random.Random(1)
+    msgs = [Message("assignments", 0, i, 0, None, b"", a)
+            for i in range(2000, 2010) for a in assignments(i, True, rng)[:3]]  # 3 of 12 heads: never complete
+    scorer.handle(msgs)
+    assert scorer.redis.zcard(f"{scorer.pfx}index") == 5  # the 5 oldest were dropped and counted
+    from services.classifier import EXPIRED
+
+    assert EXPIRED.labels("m", "queue full")._value.get() >= 5
+    assert scorer.scored == []  # nothing is marked scored before its score is flushed
