@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 
 from apmae.cluster import ClusterConfig, DriftMonitor, HeadModel, fit_head
 from apmae.config import BusConfig, setting
+from apmae.config import to_dict as config_to_dict
 from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, AssignmentRecord, FitJobRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
@@ -158,7 +159,9 @@ class FitWorker:
         rel = f"clusters/{job.version}/models/{key}.joblib"
         sha = self.store.write(rel, model.to_bytes())
         self.registry.put("cluster", key, path=rel, sha256=sha, version=job.version, n=len(model.labels),
-                          n_clusters=model.n_clusters, noise_rate=model.noise_rate, seconds=model.fit_seconds)
+                          n_clusters=model.n_clusters, noise_rate=model.noise_rate, seconds=model.fit_seconds,
+                          explained_variance=model.explained_variance, stage_seconds=model.stage_seconds,
+                          config=config_to_dict(model.cfg))
         FITS.labels(job.model).inc()
         FIT_SECONDS.labels(job.model).inc(model.fit_seconds)
         CLUSTERS.labels(job.model, str(job.layer), str(job.head)).set(model.n_clusters)
