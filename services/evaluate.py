@@ -67,7 +67,8 @@ def run(cfg: BusConfig, checkpoints: list[Path], source: str, limit: int, figure
     from apmae import evaluate as E
     from apmae.mae import load
 
-    models = {str(c): load(c)[0] for c in checkpoints}
+    # rows named by run and step (".../trainer/<run>/step-N"); the full path is ambiguous when cut
+    models = {_label(c, checkpoints): load(c)[0] for c in checkpoints}
     size = next(iter(models.values())).cfg.pattern_size
     sources = load_patterns(cfg, source, limit, size)
     if not sources:
@@ -79,6 +80,11 @@ def run(cfg: BusConfig, checkpoints: list[Path], source: str, limit: int, figure
         E.figure1(first_model, next(iter(sources.values()))[0], figure)
         print(f"figure 1 -> {figure}")
     return matrix
+
+
+def _label(c: Path, all_: list[Path]) -> str:
+    short = f"{Path(c).parent.name}/{Path(c).name}"
+    return short if sum(f"{Path(o).parent.name}/{Path(o).name}" == short for o in all_) == 1 else str(c)
 
 
 def dump(matrix: dict) -> str:
