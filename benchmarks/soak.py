@@ -37,23 +37,19 @@ def rss_mb(pid: int) -> float:
 
 def lag(bus, group: str, topic) -> int:
     """End offsets minus the group's committed offsets, summed over partitions."""
-    from kafka import KafkaAdminClient, TopicPartition
+    from kafka import TopicPartition
 
-    from services.bus import kafka_security, true_end_offsets
+    from services.bus import true_end_offsets
 
     name = bus.name(topic)
-    c = bus.consumer(None, enable_auto_commit=False)
+    c = bus.consumer(group, enable_auto_commit=False)  # never subscribes: reads the group's commits only
     try:
         tps = [TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or [])]
+        committed = {tp: c.committed(tp) or 0 for tp in tps}
     finally:
-        c.close()
+        c.close(autocommit=False)
     ends = true_end_offsets(bus, tps)
-    admin = KafkaAdminClient(bootstrap_servers=bus.cfg.bootstrap_servers, **kafka_security(bus.cfg))
-    try:
-        committed = admin.list_consumer_group_offsets(group)
-    finally:
-        admin.close()
-    return sum(max(0, ends[tp] - (committed[tp].offset if tp in committed else 0)) for tp in tps)
+    return sum(max(0, ends[tp] - committed[tp]) for tp in tps)
 
 
 def main() -> None:

@@ -303,4 +303,7 @@ def unregister_target(state_dir: Path, job: str) -> None:
 
 
 def as_dict(cfg: InfraConfig) -> dict[str, object]:
-    return {k: str(v) for k, v in dataclasses.asdict(cfg).items()}
+    """For display: the Redis password is redacted."""
+    from apmae.config import redact
+
+    return {k: redact(k, str(v)) for k, v in dataclasses.asdict(cfg).items()}
