@@ -261,13 +261,15 @@ class Producer:
             chunk = jobs[k:k + self.cfg.batch_size]
             heads = self.heads_to_capture(chunk, full, gen)
             cap0 = self.lm.capture.seconds
-            res = self.lm.run([j.x for j in chunk], heads, generate_span=self.cfg.generate_span)
+            def forward(chunk=chunk, heads=heads):
+                return self.lm.run([j.x for j in chunk], heads, generate_span=self.cfg.generate_span)
+
+            # one forward of a CPU batch can outlast max_poll_interval: keep the membership alive
+            res = self.processor.keepalive(forward) if self.processor is not None else forward()
             cap_s = self.lm.capture.seconds - cap0
             SECONDS.labels("capture").inc(cap_s)
             SECONDS.labels("model").inc(res.model_s - cap_s)
             out.extend(self.outputs_for(chunk, res))
-            if self.processor is not None:
-                self.processor.heartbeat()
         return out
 
     def processor_for(self, done: DoneStore | None = None) -> Processor:
