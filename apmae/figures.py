@@ -62,37 +62,40 @@ def cluster_examples(examples: dict[int, list[np.ndarray]], title: str, path: Pa
     return save_figure(fig, path, dpi=80)
 
 
-def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Figure 4: per task, the LLM's correctness rate and the classifier's CV accuracy (95% CI)
-    next to the majority baseline."""
+def task_bars(tasks: list[str], series: list[tuple[str, list[float], list[float] | None]], path: Path,
+              title: str, ylabel: str = "", ylim: tuple[float, float] | None = None) -> Path:
+    """Grouped bars: one group per task, one bar per (label, values, error bars or None)."""
     plt = _plt()
-    tasks = [r["task"] for r in rows]
     x = np.arange(len(tasks))
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, len(tasks) * 0.9), 4))
-    ax.bar(x - 0.27, [r["llm_correct_rate"] for r in rows], 0.27, label="LLM correct rate")
-    ax.bar(x, [r["mean"] for r in rows], 0.27, yerr=[r["ci95"] for r in rows], capsize=3,
-           label="classifier CV accuracy (95% CI)")
-    ax.bar(x + 0.27, [r["baseline_mean"] for r in rows], 0.27, label="majority baseline")
+    for i, (label, values, err) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, yerr=err, capsize=3 if err else 0, label=label)
+    ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, tasks, rotation=30, ha="right")
-    ax.set_ylim(0, 1)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.set_title(title)
     return save_figure(fig, path, dpi=90)
+
+
+def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Figure 4: per task, the LLM's correctness rate and the classifier's CV accuracy (95% CI)
+    next to the majority baseline."""
+    return task_bars([r["task"] for r in rows], [
+        ("LLM correct rate", [r["llm_correct_rate"] for r in rows], None),
+        ("classifier CV accuracy (95% CI)", [r["mean"] for r in rows], [r["ci95"] for r in rows]),
+        ("majority baseline", [r["baseline_mean"] for r in rows], None),
+    ], path, title, ylim=(0, 1))
 
 
 def intervention_bars(summary: list[dict], path: Path, title: str) -> Path:
     """Per task, the change in the LLM's correctness rate with k heads zeroed: top-SHAP heads,
     random heads (mean and std over draws) and neutral heads."""
-    plt = _plt()
-    x = np.arange(len(summary))
-    fig, ax = plt.subplots(figsize=(max(6, len(summary) * 0.9), 4))
-    ax.bar(x - 0.27, [s["top"] for s in summary], 0.27, label="top-SHAP heads zeroed")
-    ax.bar(x, [s["random_mean"] for s in summary], 0.27, yerr=[s["random_std"] for s in summary], capsize=3,
-           label="random heads (mean, std)")
-    ax.bar(x + 0.27, [s["neutral"] for s in summary], 0.27, label="neutral heads")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, [s["task"] for s in summary], rotation=30, ha="right")
-    ax.set_ylabel("change in correctness rate")
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    return save_figure(fig, path, dpi=90)
+    return task_bars([s["task"] for s in summary], [
+        ("top-SHAP heads zeroed", [s["top"] for s in summary], None),
+        ("random heads (mean, std)", [s["random_mean"] for s in summary], [s["random_std"] for s in summary]),
+        ("neutral heads", [s["neutral"] for s in summary], None),
+    ], path, title, ylabel="change in correctness rate")
