@@ -37,19 +37,14 @@ def rss_mb(pid: int) -> float:
 
 def lag(bus, group: str, topic) -> int:
     """End offsets minus the group's committed offsets, summed over partitions."""
-    from kafka import TopicPartition
+    from services.bus import topic_end_offsets
 
-    from services.bus import true_end_offsets
-
-    name = bus.name(topic)
+    ends = topic_end_offsets(bus, topic)
     c = bus.consumer(group, enable_auto_commit=False)  # never subscribes: reads the group's commits only
     try:
-        tps = [TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or [])]
-        committed = {tp: c.committed(tp) or 0 for tp in tps}
+        return sum(max(0, end - (c.committed(tp) or 0)) for tp, end in ends.items())
     finally:
         c.close(autocommit=False)
-    ends = true_end_offsets(bus, tps)
-    return sum(max(0, ends[tp] - committed[tp]) for tp in tps)
 
 
 def main() -> None:

@@ -492,6 +492,17 @@ class _OffsetsWatch(ConsumerRebalanceListener):
         self.processor.on_partitions_assigned(assigned)
 
 
+def topic_end_offsets(bus: Bus, topic: Topic | str) -> dict[TopicPartition, int]:
+    """End offset of every partition of ``topic`` (empty when the topic does not exist)."""
+    name = bus.name(topic)
+    c = bus.consumer(None, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or [])]
+    finally:
+        c.close(autocommit=False)
+    return true_end_offsets(bus, tps) if tps else {}
+
+
 def true_end_offsets(bus: Bus, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
     """End offsets (last record + 1) per partition, correct on the embedded broker too.
 

@@ -181,20 +181,21 @@ class Scorer:
         self.scored: list[str] = []  # rows scored in the current batch, finalized after the flush
 
     def load_classifier(self, entry: dict[str, str]):
+        """(CatBoost model, its feature columns): the column list is parsed once per load."""
         from catboost import CatBoostClassifier
 
         self.store.read(entry["path"], entry["sha256"])  # checksum before loading
         clf = CatBoostClassifier()
         clf.load_model(str(self.store.path(entry["path"])))
-        return clf
+        return clf, json.loads(entry["columns"])
 
     def classifier(self, model: str, task: str):
         """(sha256, CatBoost model, feature columns) of the current classifier, or None."""
         found = self.models.get(f"{model}:{task}")
         if found is None:
             return None
-        entry, clf = found
-        return entry["sha256"], clf, json.loads(entry["columns"])
+        entry, (clf, columns) = found
+        return entry["sha256"], clf, columns
 
     def sweep(self) -> None:
         """Drop partial rows past the TTL, then the oldest beyond ``max_partial_rows``: the
@@ -236,19 +237,24 @@ class Scorer:
             pipe.zadd(f"{self.pfx}index", {member: time.time()}, nx=True)
             pipe.hgetall(f"{self.pfx}{member}")
         merged = pipe.execute()[2::3]
+        # one classifier per (model, task) for the whole batch: completeness is checked against
+        # the same columns the rows are then scored with, even if a retrained one lands meanwhile
+        current = {(meta[mb][0], meta[mb][1]): None for mb in members}
+        for key in current:
+            found = self.classifier(*key)
+            current[key] = None if found is None else (*found, frozenset(found[2]))
         ready: dict[tuple[str, str], list[tuple[str, dict[str, int]]]] = defaultdict(list)
         for member, row in zip(members, merged, strict=True):
-            model, task, _, _ = meta[member]
-            found = self.classifier(model, task)
-            if found is None:
+            key = meta[member][:2]
+            if current[key] is None:
                 continue
             row = {k.decode(): int(v) for k, v in row.items()}
-            if set(found[2]) <= set(row):  # else: wait for the remaining heads
-                ready[(model, task)].append((member, row))
+            if current[key][3] <= row.keys():  # else: wait for the remaining heads
+                ready[key].append((member, row))
         out: list[Output | DeadLetter] = []
         finished: list[str] = []
         for (model, task), done in ready.items():
-            sha, clf, columns = self.classifier(model, task)
+            sha, clf, columns, _ = current[(model, task)]
             x = feature_frame({meta[mb][2]: row for mb, row in done}, columns)
             probs = clf.predict_proba(x)[:, 1]
             for (member, _), p in zip(done, probs, strict=True):

@@ -25,9 +25,9 @@ from apmae.classify import parse_column
 from apmae.config import setting
 from apmae.corpus import CorpusStats, default_jdk_corpus, open_corpus
 from apmae.figures import intervention_bars
-from apmae.inputs import InputBuilder, ModelInput, Rejected, Sentinels
+from apmae.inputs import InputBuilder, ModelInput, Rejected
 from apmae.intervene import as_heads, choose, zero_heads
-from apmae.target import TargetModel, default_prompt_mode, is_correct
+from apmae.target import TargetModel, is_correct
 from apmae.tasks import mine_spans, sample_spans
 from apmae.topics import SAMPLES
 from services.bus import Bus, Message, read_range
@@ -93,8 +93,7 @@ def run(cfg: InterveneConfig, lm: TargetModel | None = None) -> dict:
                   for t in entry["tasks"] if "importance" in t}
     if not importance:
         raise SystemExit(f"no fitted task in {cfg.report_path} carries head importances: rerun apmae classify fit")
-    builder = InputBuilder(lm.tok, cfg.prompt_mode or default_prompt_mode(lm.tok), cfg.length,
-                           Sentinels(cfg.fim_prefix, cfg.fim_suffix, cfg.fim_middle))
+    builder = cfg.input_builder(lm.tok)
     seen = {m.record.file_id for m in read_range(Bus(cfg, "intervene"), SAMPLES) if isinstance(m, Message)}
     inputs = held_out_inputs(cfg, builder, set(importance), seen)
 

@@ -94,6 +94,11 @@ class ProducerConfig(BusConfig):
     def model_cache(self) -> Path:
         return self.state_dir / "models"
 
+    def input_builder(self, tokenizer) -> InputBuilder:
+        """The 256-token input builder for this target model's tokenizer (fim when it has the sentinels)."""
+        return InputBuilder(tokenizer, self.prompt_mode or default_prompt_mode(tokenizer), self.length,
+                            Sentinels(self.fim_prefix, self.fim_suffix, self.fim_middle))
+
 
 def parse_ranges(spec: str, n: int) -> list[int]:
     """'0,4,8-10' -> [0, 4, 8, 9, 10]; '' -> all of range(n). Out-of-range ids are an error."""
@@ -124,10 +129,8 @@ class Producer:
         self.bus = Bus(cfg, "producer")
         self.lm = model or TargetModel.load(cfg.model, cfg.model_cache, cfg.device or None, cfg.dtype or None,
                                             cfg.revision or None)
-        mode = cfg.prompt_mode or default_prompt_mode(self.lm.tok)
-        self.mode = mode
-        self.builder = InputBuilder(self.lm.tok, mode, cfg.length, Sentinels(cfg.fim_prefix, cfg.fim_suffix,
-                                                                              cfg.fim_middle))
+        self.builder = cfg.input_builder(self.lm.tok)
+        self.mode = self.builder.mode
         self.redis = redis_client or redis.Redis.from_url(cfg.redis_url)
         self.admit_script = self.redis.register_script(ADMIT_LUA)
         self.mine_layers = parse_ranges(cfg.mine_layers, self.lm.n_layers)

@@ -19,10 +19,10 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from apmae.codec import encode_pattern
@@ -37,10 +37,11 @@ from apmae.topics import (
     SCORES,
     PatternRecord,
 )
-from services.bus import Bus, Output, read_range
+from services.bus import Bus, Output, read_range, topic_end_offsets
 from services.infra import servers
 from tests.conftest import java_files
 from tests.integration.test_classifier_service import assignments, sample
+from tests.integration.test_trainer import SIZE, pattern
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,18 +83,8 @@ def sigkill(proc: subprocess.Popen) -> None:
 
 
 def count_so_far(bus, topic):
-    from services.bus import true_end_offsets
-
-    def n() -> int:
-        c = bus.consumer(None, enable_auto_commit=False)
-        try:
-            tps = [__import__("kafka").TopicPartition(bus.name(topic), p)
-                   for p in sorted(c.partitions_for_topic(bus.name(topic)) or [])]
-        finally:
-            c.close()
-        return sum(true_end_offsets(bus, tps).values()) if tps else 0
-
-    return n
+    """A probe: how many messages ``topic`` holds now."""
+    return lambda: sum(topic_end_offsets(bus, topic).values())
 
 
 def account(name: str, inputs: set[str], outputs: list[str], dead: list[str], *, fault: str, **extra) -> dict:
@@ -146,18 +137,15 @@ def test_producer_killed_mid_batch_then_restarted(bus_cfg, tiny_model_dir):
     assert set(mined) == distinct and len(set(mined.values())) == 1
 
 
-def patterns(bus, n: int, size: int = 64) -> set[str]:
-    """n random causal patterns on both pattern topics; returns their sample ids (one each)."""
-    g = np.random.default_rng(0)
+def patterns(bus, n: int, tag: str = "", topics=(PATTERNS_MINE, PATTERNS_TRAIN)) -> set[str]:
+    """n random causal 64 x 64 patterns on ``topics``; returns their sample ids (one each)."""
     out = set()
     for i in range(n):
-        logits = g.normal(size=(size, size)) * 2
-        logits[np.triu_indices(size, 1)] = -np.inf
-        a = np.exp(logits - logits.max(1, keepdims=True))
-        rec = PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="identifier", layer=i % 3, head=i % 2,
-                            correct=bool(i % 2), size=size, payload=encode_pattern(a / a.sum(1, keepdims=True)))
-        bus.send(Output(PATTERNS_MINE, rec, key=f"m/{i % 3}/{i % 2}"))
-        bus.send(Output(PATTERNS_TRAIN, rec, key=f"m/{i % 3}/{i % 2}"))
+        a = pattern(zlib.crc32(f"{tag}{i}".encode()))  # deterministic per (tag, i)
+        rec = PatternRecord(id=f"{tag}p{i}", sample_id=f"{tag}s{i}", model="m", task="identifier", layer=i % 3,
+                            head=i % 2, correct=bool(i % 2), size=SIZE, payload=encode_pattern(a))
+        for t in topics:
+            bus.send(Output(t, rec, key=f"m/{i % 3}/{i % 2}"))
         out.add(rec.sample_id)
     bus.flush()
     return out
@@ -311,17 +299,8 @@ def test_broker_restart_is_detected_said_and_survived(bus_cfg, infra_cfg, redis_
     wait_then(proc, lambda: count_so_far(bus, EMBEDDINGS)() >= 100, restart)
     bus = Bus(bus_cfg, "test")  # the test's own clients reconnect too
     bus.ensure_topics()
-    g = np.random.default_rng(1)
-    after = set()
-    for i in range(200):  # new work after the restart, fewer messages than the encoder had consumed
-        logits = g.normal(size=(64, 64))
-        logits[np.triu_indices(64, 1)] = -np.inf
-        a = np.exp(logits - logits.max(1, keepdims=True))
-        rec = PatternRecord(id=f"q{i}", sample_id=f"after{i}", model="m", task="identifier", layer=0, head=0,
-                            correct=True, size=64, payload=encode_pattern(a / a.sum(1, keepdims=True)))
-        bus.send(Output(PATTERNS_MINE, rec))
-        after.add(rec.sample_id)
-    bus.flush()
+    # new work after the restart, fewer messages than the encoder had consumed
+    after = patterns(bus, 200, tag="after", topics=(PATTERNS_MINE,))
     out, log = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     embs = [m.record.sample_id for m in read_range(bus, EMBEDDINGS)]
