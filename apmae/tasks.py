@@ -11,7 +11,10 @@ Task definitions (our choices where the paper is silent):
 identifier         ``identifier`` leaves (variables, methods, fields, labels); type names
                    (``type_identifier``) and identifiers in package/import lines excluded
 boolean_literal    ``true`` / ``false``
-string_literal     ``string_literal`` (quotes included; text blocks too); char literals excluded
+string_literal     the value of a ``string_literal``, quotes excluded (the paper asks for the
+                   literal's value; with the quotes the first-token label mostly tested the
+                   opening quote); a text block's value starts after its opening line break;
+                   empty strings (nothing to mask) and char literals excluded
 numeric_literal    decimal/hex/octal/binary integer and floating point literals
 boolean_operator   ``&& || !`` and comparisons ``== != < > <= >=`` in expressions; the ``<``/``>``
                    of generics are type-argument tokens, not operators, and never count
@@ -120,7 +123,9 @@ def mine_spans(source: bytes, include_plain_assign: bool = False, max_depth: int
         elif kind in ("true", "false"):
             spans["boolean_literal"].append(Span("boolean_literal", node.start_byte, node.end_byte))
         elif kind == "string_literal":
-            spans["string_literal"].append(Span("string_literal", node.start_byte, node.end_byte))
+            value = string_value(node, source)
+            if value is not None:
+                spans["string_literal"].append(Span("string_literal", *value))
         elif kind in NUMERIC:
             spans["numeric_literal"].append(Span("numeric_literal", node.start_byte, node.end_byte))
         if node.child_count == 0 and kind not in ("line_comment", "block_comment") and node.end_byte > node.start_byte:
@@ -141,6 +146,18 @@ def mine_spans(source: bytes, include_plain_assign: bool = False, max_depth: int
             if not cursor.goto_parent():
                 return MiningResult(_dedupe(spans), errors, nodes)
             depth -= 1
+
+
+def string_value(node, source: bytes) -> tuple[int, int] | None:
+    """Byte range of a string literal's value, between its delimiters (``"`` or ``\"\"\"``);
+    None when empty. A text block's value starts after the line break that follows ``\"\"\"``."""
+    if node.child_count < 2:
+        return None
+    start, end = node.children[0].end_byte, node.children[-1].start_byte
+    if node.children[0].type == '"""':
+        m = re.compile(rb"[ \t]*\r?\n").match(source, start)
+        start = m.end() if m and m.end() <= end else start
+    return (start, end) if end > start else None
 
 
 def _dedupe(spans: dict[str, list[Span]]) -> dict[str, list[Span]]:

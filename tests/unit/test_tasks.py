@@ -44,9 +44,10 @@ def test_boolean_literals():
     assert found(CODE, "boolean_literal") == ["false"]  # not the ones in the comment
 
 
-def test_string_literals_include_quotes_not_chars_or_comments():
-    assert found(CODE, "string_literal") == ['"a + b == c"']
-    assert found('class A { String t = """\n  block\n  """; }', "string_literal") == ['"""\n  block\n  """']
+def test_string_literals_are_the_value_without_quotes_not_chars_or_comments():
+    assert found(CODE, "string_literal") == ["a + b == c"]
+    assert found('class A { String t = """\n  block\n  """; }', "string_literal") == ["  block\n  "]
+    assert found('class A { String e = ""; String f = "x\\ny"; }', "string_literal") == ["x\\ny"]  # empty: none
 
 
 def test_numeric_literals_all_bases():
