@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import struct
 import types
 import typing
@@ -78,7 +79,7 @@ def _check_type(name: str, hint: Any, value: Any) -> Any:
                 return _check_type(name, arg, value)
             except InvalidMessage:
                 pass
-        raise InvalidMessage(f"field {name!r}: {value!r} is not {hint}")
+        raise InvalidMessage(f"field {name!r}: {_short(repr(value))} is not {hint}")
     base = origin or hint
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -97,6 +98,25 @@ def peek_schema(value: bytes) -> tuple[str, int]:
     return head.get("schema", "?"), head.get("v", -1)
 
 
+def _reject_constant(name: str) -> Any:
+    """NaN / Infinity are not JSON; Python's parser accepts them, and a record carrying one
+    decodes but cannot be encoded again (``allow_nan=False``) by whoever forwards it."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """1e999 parses to inf without passing through ``parse_constant``."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{_short(text, 40)} is out of a float's range")
+    return v
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """A reason must stay readable and small whatever the message holds."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def _split(value: bytes) -> tuple[dict[str, Any], bytes]:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise InvalidMessage(f"value is {type(value).__name__}, not bytes")
@@ -111,9 +131,12 @@ def _split(value: bytes) -> tuple[dict[str, Any], bytes]:
     if _HEAD.size + n > len(value):
         raise InvalidMessage(f"header length {n} runs past the end of a {len(value)}-byte message")
     try:
-        head = json.loads(value[_HEAD.size : _HEAD.size + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidMessage(f"header is not JSON: {e}") from e
+        head = json.loads(value[_HEAD.size : _HEAD.size + n], parse_constant=_reject_constant,
+                          parse_float=_finite_float)
+    except RecursionError as e:  # nesting deeper than the interpreter's stack: poison, not a crash
+        raise InvalidMessage("header is nested too deeply") from e
+    except ValueError as e:  # not JSON, not UTF-8, NaN/Infinity, an int of more than 4300 digits
+        raise InvalidMessage(f"header is not JSON: {_short(str(e))}") from e
     if not isinstance(head, dict):
         raise InvalidMessage("header is not a JSON object")
     return head, value[_HEAD.size + n :]
@@ -128,14 +151,35 @@ def _schema(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field, ...], f
 
 
 def decode(value: bytes, cls: type[R], max_bytes: int | None = None) -> R:
-    """Message value bytes -> ``cls`` instance, validating schema name, version and fields."""
+    """Message value bytes -> ``cls`` instance, validating schema name, version and fields.
+
+    Raises only InvalidMessage: a consumer that dead-letters InvalidMessage then never
+    crash-loops on one message (restarting at its offset), whatever the bytes are."""
+    try:
+        return _decode(value, cls, max_bytes)
+    except InvalidMessage:
+        raise
+    except (RecursionError, MemoryError) as e:
+        raise InvalidMessage(f"{cls.SCHEMA}: {type(e).__name__} while decoding") from e
+    except Exception as e:  # noqa: BLE001 - any other failure is this message's, reported as such
+        raise InvalidMessage(f"{cls.SCHEMA}: {type(e).__name__}: {_short(_safe_str(e))}") from e
+
+
+def _safe_str(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001 - str() of an exception holding a huge int can itself raise
+        return "(unprintable)"
+
+
+def _decode(value: bytes, cls: type[R], max_bytes: int | None) -> R:
     if max_bytes is not None and value is not None and len(value) > max_bytes:
         raise InvalidMessage(f"message of {len(value)} bytes exceeds the {max_bytes}-byte limit")
     head, payload = _split(value)
     if head.get("schema") != cls.SCHEMA:
-        raise InvalidMessage(f"schema {head.get('schema')!r} where {cls.SCHEMA!r} was expected")
+        raise InvalidMessage(f"schema {_short(repr(head.get('schema')))} where {cls.SCHEMA!r} was expected")
     if head.get("v") != cls.VERSION:
-        raise InvalidMessage(f"{cls.SCHEMA} version {head.get('v')!r} unsupported (this build reads v{cls.VERSION})")
+        raise InvalidMessage(f"{cls.SCHEMA} version {_short(repr(head.get('v')))} unsupported (this build reads v{cls.VERSION})")
     hints, fields, names = _schema(cls)
     kwargs: dict[str, Any] = {}
     for f in fields:

@@ -94,6 +94,62 @@ def test_wrong_schemas_versions_and_field_types_are_rejected(header, version):
     assert isinstance(rec.id, str) and isinstance(rec.n_layers, int)
 
 
+def _envelope(header: bytes) -> bytes:
+    import struct
+
+    return b"AP" + struct.pack(">BI", 1, len(header)) + header
+
+
+POISON_HEADERS = {
+    # each of these escaped the decoder as a non-InvalidMessage once: the consumer exited,
+    # restarted at the same offset and crash-looped
+    "nested 100k deep (RecursionError)": b'{"id":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "nested 100k deep, unterminated": b"[" * 100_000,
+    "5000-digit int (ValueError)": b'{"schema":"sample","v":1,"n_layers":' + b"9" * 5000 + b"}",
+    # decoded once, then could not be encoded again by whoever forwarded the record
+    "NaN field": b'{"schema":"assignment","v":1,"strength":NaN}',
+    "Infinity field": b'{"schema":"assignment","v":1,"strength":-Infinity}',
+    "NaN version": b'{"schema":"sample","v":NaN}',
+    "huge schema name": b'{"schema":"' + b"x" * 100_000 + b'"}',
+}
+
+
+@pytest.mark.parametrize("header", POISON_HEADERS.values(), ids=POISON_HEADERS.keys())
+@pytest.mark.parametrize("cls", RECORDS + [AssignmentRecord])
+def test_poison_headers_are_invalid_messages_with_a_short_reason(header, cls):
+    TRIED["decode: poison header (deep, huge int, NaN)"] += 1
+    with pytest.raises(InvalidMessage) as e:
+        decode(_envelope(header), cls)
+    assert len(str(e.value)) < 600  # a reason, not a copy of the message
+
+
+# JSON literals as a hostile writer may send them: NaN / Infinity (Python's parser takes
+# them), ints of 4000-6000 digits (the parser refuses more than 4300), floats of any size
+LITERALS = st.one_of(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "true", "null", '""']),
+                     st.integers(4000, 6000).map(lambda k: "9" * k), st.integers().map(str),
+                     st.floats(allow_nan=False, allow_infinity=False).map(repr))
+
+
+@FUZZ
+@given(st.sampled_from([SampleRecord, AssignmentRecord]),
+       st.dictionaries(st.sampled_from(["strength", "cluster", "correct", "n_layers", "target", "id", "v"]), LITERALS,
+                       max_size=4))
+def test_non_finite_and_huge_numbers_never_decode_into_a_record(cls, fields):
+    TRIED["decode: NaN / Inf / huge numbers in fields"] += 1
+    import json
+
+    good = sample_record() if cls is SampleRecord else AssignmentRecord(
+        id="a", sample_id="s", model="m", task="identifier", layer=0, head=0, correct=True, cluster=1, strength=0.5,
+        cluster_version="v1")
+    head = {k: json.dumps(v) for k, v in good.header().items()} | fields
+    text = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in head.items()) + "}"
+    try:
+        rec = decode(_envelope(text.encode()), cls)
+    except InvalidMessage:
+        return
+    assert encode(rec)  # whatever decodes can be forwarded (encode refuses NaN / Inf)
+
+
 def test_oversized_message_is_rejected_before_parsing():
     TRIED["decode: over the size limit"] += 1
     big = encode(sample_record()) + b"x" * 5000
