@@ -4,15 +4,17 @@ Each sample is one row: the cluster id of every head as a categorical feature (7
 columns for StarCoder2), noise (-1) a category of its own. One CatBoost classifier per task
 and target model, on data balanced between correct and incorrect predictions; 10-fold
 cross-validation (each fold's training part split 90/10 again for early stopping, the
-paper's "90, 10, 10") with mean accuracy and a 95% t-interval, next to the majority-class
-baseline. SHAP: CatBoost's own ``ShapValues`` (expected value in the LAST column; the
+paper's "90, 10, 10"). Accuracy is over the pooled out-of-fold predictions (every balanced
+sample predicted once, by the fold model that did not see it) with a 95% Wilson interval,
+next to the 0.5 chance level of balanced data. (The fold-majority baseline is wrong on
+balanced data: stratified folds make the training part's majority the test part's
+minority, so it falls below 0.5, e.g. 0.333.) SHAP: CatBoost's own ``ShapValues`` (expected value in the LAST column; the
 authors read the first and shifted every head by one), summarised per head as the largest
 difference between the mean SHAP values of its categories.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,35 +85,87 @@ def fit(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig, eval_share: float 
     return model
 
 
-def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width) of a Student-t confidence interval."""
-    from scipy import stats
-
-    a = np.asarray(values, dtype=float)
-    if len(a) < 2:
-        return float(a.mean()), float("nan")
-    half = stats.t.ppf(0.5 + confidence / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a))
-    return float(a.mean()), float(half)
-
-
 def cross_validate(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig) -> dict:
-    """k-fold CV: accuracy per fold, mean and 95% CI, and the majority-class baseline."""
+    """k-fold CV on balanced rows: pooled out-of-fold accuracy, its 95% Wilson interval, chance level.
+
+    ``mean`` is the accuracy over all out-of-fold predictions (each row predicted once),
+    ``ci95`` its Wilson interval ``[low, high]``; ``fold_accuracy`` is kept for inspection.
+    ``chance_level`` is 0.5 (the rows are balanced); ``baseline`` is the accuracy of the best
+    constant prediction on these rows (the majority share, 0.5 when balanced); ``p_value`` is
+    a two-sided exact binomial test of the pooled accuracy against ``baseline``.
+    """
+    from scipy.stats import binomtest
     from sklearn.model_selection import StratifiedKFold
 
+    from apmae.stats import wilson_interval
+
     folds = min(cfg.folds, int(y.value_counts().min()))
-    if folds < 2:
+    if folds < 2 or y.nunique() < 2:
         raise ValueError(f"need at least 2 samples of each label for CV, have {dict(y.value_counts())}")
-    acc, base = [], []
+    yi = y.astype(int).to_numpy()
+    hit = np.zeros(len(y), dtype=bool)
+    fold_acc = []
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=cfg.seed).split(x, y):
         model = fit(x.iloc[train], y.iloc[train], cfg)
         pred = model.predict(x.iloc[test]).astype(int).ravel()
-        acc.append(float((pred == y.iloc[test].astype(int).to_numpy()).mean()))
-        majority = int(y.iloc[train].astype(int).mode()[0])
-        base.append(float((y.iloc[test].astype(int).to_numpy() == majority).mean()))
-    mean, ci = t_interval(acc)
-    bmean, bci = t_interval(base)
-    return {"folds": folds, "accuracy": acc, "mean": mean, "ci95": ci, "baseline_mean": bmean, "baseline_ci95": bci,
-            "n": len(y)}
+        hit[test] = pred == yi[test]
+        fold_acc.append(float(hit[test].mean()))
+    n, k = len(y), int(hit.sum())
+    lo, hi = wilson_interval(k, n)
+    share = float(yi.mean())
+    baseline = max(share, 1 - share)
+    return {"folds": folds, "n": n, "correct": k, "mean": k / n, "ci95": [lo, hi],
+            "ci_method": "Wilson 95% over pooled out-of-fold predictions", "fold_accuracy": fold_acc,
+            "chance_level": 0.5, "baseline": baseline, "balanced": share == 0.5,
+            "p_value": float(binomtest(k, n, baseline).pvalue)}
+
+
+def model_correct_rate(labels) -> dict:
+    """The target model's own accuracy on a task: its correct rate over ALL labelled candidates
+    (not the balanced rows, whose rate is 0.5 by construction), with n and a Wilson CI."""
+    from apmae.stats import proportion
+
+    return proportion(bool(v) for v in labels if v is not None)
+
+
+@dataclass
+class TaskFit:
+    """The outcome of :func:`fit_task` for one (target model, task)."""
+
+    result: dict  # the report row: n_balanced, CV numbers, top heads, ... or "skipped"
+    model: object | None = None  # the final CatBoost model, fit on every balanced row
+    importance: pd.Series | None = None  # per head SHAP spread
+    train_ids: list[str] | None = None  # the sample ids the final model was fit on
+
+
+def fit_task(labels: pd.Series, rows: dict[str, dict[str, int]], columns: list[str], cfg: ClassifierConfig,
+             min_rows: int = 20) -> TaskFit:
+    """The paper's fit protocol for one task (section 6).
+
+    ``labels``: sample id -> correct (bool) for the samples that have a complete feature row;
+    ``rows``: sample id -> {head column: cluster id}. Balance correct/incorrect (the minority
+    kept whole), skip (with the reason) when there are fewer than ``min_rows`` balanced rows,
+    10-fold CV (:func:`cross_validate`), then the final model on every balanced row and its
+    SHAP head importance.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    if labels.nunique() < 2:
+        return TaskFit({"skipped": "one label only", "n_labelled_rows": len(labels)})
+    idx = balance(labels, cfg.seed)
+    if len(idx) < min_rows:
+        return TaskFit({"skipped": f"{len(idx)} balanced rows < {min_rows}", "n_labelled_rows": len(labels)})
+    x = feature_frame({s: rows[s] for s in idx}, columns)
+    y = labels.loc[idx]
+    cv = cross_validate(x, y, cfg)
+    clf = fit(x, y, cfg)
+    shap, _ = shap_values(clf, x)
+    imp = head_importance(shap, x)
+    result = {"n_balanced": len(idx), "n_labelled_rows": len(labels), **cv,
+              "top_heads": imp.head(10).round(4).to_dict(), "importance": imp.round(6).to_dict(),
+              "seconds": time.perf_counter() - t0}
+    return TaskFit(result, clf, imp, [str(s) for s in idx])
 
 
 def shap_values(model, x: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

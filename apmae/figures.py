@@ -82,12 +82,18 @@ def task_bars(tasks: list[str], series: list[tuple[str, list[float], list[float]
 
 
 def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Figure 4: per task, the LLM's correctness rate and the classifier's CV accuracy (95% CI)
-    next to the majority baseline."""
+    """Figure 4: per task, the LLM's correct rate over all candidates and the classifier's CV
+    accuracy, each with its 95% interval ``[low, high]``, next to the 0.5 chance level."""
+    def err(values, cis):  # asymmetric error bars from intervals
+        return [[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
+                [hi - v for v, (_, hi) in zip(values, cis, strict=True)]]
+
+    llm = [r["llm_correct"]["rate"] for r in rows]
+    acc = [r["mean"] for r in rows]
     return task_bars([r["task"] for r in rows], [
-        ("LLM correct rate", [r["llm_correct_rate"] for r in rows], None),
-        ("classifier CV accuracy (95% CI)", [r["mean"] for r in rows], [r["ci95"] for r in rows]),
-        ("majority baseline", [r["baseline_mean"] for r in rows], None),
+        ("LLM correct rate (all candidates, 95% CI)", llm, err(llm, [r["llm_correct"]["ci95"] for r in rows])),
+        ("classifier CV accuracy (95% CI)", acc, err(acc, [r["ci95"] for r in rows])),
+        ("chance level (balanced data)", [r["chance_level"] for r in rows], None),
     ], path, title, ylim=(0, 1))
 
 

@@ -1,7 +1,8 @@
 """Topics, keys and record schemas: the contract between services, declared once.
 
 Every record is a frozen dataclass (see :mod:`apmae.messages` for the envelope). Bump a
-record's VERSION when its fields change; readers reject versions they do not know, and the
+record's VERSION when its fields change (a new field with a default reads old messages
+unchanged and needs no bump); readers reject versions they do not know, and the
 message goes to the dead-letter topic with the reason instead of being misread.
 
 ================  ========================  =====================================  =========
@@ -117,6 +118,7 @@ class AssignmentRecord(Record):
     cluster: int
     strength: float
     cluster_version: str
+    checkpoint: str = ""  # the AP-MAE checkpoint that made the embedding (one embedding space per version)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ class ScoreRecord(Record):
     prob_correct: float
     actual: bool | None
     classifier_version: str
+    cluster_version: str = ""  # the cluster version the classifier was fit on (and the row's assignments are of)
+    in_sample: bool | None = None  # True: the classifier was fit on this very sample (not an accuracy)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ class FitJobRecord(Record):
     head: int
     source: str
     version: str
+    checkpoint: str = ""  # fit only embeddings made by this AP-MAE checkpoint
 
 
 @dataclass(frozen=True)

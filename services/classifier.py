@@ -2,15 +2,19 @@
 
 fit: joins the ``samples`` topic (task, label) with the ``assignments`` topic (one cluster
 id per head and sample, of one cluster version) into feature rows, and per (target model,
-task) runs balanced 10-fold CV with the majority baseline, fits the final model, computes
-SHAP per head, and writes models (CatBoost's own .cbm format, with SHA-256 in the registry),
-a report JSON and the figures.
+task) runs the paper's fit protocol (:func:`apmae.classify.fit_task`: balanced rows, 10-fold
+CV with a Wilson interval next to the 0.5 chance level, final model, SHAP per head), reports
+the model's own correct rate over every candidate, and writes models (CatBoost's own .cbm
+format, with SHA-256 in the registry), the ids of the samples each was fit on, a report
+JSON and the figures.
 
 serve: consumes ``assignments``; Redis holds each sample's partial row (hash per sample,
 head -> cluster) until every head the classifier uses has arrived (out of order and
 duplicates are fine: a hash field is set once per head); complete rows are scored and a
-ScoreRecord published. Rows that stay incomplete past the TTL are dropped and counted.
-Retrained classifiers are picked up from the registry without a restart.
+ScoreRecord published. A row holds assignments of one cluster version and is scored only by
+a classifier fit on that version; a score of a sample the classifier was fit on is marked
+``in_sample`` and kept out of the rolling accuracy. Rows that stay incomplete past the TTL
+are dropped and counted. Retrained classifiers are picked up from the registry without a restart.
 """
 
 from __future__ import annotations
@@ -18,29 +22,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import redis
 from prometheus_client import Counter, Gauge
 
 from apmae.classify import (
     ClassifierConfig,
-    balance,
     column,
-    cross_validate,
     feature_frame,
-    fit,
-    head_importance,
+    fit_task,
+    model_correct_rate,
     parse_column,
-    shap_values,
 )
 from apmae.config import BusConfig, setting
 from apmae.config import save as save_config
 from apmae.messages import stable_id
+from apmae.scoring import RollingScore
 from apmae.topics import ASSIGNMENTS, SAMPLES, SCORES, ScoreRecord
 from services.bus import Bus, DeadLetter, Message, Output, Processor, read_range
 from services.registry import ArtifactStore, Registry, RegistryCache, safe_name, sha256_file
@@ -48,8 +49,12 @@ from services.registry import ArtifactStore, Registry, RegistryCache, safe_name,
 log = logging.getLogger("apmae.classifier")
 SCORED = Counter("apmae_classifier_scored_total", "Samples scored", ["model", "task", "predicted"])
 ACTUAL = Counter("apmae_classifier_actual_total", "Actual correctness of scored samples", ["model", "task", "actual"])
-ROLLING_ACC = Gauge("apmae_classifier_rolling_accuracy", "Accuracy over the last 200 scored samples", ["model", "task"])
-BRIER = Gauge("apmae_classifier_rolling_brier", "Brier score (calibration) over the last 200 samples", ["model", "task"])
+ROLLING_ACC = Gauge("apmae_classifier_rolling_accuracy", "Accuracy over the last 200 out-of-sample scored samples "
+                    "(samples the classifier was not fit on)", ["model", "task"])
+BRIER = Gauge("apmae_classifier_rolling_brier", "Brier score (calibration) over the last 200 out-of-sample samples",
+              ["model", "task"])
+IN_SAMPLE = Counter("apmae_classifier_in_sample_scores_total", "Scores of samples the classifier was fit on (not "
+                    "counted in the rolling accuracy)", ["model", "task"])
 EXPIRED = Counter("apmae_classifier_rows_expired_total", "Partial rows dropped incomplete (TTL, or the cap on "
                   "partial rows)", ["model", "reason"])
 CV_ACC = Gauge("apmae_classifier_cv_accuracy", "Mean CV accuracy of the current classifier", ["model", "task"])
@@ -103,6 +108,10 @@ def gather(cfg: ClassifyConfig) -> tuple[dict, dict, str]:
 
 
 def fit_all(cfg: ClassifyConfig) -> dict:
+    """Per (target model, task): :func:`apmae.classify.fit_task` on the complete rows of one
+    cluster version, the model's own correct rate over every candidate, models and figures."""
+    from tqdm import tqdm
+
     from apmae.figures import accuracy_bars, layer_head_heatmap
 
     samples, rows, version = gather(cfg)
@@ -112,6 +121,7 @@ def fit_all(cfg: ClassifyConfig) -> dict:
     registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
     ccfg = cfg.classifier_config()
     report: dict = {"cluster_version": version, "models": {}}
+    fit_files: set[str] = set()
     for model_name, per_sample in rows.items():
         columns = sorted({c for r in per_sample.values() for c in r}, key=parse_column)
         complete = {s: r for s, r in per_sample.items() if len(r) == len(columns) and s in samples}
@@ -121,46 +131,43 @@ def fit_all(cfg: ClassifyConfig) -> dict:
         for s in complete:
             if samples[s].correct is not None:  # noise has no label
                 tasks[samples[s].task].append(s)
+        # the model's accuracy per task: every labelled candidate it predicted, mined or not
+        candidates: dict[str, list[bool]] = defaultdict(list)
+        for r in samples.values():
+            if r.model == model_name and r.correct is not None:
+                candidates[r.task].append(r.correct)
         results = []
-        from tqdm import tqdm
-
         for task, ids in tqdm(sorted(tasks.items()), desc=f"classify {model_name}", unit="task", leave=False):
-            y_all = pd.Series({s: bool(samples[s].correct) for s in ids})
-            llm_rate = float(y_all.mean())
-            if y_all.nunique() < 2:
-                results.append({"task": task, "skipped": "one label only", "n": len(ids), "llm_correct_rate": llm_rate})
+            llm = model_correct_rate(candidates[task])
+            row = {"task": task, "llm_correct_rate": llm["rate"], "llm_correct": llm}
+            tf = fit_task(pd.Series({s: bool(samples[s].correct) for s in ids}), complete, columns, ccfg, cfg.min_rows)
+            row.update(tf.result)
+            if tf.model is None:
+                results.append(row)
                 continue
-            idx = balance(y_all, cfg.seed)
-            if len(idx) < cfg.min_rows:
-                results.append({"task": task, "skipped": f"{len(idx)} balanced rows < {cfg.min_rows}",
-                                "n": len(ids), "llm_correct_rate": llm_rate})
-                continue
-            x = feature_frame({s: complete[s] for s in idx}, columns)
-            y = y_all.loc[idx]
-            t0 = time.perf_counter()
-            cv = cross_validate(x, y, ccfg)
-            clf = fit(x, y, ccfg)
-            shap, _ = shap_values(clf, x)
-            imp = head_importance(shap, x)
-            rel = f"classifier/{version}/{safe_name(model_name)}/{task}.cbm"
-            dest = store.path(rel)
+            base = f"classifier/{version}/{safe_name(model_name)}/{task}"
+            dest = store.path(f"{base}.cbm")
             dest.parent.mkdir(parents=True, exist_ok=True)
-            clf.save_model(str(dest))  # CatBoost's own format, not a pickle
-            sha = sha256_file(dest)
-            registry.put("classifier", f"{model_name}:{task}", path=rel, sha256=sha, version=version,
-                         columns=columns, cv_mean=cv["mean"])
-            CV_ACC.labels(model_name, task).set(cv["mean"])
-            layer_head_heatmap({parse_column(c): v for c, v in imp.items()}, layers, heads,
+            tf.model.save_model(str(dest))  # CatBoost's own format, not a pickle
+            files = sorted({samples[s].file_id for s in tf.train_ids})
+            fit_files.update(files)
+            train_sha = store.write(f"{base}.train.json", json.dumps({"sample_ids": tf.train_ids,
+                                                                      "file_ids": files}).encode())
+            registry.put("classifier", f"{model_name}:{task}", path=f"{base}.cbm", sha256=sha256_file(dest),
+                         version=version, columns=columns, cv_mean=row["mean"], train_path=f"{base}.train.json",
+                         train_sha256=train_sha)
+            CV_ACC.labels(model_name, task).set(row["mean"])
+            layer_head_heatmap({parse_column(c): v for c, v in tf.importance.items()}, layers, heads,
                                f"{task}: max difference of mean SHAP per cluster", out / f"shap-{task}.png", "SHAP")
-            results.append({"task": task, **{k: v for k, v in cv.items() if k != "accuracy"},
-                            "fold_accuracy": cv["accuracy"], "llm_correct_rate": llm_rate,
-                            "top_heads": imp.head(10).round(4).to_dict(),
-                            "importance": imp.round(6).to_dict(), "seconds": time.perf_counter() - t0})
+            row["fit_files"] = len(files)
+            results.append(row)
         fitted = [r for r in results if "mean" in r]
         if fitted:
             accuracy_bars(fitted, out / f"accuracy-{safe_name(model_name)}.png",
                           f"{model_name}: LLM correctness vs classifier accuracy")
         report["models"][model_name] = {"heads": len(columns), "rows": len(complete), "tasks": results}
+    # every file any classifier was fit on: live accuracy is measured on other files only
+    report["fit_file_ids"] = sorted(fit_files)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     save_config(cfg, out / "config.json")
     return report
@@ -176,26 +183,30 @@ class Scorer:
         self.store = ArtifactStore(cfg.artifacts_dir)
         self.registry = Registry(self.redis, cfg.topic_prefix)
         self.models = RegistryCache(self.registry, "classifier", self.load_classifier)
-        self.recent: dict[tuple[str, str], deque] = defaultdict(lambda: deque(maxlen=200))
+        self.recent: dict[tuple[str, str], RollingScore] = defaultdict(RollingScore)
         self.pfx = f"apmae:row:{cfg.topic_prefix}"
         self.scored: list[str] = []  # rows scored in the current batch, finalized after the flush
 
     def load_classifier(self, entry: dict[str, str]):
-        """(CatBoost model, its feature columns): the column list is parsed once per load."""
+        """(CatBoost model, its feature columns, the sample ids it was fit on), parsed once per load."""
         from catboost import CatBoostClassifier
 
         self.store.read(entry["path"], entry["sha256"])  # checksum before loading
         clf = CatBoostClassifier()
         clf.load_model(str(self.store.path(entry["path"])))
-        return clf, json.loads(entry["columns"])
+        fit_ids: frozenset[str] = frozenset()
+        if "train_path" in entry:
+            fit_ids = frozenset(json.loads(self.store.read(entry["train_path"], entry["train_sha256"]))["sample_ids"])
+        return clf, json.loads(entry["columns"]), fit_ids
 
     def classifier(self, model: str, task: str):
-        """(sha256, CatBoost model, feature columns) of the current classifier, or None."""
+        """(sha256, CatBoost model, feature columns, cluster version, fit sample ids) of the
+        current classifier, or None."""
         found = self.models.get(f"{model}:{task}")
         if found is None:
             return None
-        entry, (clf, columns) = found
-        return entry["sha256"], clf, columns
+        entry, (clf, columns, fit_ids) = found
+        return entry["sha256"], clf, columns, entry["version"], fit_ids
 
     def sweep(self) -> None:
         """Drop partial rows past the TTL, then the oldest beyond ``max_partial_rows``: the
@@ -219,12 +230,14 @@ class Scorer:
         completed rows in one call: a batch holds a few rows' worth of 720-1920 assignments.
         """
         rows: dict[str, dict[str, int]] = defaultdict(dict)
-        meta: dict[str, tuple[str, str, str, bool | None]] = {}
+        meta: dict[str, tuple[str, str, str, bool | None, str]] = {}
         for m in msgs:
             a = m.record
-            member = f"{a.model}|{a.sample_id}"
+            # one row per cluster version: assignments of different versions (a refit head, a
+            # new plan) are different feature spaces and never share a row
+            member = f"{a.model}|{a.cluster_version}|{a.sample_id}"
             rows[member][column(a.layer, a.head)] = a.cluster
-            meta[member] = (a.model, a.task, a.sample_id, a.correct)
+            meta[member] = (a.model, a.task, a.sample_id, a.correct, a.cluster_version)
         members = list(rows)
         pipe = self.redis.pipeline(transaction=False)
         for member in members:
@@ -242,29 +255,33 @@ class Scorer:
         current = {(meta[mb][0], meta[mb][1]): None for mb in members}
         for key in current:
             found = self.classifier(*key)
-            current[key] = None if found is None else (*found, frozenset(found[2]))
+            current[key] = None if found is None else (*found, frozenset(found[2]))  # + the column set
         ready: dict[tuple[str, str], list[tuple[str, dict[str, int]]]] = defaultdict(list)
         for member, row in zip(members, merged, strict=True):
             key = meta[member][:2]
             if current[key] is None:
                 continue
+            if current[key][3] != meta[member][4]:
+                continue  # the classifier was fit on another cluster version: not its features
             row = {k.decode(): int(v) for k, v in row.items()}
-            if current[key][3] <= row.keys():  # else: wait for the remaining heads
+            if current[key][5] <= row.keys():  # else: wait for the remaining heads
                 ready[key].append((member, row))
         out: list[Output | DeadLetter] = []
         finished: list[str] = []
         for (model, task), done in ready.items():
-            sha, clf, columns, _ = current[(model, task)]
+            sha, clf, columns, version, fit_ids, _ = current[(model, task)]
             x = feature_frame({meta[mb][2]: row for mb, row in done}, columns)
             probs = clf.predict_proba(x)[:, 1]
             for (member, _), p in zip(done, probs, strict=True):
-                _, _, sample_id, actual = meta[member]
+                _, _, sample_id, actual, _ = meta[member]
                 p = float(p)
+                in_sample = sample_id in fit_ids
                 out.append(Output(SCORES, ScoreRecord(id=stable_id("score", member, sha), sample_id=sample_id,
                                                       model=model, task=task, prob_correct=p, actual=actual,
-                                                      classifier_version=sha[:12]), key=sample_id))
+                                                      classifier_version=sha[:12], cluster_version=version,
+                                                      in_sample=in_sample), key=sample_id))
                 finished.append(member)
-                self.observe(model, task, p, actual)
+                self.observe(model, task, p, actual, in_sample)
         self.sweep()
         self.scored.extend(finished)  # only when the whole batch succeeded (a raise retries it per message)
         return out
@@ -283,15 +300,18 @@ class Scorer:
         pipe.execute()
         self.scored = []
 
-    def observe(self, model: str, task: str, p: float, actual: bool | None) -> None:
+    def observe(self, model: str, task: str, p: float, actual: bool | None, in_sample: bool = False) -> None:
+        """Metrics of one score; the rolling accuracy counts out-of-sample scores only
+        (:meth:`apmae.scoring.RollingScore.observe`)."""
         SCORED.labels(model, task, str(p >= 0.5).lower()).inc()
-        if actual is None:
-            return
-        ACTUAL.labels(model, task, str(actual).lower()).inc()
-        rec = self.recent[(model, task)]
-        rec.append(((p >= 0.5) == actual, (p - float(actual)) ** 2))
-        ROLLING_ACC.labels(model, task).set(np.mean([r[0] for r in rec]))
-        BRIER.labels(model, task).set(np.mean([r[1] for r in rec]))
+        if actual is not None:
+            ACTUAL.labels(model, task, str(actual).lower()).inc()
+        if in_sample:
+            IN_SAMPLE.labels(model, task).inc()
+        rolling = self.recent[(model, task)].observe(p, actual, in_sample)
+        if rolling is not None:
+            ROLLING_ACC.labels(model, task).set(rolling["accuracy"])
+            BRIER.labels(model, task).set(rolling["brier"])
 
     def processor(self) -> Processor:
         self.bus.ensure_topics([ASSIGNMENTS, SCORES])

@@ -172,7 +172,9 @@ def start_service(cfg: C.BusConfig, service: str, health=None):
     """Start the /metrics + /healthz endpoint; register it with an embedded Prometheus if one
     runs under the same state directory (production scrapes via deploy/prometheus.yml)."""
     from services import infra, metrics
+    from services.bus import native_crc32c
 
+    metrics.check_native_crc32c(service, native_crc32c())
     server = metrics.serve(cfg.metrics_host, cfg.metrics_port, health)
     if (cfg.state_dir / "prometheus" / "targets").is_dir():
         infra.register_target(cfg.state_dir, service, f"127.0.0.1:{server.server_port}")
@@ -365,8 +367,9 @@ def classify_fit_cmd(**kw: Any) -> None:
         click.echo(f"{model}: {m['rows']} complete rows x {m['heads']} heads (clusters {report['cluster_version']})")
         for t in m["tasks"]:
             if "mean" in t:
-                click.echo(f"  {t['task']:20s} acc {t['mean']:.3f} +- {t['ci95']:.3f}  baseline "
-                           f"{t['baseline_mean']:.3f}  (n={t['n']}, LLM correct {t['llm_correct_rate']:.2f})")
+                lo, hi = t["ci95"]
+                click.echo(f"  {t['task']:20s} acc {t['mean']:.3f} [{lo:.3f}, {hi:.3f}]  chance "
+                           f"{t['chance_level']:.2f}  (n={t['n']}, LLM correct {t['llm_correct_rate']:.2f})")
             else:
                 click.echo(f"  {t['task']:20s} skipped: {t['skipped']}")
 

@@ -280,8 +280,9 @@ def summary(done: dict) -> str:
     for m in done.get("classify", {}).get("models", {}).values():
         for t in m["tasks"]:
             if "mean" in t:
-                lines.append(f"  {t['task']:20s} classifier {t['mean']:.2f} +- {t['ci95']:.2f} vs baseline "
-                             f"{t['baseline_mean']:.2f} (LLM correct {t['llm_correct_rate']:.2f})")
+                lo, hi = t["ci95"]
+                lines.append(f"  {t['task']:20s} classifier {t['mean']:.2f} [{lo:.2f}, {hi:.2f}] vs chance "
+                             f"{t['chance_level']:.2f}, n = {t['n']} (LLM correct {t['llm_correct_rate']:.2f})")
     lines.append(f"  report: {done.get('report', {}).get('path')}")
     return "\n".join(lines)
 

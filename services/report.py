@@ -34,6 +34,10 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _interval(ci) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def write_report(demo) -> Path:
     out = demo.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -106,11 +110,12 @@ def write_report(demo) -> Path:
     for model_name, m in done.get("classify", {}).get("models", {}).items():
         for t in m["tasks"]:
             rows.append({"model": model_name, "task": t["task"], "n": t.get("n"), "LLM correct": t.get("llm_correct_rate"),
-                         "CV accuracy": t.get("mean"), "95% CI": t.get("ci95"), "baseline": t.get("baseline_mean"),
+                         "CV accuracy": t.get("mean"), "95% CI": _interval(t.get("ci95")),
+                         "chance level": t.get("chance_level"),
                          "top head": next(iter(t.get("top_heads", {})), None), "skipped": t.get("skipped")})
         sections.append(f"<h2>Correctness classifier, {html.escape(model_name)} (Figure 4)</h2>"
                         f"<img src='accuracy-{safe_name(model_name)}.png'>")
-    sections.append(_table(rows, ["model", "task", "n", "LLM correct", "CV accuracy", "95% CI", "baseline",
+    sections.append(_table(rows, ["model", "task", "n", "LLM correct", "CV accuracy", "95% CI", "chance level",
                                   "top head", "skipped"]))
     for png in sorted(out.glob("shap-*.png")):
         sections.append(f"<h3>{html.escape(png.stem)} (Figures 5-6)</h3><img src='{png.name}'>")

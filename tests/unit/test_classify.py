@@ -12,9 +12,12 @@ from apmae.classify import (
     column,
     cross_validate,
     fit,
+    fit_task,
     head_importance,
+    model_correct_rate,
     shap_values,
 )
+from apmae.stats import wilson_interval
 
 CFG = ClassifierConfig(iterations=150, depth=4, folds=5, thread_count=2)
 
@@ -35,8 +38,9 @@ def test_cv_accuracy_far_above_baseline_and_shap_ranks_the_planted_heads():
     xb, yb = x.loc[idx], y.loc[idx]
     assert yb.mean() == 0.5
     res = cross_validate(xb, yb, CFG)
-    assert res["mean"] > 0.85 and res["baseline_mean"] <= 0.55, res
-    assert 0 < res["ci95"] < 0.1
+    assert res["mean"] > 0.85 and res["chance_level"] == 0.5 and res["baseline"] == 0.5, res
+    lo, hi = res["ci95"]
+    assert lo < res["mean"] < hi and hi - lo < 0.15 and res["p_value"] < 1e-6
     model = fit(xb, yb, CFG)
     shap, expected = shap_values(model, xb)
     top = head_importance(shap, xb)
@@ -60,3 +64,56 @@ def test_cv_needs_both_labels():
     x, y = planted(20)
     with pytest.raises(ValueError, match="at least 2"):
         cross_validate(x, pd.Series([True] * 19 + [False]), CFG)
+
+
+def test_baseline_on_balanced_data_is_chance_not_the_fold_majority():
+    # 5 + 5 rows, 3 stratified folds: a test fold of 2 correct + 1 incorrect trains on 3 + 4, whose
+    # majority (incorrect) scores 1/3 on it. The fold-majority "baseline" came out at 0.333.
+    x, _ = planted(10)
+    y = pd.Series([True, False] * 5)
+    res = cross_validate(x, y, ClassifierConfig(iterations=20, depth=2, folds=3, thread_count=1))
+    assert res["folds"] == 3 and res["n"] == 10
+    assert res["chance_level"] == 0.5 and res["baseline"] == 0.5 and res["balanced"]
+
+
+def test_ci_is_a_wilson_interval_over_pooled_out_of_fold_predictions():
+    x, y = planted(120, seed=3)
+    idx = balance(y)
+    res = cross_validate(x.loc[idx], y.loc[idx], CFG)
+    assert res["n"] == len(idx)  # every balanced row predicted exactly once
+    assert res["mean"] == res["correct"] / res["n"]
+    lo, hi = res["ci95"]
+    assert (lo, hi) == wilson_interval(res["correct"], res["n"])
+    assert 0 <= lo <= res["mean"] <= hi <= 1
+
+
+def test_wilson_interval_stays_in_the_unit_interval():
+    # a t-interval over the fold accuracies 1, 1, 1, 0.5 is 0.875 +- 0.40, i.e. up to 1.27
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    for k in range(0, 21):
+        lo, hi = wilson_interval(k, 20)
+        assert 0 <= lo <= k / 20 <= hi <= 1
+
+
+def test_model_correct_rate_is_over_every_candidate():
+    # 30 of 100 candidates right: the balanced rows (30 + 30) would say 0.5
+    rate = model_correct_rate([True] * 30 + [False] * 70 + [None] * 5)
+    assert rate["rate"] == 0.3 and rate["n"] == 100
+    assert rate["ci95"][0] < 0.3 < rate["ci95"][1]
+
+
+def test_fit_task_balances_skips_and_names_the_rows_it_fit_on():
+    x, y = planted(300, seed=4)
+    rows = {f"s{i}": {c: int(v) for c, v in x.iloc[i].items()} for i in range(len(x))}
+    labels = pd.Series({f"s{i}": bool(v) for i, v in enumerate(y)})
+    tf = fit_task(labels, rows, list(x.columns), CFG, min_rows=20)
+    minority = int(min(labels.sum(), (~labels).sum()))
+    assert tf.result["n_balanced"] == 2 * minority == len(tf.train_ids)
+    assert labels.loc[tf.train_ids].mean() == 0.5
+    assert set(list(tf.importance.index[:2])) == {"L1H2", "L3H0"}
+    few = fit_task(labels.iloc[:12], rows, list(x.columns), CFG, min_rows=20)
+    assert few.model is None and "balanced rows < 20" in few.result["skipped"]
+    one = fit_task(labels[labels], rows, list(x.columns), CFG)
+    assert one.model is None and one.result["skipped"] == "one label only"

@@ -1,0 +1,36 @@
+"""Proportions and their confidence intervals: every accuracy and rate apmae reports.
+
+An accuracy over n predictions is a binomial proportion, so its interval is the Wilson score
+interval: it stays inside [0, 1] (a t-interval over fold means does not: four folds at
+1, 1, 1, 0.5 give 0.875 +- 0.40), it is not degenerate at 0 or n successes, and it is
+computed over the pooled predictions (every sample counted once), not over fold means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """(low, high) Wilson score interval of ``successes / n``; (0, 1) when n is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes} outside 0..{n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # clamp rounding only: the interval is inside [0, 1] by construction
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(flags: Iterable[bool]) -> dict:
+    """{"rate", "n", "successes", "ci95": [low, high]} of a sequence of booleans (Wilson 95%)."""
+    values = [bool(f) for f in flags]
+    k, n = sum(values), len(values)
+    lo, hi = wilson_interval(k, n)
+    return {"rate": k / n if n else None, "n": n, "successes": k, "ci95": [lo, hi]}
