@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import tarfile
 import zipfile
 from collections import Counter
@@ -70,19 +72,50 @@ def _record(text: str, source: str, path: str, stats: CorpusStats, **kw) -> Sour
     return SourceFile(content_id(text), source, path, text, **kw)
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every entry below ``root`` in a stable order; symlinked directories are not entered
+    (a link to / or a cycle would make the walk unbounded)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+            yield Path(dirpath) / name
+
+
+def read_regular_file(path: Path, root: Path, limit: int) -> bytes | str:
+    """At most ``limit`` + 1 bytes of ``path``, or the reason it is skipped.
+
+    Only regular files inside ``root`` (its resolved form) are read: a symlink to /dev/zero
+    was read until memory ran out, one to any readable file leaked it into the corpus, and
+    opening a FIFO blocked forever. The type is checked on the opened descriptor (no window
+    between check and read), and O_NONBLOCK makes opening a FIFO return at once."""
+    if path.is_symlink() and not path.resolve().is_relative_to(root):
+        return "symlink out of the corpus root"
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not a regular file"
+        if os.fstat(fd).st_size > limit:
+            return "oversized"
+        raw = f.read(limit + 1)  # a file growing while it is read stays bounded too
+    return "oversized" if len(raw) > limit else raw
+
+
 def read_directory(root: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
-    for path in sorted(p for p in Path(root).rglob("*") if p.suffix in limits.suffixes):
+    real = Path(root).resolve()
+    for path in _walk(real):
+        if path.suffix not in limits.suffixes:
+            continue
         try:
-            if path.stat().st_size > limits.max_file_bytes:
-                stats.skipped["oversized"] += 1
-                continue
-            raw = path.read_bytes()
+            raw = read_regular_file(path, real, limits.max_file_bytes)
         except OSError:
             stats.skipped["unreadable"] += 1
             continue
+        if isinstance(raw, str):
+            stats.skipped[raw] += 1
+            continue
         text = _decode(raw, stats)
         if text is not None:
-            yield _record(text, str(root), str(path.relative_to(root)), stats)
+            yield _record(text, str(root), str(path.relative_to(real)), stats)
 
 
 def _read_members(archive: Path, members: Iterator[tuple[str, int, Callable[[], IO[bytes] | None]]],
@@ -163,10 +196,27 @@ def read_parquet(path: Path, stats: CorpusStats, limits: Limits = Limits(),
                               license=row.get("repo_license"), repo=row.get("repo_name"))
 
 
+def _lines(f: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """The lines of ``f``, each read at most ``limit`` + 1 bytes at a time: a line longer than
+    ``limit`` is skipped in bounded chunks and yielded as None (one 10 GB line must not be
+    read into memory to find out it is too long)."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) <= limit:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = f.readline(1 << 20)
+        yield None
+
+
 def read_jsonl(path: Path, stats: CorpusStats, limits: Limits = Limits()) -> Iterator[SourceFile]:
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if len(line) > 4 * limits.max_file_bytes:
+        # JSON escapes can make a line up to ~4x the source it carries (e.g. "\u00e9" for é)
+        for lineno, line in enumerate(_lines(f, 4 * limits.max_file_bytes), 1):
+            if line is None:
                 stats.skipped["oversized"] += 1
                 continue
             try:
@@ -174,7 +224,12 @@ def read_jsonl(path: Path, stats: CorpusStats, limits: Limits = Limits()) -> Ite
                 text = obj["content"]
                 if not isinstance(text, str):
                     raise TypeError("content is not a string")
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                if not all(isinstance(obj.get(k), str | None) for k in ("path", "license", "repo")):
+                    raise TypeError("path, license and repo must be strings")
+            except RecursionError:  # a line nested deeper than the parser's stack
+                stats.skipped["json nested too deeply"] += 1
+                continue
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # ValueError: not JSON, a 5000-digit int
                 stats.skipped["malformed json line"] += 1
                 continue
             if len(text.encode("utf-8")) > limits.max_file_bytes:
@@ -205,6 +260,8 @@ def _guarded(path: str | Path, files: Iterator[SourceFile]) -> Iterator[SourceFi
 
 def _reader(path: str | Path, stats: CorpusStats, limits: Limits, drop_duplicates_of: str) -> Iterator[SourceFile]:
     p = Path(path)
+    if p.exists() and not (p.is_dir() or p.is_file()):  # a FIFO or a device would block or never end
+        raise ValueError(f"{path}: not a regular file or directory")
     if p.is_dir():
         if any(p.glob("*.parquet")):
             return read_parquet(p, stats, limits, drop_duplicates_of)
