@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -43,39 +42,85 @@ OFFSETS_RESET = Counter(
     "(topic recreated, e.g. the in-memory broker restarted)", ["service", "topic"],
 )
 
-_last_lag: dict[str, float] = {}
+GROUP_LAG = Gauge("apmae_consumer_group_lag_messages", "End offset minus position, per consumer group",
+                  ["group", "topic"])
+BUILD_INFO = Gauge("apmae_build_info", "Always 1; the labels say which build runs", ["version", "python", "commit"])
 
 
-def update_lag(service: str, consumer: Any, bus: Any, every_s: float = 5.0) -> None:
-    """Refresh the lag gauge at most every ``every_s`` seconds (end_offsets is a round trip)."""
-    now = time.monotonic()
-    if now - _last_lag.get(service, 0.0) < every_s:
-        return
-    _last_lag[service] = now
+def _build_info() -> None:
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        tps = list(consumer.assignment())
-        if not tps:
-            return
-        from services.bus import true_end_offsets
+        ver = version("apmae")
+    except PackageNotFoundError:
+        ver = "unknown"
+    BUILD_INFO.labels(ver, platform.python_version(), os.environ.get("APMAE_GIT_COMMIT", "unknown")).set(1)
 
-        ends = true_end_offsets(bus, tps)
-        prefix = bus.cfg.topic_prefix
-        per_topic: dict[str, int] = {}
-        for tp in tps:
-            pos = consumer.position(tp)
-            lag = ends[tp] - pos
-            name = tp.topic.removeprefix(prefix)
-            if lag < 0:  # the topic is shorter than our position: it was recreated
-                OFFSETS_RESET.labels(service, name).inc()
-                log.error("%s: position %d is past the end %d of %s: topic recreated (broker "
-                          "restarted?); reading from its beginning", service, pos, ends[tp], tp)
-                consumer.seek_to_beginning(tp)
-                lag = ends[tp]
-            per_topic[name] = per_topic.get(name, 0) + lag
-        for name, lag in per_topic.items():
-            CONSUMER_LAG.labels(service, name).set(lag)
-    except Exception as e:  # metrics must never break the loop
-        log.debug("lag update failed: %s", e)
+
+_build_info()
+
+
+class HeadSeries:
+    """Per-head series (label sets ending in ``model, layer, head``), bounded.
+
+    At most ``limit`` heads export series (0: none, opt-in); when a new head would exceed the
+    limit, the head updated longest ago loses its series. ``forget`` removes the series of
+    heads whose partition this process no longer owns (after a rebalance), so two owners never
+    export conflicting values for one head.
+    """
+
+    def __init__(self, *metrics: Any, limit: int = 100):
+        self.metrics = metrics
+        self.limit = limit
+        self._heads: dict[tuple[str, str, str], None] = {}  # insertion order = least recently used first
+        self._lock = threading.Lock()
+
+    def admit(self, model: str, layer: Any, head: Any) -> bool:
+        """True when this head may export series now (it becomes the most recently used)."""
+        key = (str(model), str(layer), str(head))
+        with self._lock:
+            if self.limit <= 0:
+                return False
+            if key in self._heads:
+                self._heads.pop(key)
+            elif len(self._heads) >= self.limit:
+                self._remove(next(iter(self._heads)))
+            self._heads[key] = None
+            return True
+
+    def _remove(self, key: tuple[str, str, str]) -> None:
+        self._heads.pop(key, None)
+        for m in self.metrics:
+            try:
+                m.remove(*key)
+            except KeyError:
+                pass
+
+    def forget(self, keep: Callable[[tuple[str, str, str]], bool]) -> int:
+        """Drop every head for which ``keep(key)`` is false; returns how many."""
+        with self._lock:
+            gone = [k for k in self._heads if not keep(k)]
+            for k in gone:
+                self._remove(k)
+            return len(gone)
+
+    def heads(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return list(self._heads)
+
+
+NATIVE_CRC32C = Gauge("apmae_kafka_native_crc32c", "1 when kafka-python checksums record batches in C "
+                      "(the crc32c extension); 0 means pure Python at ~6.5 MB/s")
+
+
+def check_native_crc32c(service: str, native: bool) -> None:
+    """Export whether the Kafka client checksums natively; warn once, clearly, where it does not."""
+    NATIVE_CRC32C.set(1 if native else 0)
+    if not native:
+        log.warning("%s: kafka-python is checksumming record batches in pure Python (~6.5 MB/s for the "
+                    "whole service): install the crc32c package (pip install 'crc32c==2.*')", service)
 
 
 class _Handler(BaseHTTPRequestHandler):

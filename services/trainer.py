@@ -46,8 +46,7 @@ from apmae.mae import APMAE, save, variant
 from apmae.messages import InvalidMessage, decode, stable_id
 from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord, PatternRecord
 from apmae.train import NonFiniteLoss, Schedule, make_optimizer, scaled_lr, train_step
-from services import metrics
-from services.bus import Bus, Output
+from services.bus import Bus, LagProbe, Output
 from services.registry import sha256_file
 
 log = logging.getLogger("apmae.trainer")
@@ -114,6 +113,7 @@ class Trainer:
                 self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                 torch.cuda.set_device(self.device)
         self.bus = Bus(cfg, f"trainer-{self.rank}" if self.world > 1 else "trainer")
+        self.lag = LagProbe(self.bus, self.bus.service, cfg.group)
         torch.manual_seed(cfg.seed)
         self.model = APMAE(variant(cfg.variant, pattern_size=cfg.pattern_size, patch_size=cfg.patch_size,
                                    mask_ratio=cfg.mask_ratio, log_scale=cfg.log_scale)).to(self.device)
@@ -260,6 +260,15 @@ class Trainer:
             self.offsets[item.tp.partition] = item.offset + 1
         return batch
 
+    def observe_lag(self) -> None:
+        """Hand this rank's next offsets to the lag probe (its own thread), every 5 s."""
+        now = time.monotonic()
+        if now < getattr(self, "_lag_due", 0.0):
+            return
+        self._lag_due = now + 5.0
+        topic = self.bus.name(PATTERNS_TRAIN)
+        self.lag.observe({TopicPartition(topic, p): o for p, o in self.offsets.items()})
+
     # -- the loop -------------------------------------------------------------------------
     def all_ready(self, ready: bool) -> bool:
         if self.world == 1:
@@ -295,11 +304,12 @@ class Trainer:
             PATTERNS_TRAINED.labels(self.cfg.name).inc(len(good))
             if self.step % self.cfg.checkpoint_every == 0:
                 self.checkpoint()
-            metrics.update_lag(self.bus.service, self.consumer, self.bus)
+            self.observe_lag()
         bar.close()
         if self.step % self.cfg.checkpoint_every != 0:
             self.checkpoint()
         seconds = time.perf_counter() - t_start
+        self.lag.close()
         self.consumer.close(autocommit=False)
         self.bus.close()
         return {"step": self.step, "patterns": trained, "seconds": seconds, "patterns_per_s": trained / max(seconds, 1e-9),

@@ -1,0 +1,319 @@
+"""The at-least-once processing loop every consuming service runs.
+
+It follows the stream-processor recipe (Quix Streams, Bytewax)::
+
+    poll a batch -> decode (failures -> dead letters) -> drop inputs already done
+      -> handle -> produce outputs -> flush -> mark inputs done -> commit offsets
+
+Offsets are committed only after every output of the batch is acknowledged by the broker.
+If the flush or the handler fails with a retryable error, nothing is committed and the
+consumer seeks back, so this (or the next) owner of the partition reprocesses the batch.
+Outputs carry deterministic ids; the "done" marks (Redis, keyed by consumer group and input
+id) let a re-delivered input be skipped when its outputs were already flushed, which closes
+the usual duplicate window of at-least-once delivery to the instant between a flush and its
+mark. Any message that cannot be decoded or whose processing raises goes to the dead-letter
+topic with the reason and its original bytes; the service keeps running.
+
+Per-message work here is kept to the decode itself: payloads stay views of the fetched
+bytes, metrics are counted per batch, duplicates are looked up in one Redis round trip per
+batch, and consumer lag is measured on another thread (:class:`~services.bus.offsets.LagProbe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from apmae.messages import Record, decode
+from apmae.topics import Topic
+from services import metrics
+from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output
+from services.bus.done import DoneStore
+from services.bus.offsets import LagProbe
+
+log = logging.getLogger("apmae.bus")
+
+Handler = Callable[[list[Message]], Iterable[Output | DeadLetter]]
+
+
+@dataclass
+class Processor:
+    """Consume ``inputs`` as ``group``, run ``handler`` on batches, produce, flush, commit.
+
+    ``handler`` receives decoded messages and yields Outputs (and DeadLetters for inputs it
+    rejects). If it raises on a batch, each message is retried on its own so one poison
+    message is dead-lettered without taking its neighbours with it.
+    """
+
+    bus: Bus
+    group: str
+    inputs: Sequence[Topic]
+    handler: Handler
+    done: DoneStore | None = None
+    batch_size: int = 64
+    poll_timeout_ms: int = 500
+    flush_every: int = 256
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    on_commit: Callable[[dict[TopicPartition, int]], None] | None = None
+    # state changes that must follow, never precede, the batch's outputs being durable
+    on_flushed: Callable[[], None] | None = None
+    consumer: KafkaConsumer | None = None
+    processed: int = 0
+    lag_every_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        svc = self.bus.service
+        for t in self.inputs:  # dead-letter and lag series exist (at 0) from the start
+            metrics.DEADLETTERS.labels(svc, t.name)
+            metrics.CONSUMER_LAG.labels(svc, t.name)
+        self._committed: dict[TopicPartition, int] = {}  # what this process committed last
+        self._assigned_now: list[TopicPartition] = []
+        self._in = {t.name: metrics.MESSAGES_IN.labels(svc, t.name) for t in self.inputs}
+        self._duplicates = metrics.DUPLICATES_SKIPPED.labels(svc)
+        self._publish_s = metrics.PUBLISH_SECONDS.labels(svc)
+        self._processing_s = metrics.PROCESSING_SECONDS.labels(svc)
+        self._lag = LagProbe(self.bus, svc, self.group, self.lag_every_s)
+        self._lag_due = 0.0
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self._assigned_now = list(assigned)  # checked after poll returns (the client forbids calls from here)
+
+    def _check_vanished_offsets(self) -> None:
+        """Say so when offsets this process committed are gone: the broker lost its state
+        (the embedded one keeps topics in memory). Consumption then restarts from the
+        beginning of what the broker holds now; done marks drop anything seen before."""
+        assigned, self._assigned_now = self._assigned_now, []
+        for tp in assigned:
+            if tp in self._committed and self.consumer.committed(tp) is None:
+                name = self.bus.logical(tp.topic).name
+                metrics.OFFSETS_RESET.labels(self.bus.service, name).inc()
+                log.error("%s: the committed offset %d of %s vanished: broker restarted and lost its topics? "
+                          "reading %s from its beginning", self.bus.service, self._committed[tp], tp, tp.topic)
+                del self._committed[tp]
+
+    def heartbeat(self) -> None:
+        """Keep group membership alive during a long batch (call between chunks of work).
+
+        kafka-python leaves the group when poll() is not called within max_poll_interval_ms,
+        which must stay short on the embedded broker. Polling with every partition paused
+        fetches nothing and counts as a poll. A rebalance that happens here makes the later
+        commit fail: the batch is then retried by the new owner and the done marks drop it.
+        """
+        if self.consumer is None:
+            return
+        parts = self.consumer.assignment()
+        self.consumer.pause(*parts)
+        try:
+            self.consumer.poll(timeout_ms=0)
+        finally:
+            self.consumer.resume(*[p for p in parts if p in self.consumer.assignment()])
+
+    def keepalive(self, fn: Callable[[], Any], every_s: float = 1.0) -> Any:
+        """Run one long, uninterruptible piece of work (a UMAP fit, a model forward) in a
+        thread while this thread keeps the group membership alive; returns its result or
+        re-raises its error."""
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["out"] = fn()
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller below
+                box["err"] = e
+
+        t = threading.Thread(target=work, name="keepalive-work", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(every_s)
+            self.heartbeat()
+        if "err" in box:
+            raise box["err"]
+        return box.get("out")
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT finish the current batch, commit, and exit the loop."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+
+    def _decode(self, raw: Any) -> Message | DeadLetter:
+        t = self.bus.logical(raw.topic)
+        value = raw.value or b""
+        try:
+            rec = decode(value, t.record, self.bus.cfg.max_message_bytes)
+        except Exception as e:  # noqa: BLE001 - whatever a message does to the decoder, it is that message's fault
+            msg = Message(raw.topic, raw.partition, raw.offset, raw.timestamp, raw.key, value,
+                          Record(id=f"{raw.topic}:{raw.partition}:{raw.offset}"))
+            return DeadLetter(msg, f"invalid {t.record.SCHEMA}: {type(e).__name__}: {str(e)[:1000]}")
+        return Message(raw.topic, raw.partition, raw.offset, raw.timestamp, raw.key, value, rec)
+
+    def _handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        try:
+            return list(self.handler(msgs))
+        except TRANSIENT:
+            raise
+        except Exception:  # isolate the poison message
+            if len(msgs) == 1:
+                return [DeadLetter(msgs[0], "processing failed: " + traceback.format_exc(limit=3)[-1500:])]
+            out: list[Output | DeadLetter] = []
+            for m in msgs:
+                out.extend(self._handle([m]))
+            return out
+
+    def process_batch(self, raws: list[Any]) -> int:
+        """One turn of the loop over already-polled raw records; returns messages handled."""
+        t0 = time.perf_counter()
+        msgs: list[Message] = []
+        verdicts: list[Output | DeadLetter] = []
+        for r in raws:
+            d = self._decode(r)
+            (msgs if isinstance(d, Message) else verdicts).append(d)
+        # An input re-sent within one batch (a producer retry) is handled once, like one
+        # re-sent across batches: the first copy counts, the rest are duplicates.
+        first: dict[str, Message] = {}
+        for m in msgs:
+            first.setdefault(f"{m.topic}:{m.record.id}", m)
+        already = self.done.seen(list(first)) if self.done else set()
+        fresh = [m for i, m in first.items() if i not in already]
+        if len(fresh) < len(msgs):
+            self._duplicates.inc(len(msgs) - len(fresh))
+        if fresh:
+            verdicts.extend(self._handle(fresh))
+        t_pub = time.perf_counter()
+        for i, v in enumerate(verdicts, 1):
+            if isinstance(v, DeadLetter):
+                m = v.message
+                self.bus.dead_letter(m.topic, m.partition, m.offset, m.value, v.reason)
+            else:
+                self.bus.send(v)
+            if i % self.flush_every == 0:  # a big batch (all heads of many samples) takes a while
+                self.bus.flush()
+                self.heartbeat()
+        self.bus.flush()  # raises on failure: no mark, no commit
+        if self.on_flushed:
+            self.on_flushed()
+        self._publish_s.inc(time.perf_counter() - t_pub)
+        if self.done:
+            self.done.mark([f"{m.topic}:{m.record.id}" for m in fresh])
+        for topic, n in Counter(r.topic for r in raws).items():
+            self._in[self.bus.logical(topic).name].inc(n)
+        self._processing_s.observe(time.perf_counter() - t0)
+        return len(raws)
+
+    def _commit(self, raws: list[Any]) -> None:
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in raws:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp not in offsets or offsets[tp].offset <= r.offset:
+                offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+        self.consumer.commit(offsets)
+        self._committed.update({tp: om.offset for tp, om in offsets.items()})
+        if self.on_commit:
+            self.on_commit({tp: om.offset for tp, om in offsets.items()})
+
+    def _rewind(self, raws: list[Any]) -> None:
+        first: dict[TopicPartition, int] = {}
+        for r in raws:
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        assigned = self.consumer.assignment()
+        for tp, off in first.items():
+            if tp in assigned:  # a revoked partition restarts at its committed offset with its new owner
+                self.consumer.seek(tp, off)
+
+    def _observe_lag(self) -> None:
+        """Hand this consumer's positions to the lag probe, at most every ``lag_every_s``."""
+        now = time.monotonic()
+        if now < self._lag_due:
+            return
+        self._lag_due = now + self.lag_every_s
+        positions = {}
+        for tp in self.consumer.assignment():
+            pos = self._committed.get(tp)
+            if pos is None:
+                try:
+                    pos = self.consumer.position(tp, timeout_ms=0)
+                except Exception:  # noqa: BLE001 - not known yet: skip it this time
+                    pos = None
+            if pos is not None:
+                positions[tp] = pos
+        if positions:
+            self._lag.observe(positions)
+
+    def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None,
+            progress: Callable[[int], Any] | None = None) -> int:
+        """Loop until stopped, ``max_messages`` handled, or nothing arrived for ``idle_timeout_s``.
+
+        ``progress(n)`` is called with each committed batch's size (a progress bar's update)."""
+        self.consumer = self.consumer or self.bus.consumer(self.group, self.inputs, listener=_OffsetsWatch(self))
+        svc = self.bus.service
+        last_data = time.monotonic()
+        backoff = 0.5
+        try:
+            while not self.stop_event.is_set():
+                if max_messages is not None and self.processed >= max_messages:
+                    break
+                limit = self.batch_size
+                if max_messages is not None:
+                    limit = min(limit, max_messages - self.processed)
+                try:
+                    polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=limit)
+                    if self._assigned_now:
+                        self._check_vanished_offsets()
+                except TRANSIENT as e:  # the broker is away: keep the process, wait, poll again
+                    metrics.ERRORS.labels(svc, type(e).__name__).inc()
+                    log.error("poll failed, will retry: %s", e)
+                    self.stop_event.wait(backoff)
+                    backoff = min(backoff * 2, 30)
+                    continue
+                raws = [r for part in polled.values() for r in part]
+                if not raws:
+                    if idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
+                        break
+                    continue
+                last_data = time.monotonic()
+                try:
+                    self.process_batch(raws)
+                    self._commit(raws)
+                    self.processed += len(raws)
+                    backoff = 0.5
+                    if progress:
+                        progress(len(raws))
+                except TRANSIENT as e:
+                    metrics.ERRORS.labels(svc, type(e).__name__).inc()
+                    log.error("batch failed, not committed, will retry: %s", e)
+                    if isinstance(e, KafkaError):  # a restarted broker may have lost the topics
+                        try:
+                            self.bus.ensure_topics()
+                        except Exception as again:  # noqa: BLE001 - still down: the retry loop waits
+                            log.debug("ensure_topics failed: %s", again)
+                    self._rewind(raws)
+                    self.stop_event.wait(backoff)
+                    backoff = min(backoff * 2, 30)
+                self._observe_lag()
+        finally:
+            self._lag.close()
+            self.bus.flush()
+            self.consumer.close(autocommit=False)
+            self.consumer = None
+        return self.processed
+
+
+class _OffsetsWatch(ConsumerRebalanceListener):
+    def __init__(self, processor: Processor):
+        self.processor = processor
+
+    def on_partitions_revoked(self, revoked) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.processor.on_partitions_assigned(assigned)
