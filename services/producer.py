@@ -4,9 +4,10 @@ For each file record: mine the tasks (tree-sitter), build exact 256-token inputs
 target model in batches with attention capture, label each prediction, and publish
 
 * ``samples``: one SampleRecord per prediction (task, target, prediction, correct, ...);
-* ``patterns.train``: for correct random-task predictions, a fresh random 25% of the heads
-  of every layer (AP-MAE training data);
-* ``patterns.mine``: for every task, all heads (or the configured subset), balanced between
+* ``patterns.train``: for correct random-task predictions of AP-MAE's training split, a fresh
+  random 25% of the heads of every layer (AP-MAE training data);
+* ``patterns.mine``: for every task, samples outside that split (:mod:`apmae.split`: a
+  sample that trains AP-MAE is never mined), all heads (or the configured subset), balanced between
   correct and incorrect per task by a Redis-backed admission set (idempotent on retries),
   up to ``mine_per_task`` samples per task and model.
 
@@ -26,21 +27,25 @@ import redis
 import torch
 from prometheus_client import Counter
 
-from apmae.codec import encode_many
+from apmae.codec import encode_many, tril_indices
 from apmae.config import BusConfig, setting
 from apmae.inputs import InputBuilder, ModelInput, Rejected, Sentinels
 from apmae.messages import stable_id
+from apmae.split import Split, heads_to_capture, route, training_heads, trains_apmae
 from apmae.target import LOCAL_DEFAULT, BatchResult, TargetModel, default_prompt_mode, is_correct
 from apmae.tasks import mine_spans, sample_spans
 from apmae.topics import (
+    DEADLETTER,
     FILES,
     PATTERNS_MINE,
     PATTERNS_TRAIN,
     SAMPLES,
+    DeadLetterRecord,
     PatternRecord,
     SampleRecord,
     head_key,
 )
+from services import metrics
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor
 
 log = logging.getLogger("apmae.producer")
@@ -80,6 +85,8 @@ class ProducerConfig(BusConfig):
     random_per_file: int = setting(2, "Random-span (3-10 token) inputs per file")
     noise_every: int = setting(8, "One noise-task input every N files (0 = none)")
     train_fraction: float = setting(0.25, "Share of heads per layer kept for training patterns")
+    train_share: float = setting(0.75, "Share of random-task samples that train AP-MAE (never mined; apmae.split)")
+    held_out_files: float = setting(0.0, "Share of files (by id) none of whose samples train AP-MAE")
     mine_per_task: int = setting(10_000, "Mining samples per task and model (balanced correct/incorrect)")
     balance_slack: int = setting(8, "How far one label may run ahead of the other while mining")
     mine_layers: str = setting("", "Layers to mine, e.g. '0,4,8' or '0-29' (default: all)")
@@ -93,6 +100,10 @@ class ProducerConfig(BusConfig):
     @property
     def model_cache(self) -> Path:
         return self.state_dir / "models"
+
+    @property
+    def split(self) -> Split:
+        return Split(self.train_share, self.held_out_files, self.train_fraction, self.seed)
 
     def input_builder(self, tokenizer) -> InputBuilder:
         """The 256-token input builder for this target model's tokenizer (fim when it has the sentinels)."""
@@ -183,16 +194,11 @@ class Producer:
 
     # -- the processing turn --------------------------------------------------------------
     def heads_to_capture(self, jobs: list[Job], full: dict[str, bool], gen: torch.Generator) -> dict[int, torch.Tensor]:
-        """layer -> (B, k): all mined heads if any job may be mined, else a 25% subset for training."""
-        b = len(jobs)
-        if any(not full[j.x.task] for j in jobs):
-            return {layer: torch.arange(self.lm.n_heads).expand(b, -1) for layer in range(self.lm.n_layers)}
-        from apmae.capture import random_heads
-
-        if any(j.x.task == "random" for j in jobs):
-            return {layer: torch.stack([random_heads(self.lm.n_heads, self.cfg.train_fraction, gen) for _ in jobs])
-                    for layer in range(self.lm.n_layers)}
-        return {}
+        """layer -> (B, k) heads to capture (:func:`apmae.split.heads_to_capture`)."""
+        split = self.cfg.split
+        train = [trains_apmae(j.x.task, j.sample_id, j.file_id, split) for j in jobs]
+        mine = [not t and not full[j.x.task] for t, j in zip(train, jobs, strict=True)]
+        return heads_to_capture(train, mine, self.lm.n_layers, self.lm.n_heads, split, gen)
 
     def outputs_for(self, jobs: list[Job], res: BatchResult) -> list[Output]:
         outs: list[Output] = []
@@ -215,18 +221,17 @@ class Producer:
             if not res.patterns:
                 continue
             captured_all = next(iter(res.heads.values())).shape[1] == self.lm.n_heads
-            if x.task == "random" and correct:
+            to = route(x.task, correct, job.sample_id, job.file_id, self.cfg.split)  # train xor mine, by sample
+            if to.train:
                 gen = torch.Generator().manual_seed(int(job.sample_id[:12], 16))
-                from apmae.capture import random_heads
-
                 for layer in range(self.lm.n_layers):
                     if captured_all:
-                        heads = random_heads(self.lm.n_heads, self.cfg.train_fraction, gen)
+                        heads = training_heads(self.lm.n_heads, self.cfg.split, gen)
                         probs = res.patterns[layer][i, heads]
                     else:
                         heads, probs = res.heads[layer][i], res.patterns[layer][i]
                     outs += self._patterns(PATTERNS_TRAIN, "train", job, x, correct, layer, heads.tolist(), probs)
-            if captured_all and self.admit(job.sample_id, x.task, correct):
+            if to.mine and captured_all and self.admit(job.sample_id, x.task, correct):
                 for layer in self.mine_layers:
                     probs = res.patterns[layer][i, self.mine_heads]
                     outs += self._patterns(PATTERNS_MINE, "mine", job, x, correct, layer, self.mine_heads, probs)
@@ -237,10 +242,10 @@ class Producer:
                   probs: torch.Tensor) -> list[Output]:
         payloads, reasons = encode_many(probs, self.cfg.pattern_dtype)
         outs = []
-        for h, payload, reason in zip(heads, payloads, reasons, strict=True):
+        for j, (h, payload, reason) in enumerate(zip(heads, payloads, reasons, strict=True)):
             pid = f"{job.sample_id}:{kind[0]}:{layer}:{h}"
             if payload is None:  # NaN/Inf: never enters the pipeline, kept as a dead letter
-                self.bus.dead_letter(self.bus.name(topic), -1, -1, probs.numpy().tobytes(), f"{pid}: {reason}")
+                outs.append(self._dead_pattern(topic, pid, probs[j], reason))
                 continue
             rec = PatternRecord(id=pid, sample_id=job.sample_id, model=self.lm.name, task=x.task, layer=layer,
                                 head=h, correct=correct, size=self.cfg.length, dtype=self.cfg.pattern_dtype,
@@ -248,6 +253,20 @@ class Producer:
             outs.append(Output(topic, rec, key=head_key(self.lm.name, layer, h)))
             PATTERNS.labels(self.lm.name, kind).inc()
         return outs
+
+    def _dead_pattern(self, topic, pid: str, probs: torch.Tensor, reason: str) -> Output:
+        """The dead letter of one non-finite head: its own id (from the pattern id, so a retry
+        repeats it rather than adding one), small (that head's lower triangle as bfloat16,
+        NaN/Inf kept: 64 KiB at 256 tokens, where the whole layer was over the size limit), and
+        converted on the tensor's device (a CUDA tensor has no ``.numpy()``). Published with
+        the batch's outputs, so it is flushed before the input is committed."""
+        rows, cols = (torch.from_numpy(i).to(probs.device) for i in tril_indices(probs.shape[-1]))
+        payload = probs[rows, cols].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+        metrics.DEADLETTERS.labels(self.bus.service, topic.name).inc()
+        log.warning("dead letter for pattern %s: %s", pid, reason)
+        rec = DeadLetterRecord(id=stable_id("dlq", pid), source_topic=self.bus.name(topic), partition=-1, offset=-1,
+                               service=self.bus.service, reason=f"{pid}: {reason}", payload=payload)
+        return Output(DEADLETTER, rec, key=self.bus.name(topic))
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         out: list[Output | DeadLetter] = []

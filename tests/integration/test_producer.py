@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
+import pytest
 import torch
 
 from apmae.codec import decode_pattern
+from apmae.split import trains_apmae
 from apmae.target import TargetModel
 from apmae.topics import FILES, PATTERNS_MINE, PATTERNS_TRAIN, SAMPLES
 from services.bus import Bus, Output, read_range
@@ -53,7 +55,8 @@ def test_producer_publishes_what_a_consumer_decodes(bus_cfg, tiny_model_dir):
 
 def test_training_patterns_are_a_fresh_quarter_of_heads_per_layer(bus_cfg, tiny_model_dir):
     """Force every prediction right (the tiny model is random) to exercise the training path."""
-    prod = make(bus_cfg, tiny_model_dir, mine_per_task=2, random_per_file=6, spans_per_task=0, noise_every=0)
+    prod = make(bus_cfg, tiny_model_dir, mine_per_task=2, random_per_file=8, spans_per_task=0, noise_every=0,
+                train_share=0.5)
     from services.bus import Message
 
     f = java_files(1, "train")[0]
@@ -67,13 +70,49 @@ def test_training_patterns_are_a_fresh_quarter_of_heads_per_layer(bus_cfg, tiny_
     by_sample: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for r in train:
         by_sample[r.sample_id][r.layer].append(r.head)
-    assert len(by_sample) == len(jobs) == 6
+    # the training split is by sample, decided from ids (apmae.split): only its samples train
+    in_split = {j.sample_id for j in jobs if trains_apmae("random", j.sample_id, j.file_id, prod.cfg.split)}
+    assert set(by_sample) == in_split and 0 < len(in_split) < len(jobs) == 8
     for layers in by_sample.values():
         assert sorted(layers) == [0, 1] and all(len(h) == 1 for h in layers.values())  # 25% of 4 heads
     subsets = {tuple(tuple(v) for _, v in sorted(layers.items())) for layers in by_sample.values()}
     assert len(subsets) > 1  # fresh per sample, not one fixed choice
     mined = {o.record.sample_id for o in outs if o.topic is PATTERNS_MINE}
     assert len(mined) == 1  # mine_per_task=2 -> one correct slot; the balance holds the rest back
+    assert not mined & set(by_sample)  # a sample that trains AP-MAE is never mined (it was: label leak)
     # deterministic: the same inputs give the same ids
     again = prod.outputs_for(jobs, res)
     assert [o.record.id for o in again if o.topic is PATTERNS_TRAIN] == [r.id for r in train]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_non_finite_heads_are_one_small_dead_letter_each(bus_cfg, tiny_model_dir, device):
+    """Two bad heads in one layer: two dead letters (not one carrying the whole layer), with
+    distinct ids, each that head's lower triangle; the layer's good heads still published.
+    On CUDA too: the dead letter is built without calling .numpy() on a device tensor."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from apmae.topics import DEADLETTER
+    from services.bus import Message
+
+    prod = make(bus_cfg, tiny_model_dir, mine_per_task=1000, balance_slack=1000, noise_every=0)
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    f = java_files(1, "nan")[0]
+    jobs = [j for j in prod.jobs_for(Message("files", 0, 0, 0, None, b"", f)) if j.x.task != "random"][:1]
+    res = prod.lm.run([j.x for j in jobs], prod.heads_to_capture(jobs, {jobs[0].x.task: False},
+                                                                  torch.Generator().manual_seed(0)))
+    res.patterns = {k: v.to(device) for k, v in res.patterns.items()}
+    res.patterns[1][0, 1, 5, 2] = float("nan")
+    res.patterns[1][0, 3, 9, 0] = float("inf")
+    outs = prod.outputs_for(jobs, res)
+    for o in outs:
+        prod.bus.send(o)
+    prod.bus.flush()
+    dead = [m.record for m in read_range(bus, DEADLETTER)]
+    sid = jobs[0].sample_id
+    assert sorted(d.reason.split(": ")[0] for d in dead) == [f"{sid}:m:1:1", f"{sid}:m:1:3"]
+    assert len({d.id for d in dead}) == 2
+    assert all(len(d.payload) == 256 * 257 // 2 * 2 for d in dead)  # one head's lower triangle, bfloat16
+    mined = {o.record.id for o in outs if o.topic is PATTERNS_MINE}
+    assert mined == {f"{sid}:m:{layer}:{h}" for layer in range(2) for h in range(4)} - {f"{sid}:m:1:1", f"{sid}:m:1:3"}
