@@ -2,6 +2,10 @@
 
 Every loss here uses fixed masks (a seeded generator), so two checkpoints, or a checkpoint
 and the baseline, are scored on exactly the same masked patches.
+
+The unit of an evaluation is the sample, not the pattern: the heads of one sample share its
+input and are not independent, so ``n`` counts samples, an evaluation's size limit picks
+samples (:class:`SampleSelection`), and the interval of a mean loss resamples samples.
 """
 
 from __future__ import annotations
@@ -51,13 +55,95 @@ def mean_patch_losses(model: APMAE, train: torch.Tensor, patterns: torch.Tensor,
     return torch.cat(out)
 
 
-def summary(losses: torch.Tensor) -> dict[str, float]:
-    return {"mean": float(losses.mean()), "std": float(losses.std()) if len(losses) > 1 else 0.0, "n": len(losses)}
+class SampleSelection:
+    """Which patterns an evaluation uses, bounded whatever order they arrive in.
+
+    Per target model, the ``limit`` samples with the smallest hash of their id (0 = every
+    sample), and per sample the ``per_sample`` patterns with the smallest hash of their id
+    (0 = every head): an unbiased draw of samples and of heads, not "the first N patterns"
+    (which were every head of a handful of samples). Memory is bounded by the selection.
+    """
+
+    def __init__(self, limit: int = 0, per_sample: int = 0, seed: int = 0):
+        self.limit, self.per_sample, self.seed = limit, per_sample, seed
+        self.chosen: dict[str, dict[str, list]] = {}  # model -> sample -> [(hash, pattern id, item)]
+        self.sample_hash: dict[str, float] = {}
+
+    def _h(self, *parts: object) -> float:
+        from apmae.split import unit
+
+        return unit("eval", self.seed, *parts)
+
+    def wants(self, model: str, sample_id: str, pattern_id: str) -> bool:
+        """Would :meth:`offer` keep this pattern now? (decode only the ones it would)"""
+        chosen = self.chosen.get(model, {})
+        if sample_id not in chosen:
+            if self.limit and len(chosen) >= self.limit and self._h(sample_id) >= max(
+                    self.sample_hash[s] for s in chosen):
+                return False
+            return True
+        pats = chosen[sample_id]
+        return not self.per_sample or len(pats) < self.per_sample or self._h(pattern_id) < max(p[0] for p in pats)
+
+    def offer(self, model: str, sample_id: str, pattern_id: str, item) -> None:
+        if not self.wants(model, sample_id, pattern_id):
+            return
+        chosen = self.chosen.setdefault(model, {})
+        if sample_id not in chosen:
+            if self.limit and len(chosen) >= self.limit:  # evict the sample with the largest hash
+                worst = max(chosen, key=self.sample_hash.__getitem__)
+                del chosen[worst]
+            chosen[sample_id] = []
+            self.sample_hash[sample_id] = self._h(sample_id)
+        pats = chosen[sample_id]
+        if self.per_sample and len(pats) >= self.per_sample:
+            pats.remove(max(pats, key=lambda p: p[0]))
+        pats.append((self._h(pattern_id), pattern_id, item))
+
+    def result(self) -> dict[str, tuple[list, list[str]]]:
+        """model -> (items, the sample id of each item), in a stable order."""
+        out = {}
+        for model, chosen in self.chosen.items():
+            items, ids = [], []
+            for sid in sorted(chosen, key=self.sample_hash.__getitem__):
+                for _, _, item in sorted(chosen[sid], key=lambda p: p[:2]):
+                    items.append(item)
+                    ids.append(sid)
+            if items:
+                out[model] = (items, ids)
+        return out
 
 
-def cross_evaluation(models: dict[str, APMAE], sources: dict[str, torch.Tensor], seed: int = 0) -> dict:
-    """Paper Table 2: rows = checkpoints (trained on), columns = pattern sources (evaluated on)."""
-    return {m: {s: summary(reconstruction_losses(model, pats, seed)) for s, pats in sources.items()}
+def summary(losses: torch.Tensor, sample_ids: list[str] | None = None, seed: int = 0,
+            resamples: int = 1000) -> dict:
+    """Mean and std of per-pattern losses; with ``sample_ids``: ``n`` in samples, and a 95%
+    interval of the mean from resampling samples (all of a sample's patterns together)."""
+    out = {"mean": float(losses.mean()), "std": float(losses.std()) if len(losses) > 1 else 0.0,
+           "n": len(losses), "n_patterns": len(losses)}
+    if sample_ids is None:
+        return out
+    groups: dict[str, list[float]] = {}
+    for sid, v in zip(sample_ids, losses.tolist(), strict=True):
+        groups.setdefault(sid, []).append(v)
+    sums = np.array([sum(g) for g in groups.values()])
+    counts = np.array([len(g) for g in groups.values()])
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(sums), size=(resamples, len(sums)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    out.update({"n": len(groups), "n_samples": len(groups),
+                "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+                "ci_method": "bootstrap over samples"})
+    return out
+
+
+def cross_evaluation(models: dict[str, APMAE], sources: dict[str, torch.Tensor], seed: int = 0,
+                     samples: dict[str, list[str]] | None = None) -> dict:
+    """Paper Table 2: rows = checkpoints (trained on), columns = pattern sources (evaluated on).
+
+    ``samples``: per source, the sample id of each pattern (then ``n`` counts samples)."""
+    samples = samples or {}
+    return {m: {s: summary(reconstruction_losses(model, pats, seed), samples.get(s), seed)
+                for s, pats in sources.items()}
             for m, model in models.items()}
 
 
@@ -69,6 +155,10 @@ def format_table(matrix: dict, scale: float = 1e3) -> str:
         cells = "".join(f"{row[c]['mean'] * scale:>13.2f} +- {row[c]['std'] * scale:<7.2f}" if c in row else " " * 24
                         for c in cols)
         lines.append(f"{r[:23]:<24}{cells}")
+    first = next(iter(matrix.values()), {})
+    lines.append("n".ljust(24) + "".join(
+        f"{(str(first[c]['n']) + (' samples' if 'n_samples' in first[c] else ' patterns')):>24}" if c in first
+        else " " * 24 for c in cols))
     lines.append(f"(loss x 1e{int(np.log10(1 / scale))})" if scale != 1 else "")
     return "\n".join(lines)
 

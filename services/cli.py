@@ -260,15 +260,19 @@ def train_cmd(ctx: click.Context) -> None:
               help="AP-MAE checkpoint directory (repeat for a cross-evaluation table)")
 @click.option("--source", default="topic:patterns.mine", show_default=True,
               help="topic:<name> or parquet:<dir or file>")
-@click.option("--limit", type=int, default=2000, show_default=True, help="Patterns to evaluate per target model (0 = all)")
+@click.option("--limit", type=int, default=200, show_default=True,
+              help="Samples to evaluate per target model (0 = all); n in the table counts samples")
+@click.option("--heads-per-sample", type=int, default=5, show_default=True,
+              help="Patterns (heads) per sample, a hash-based draw (0 = every head)")
 @click.option("--figure", type=click.Path(path_type=Path), default=None, help="Write the paper's Figure 1 here")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write the matrix as JSON")
 @config_options(C.BusConfig)
-def eval_cmd(checkpoints, source, limit, figure, json_out, **kw: Any) -> None:
+def eval_cmd(checkpoints, source, limit, heads_per_sample, figure, json_out, **kw: Any) -> None:
     """Reconstruction loss (mean +- std) of checkpoints x target models (paper Table 2)."""
     from services import evaluate
 
-    matrix = evaluate.run(build(C.BusConfig, kw), list(checkpoints), source, limit, figure)
+    matrix = evaluate.run(build(C.BusConfig, kw), list(checkpoints), source, limit, figure,
+                          per_sample=heads_per_sample)
     if json_out:
         Path(json_out).write_text(evaluate.dump(matrix))
 

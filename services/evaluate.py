@@ -1,16 +1,17 @@
 """``apmae eval``: score AP-MAE checkpoints on patterns from a topic, a replay range or Parquet.
 
     apmae eval --checkpoint .apmae/artifacts/trainer/apmae/step-00001000 \\
-               --source topic:patterns.mine --limit 2000 --figure fig1.png
+               --source topic:patterns.mine --limit 200 --heads-per-sample 5 --figure fig1.png
 
 With several ``--checkpoint`` values the output is the paper's Table 2: one row per
 checkpoint, one column per target model found in the patterns (the ``model`` field).
+``--limit`` counts samples (all the heads of one sample are one unit, not independent
+patterns), and ``n`` in the table is in samples (:class:`apmae.evaluate.SampleSelection`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,22 +24,27 @@ from apmae.topics import PatternRecord, topic
 from services.bus import Bus, Message, read_range
 
 
-def load_patterns(cfg: BusConfig, source: str, limit: int = 0, size: int = 256) -> dict[str, torch.Tensor]:
-    """``topic:<name>`` or ``parquet:<dir or file>`` -> {target model: (N, S, S) patterns}.
+def load_patterns(cfg: BusConfig, source: str, limit: int = 0, size: int = 256, per_sample: int = 0,
+                  seed: int = 0) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """``topic:<name>`` or ``parquet:<dir or file>`` -> {target model: ((N, S, S) patterns, sample ids)}.
 
-    ``limit`` is per target model (so a mixed topic gives every model its share); the whole
-    range is read. Undecodable records and NaN/Inf patterns are skipped and counted.
+    ``limit``: samples per target model (0 = all), ``per_sample``: patterns (heads) per
+    sample (0 = all), both an unbiased hash-based draw (:class:`apmae.evaluate.SampleSelection`);
+    the whole range is read. Undecodable records and NaN/Inf patterns are skipped and counted.
     """
+    from apmae.evaluate import SampleSelection
+
     kind, _, where = source.partition(":")
-    by_model: dict[str, list] = defaultdict(list)
+    pick = SampleSelection(limit, per_sample, seed)
     bad = 0
 
     def add(rec: PatternRecord) -> None:
         nonlocal bad
-        if rec.size != size or (limit and len(by_model[rec.model]) >= limit):
+        if rec.size != size or not pick.wants(rec.model, rec.sample_id, rec.id):
             return
         try:
-            by_model[rec.model].append(torch.from_numpy(decode_pattern(rec.payload, rec.size, rec.dtype)))
+            pick.offer(rec.model, rec.sample_id, rec.id,
+                       torch.from_numpy(decode_pattern(rec.payload, rec.size, rec.dtype)))
         except BadPattern:
             bad += 1
 
@@ -60,20 +66,23 @@ def load_patterns(cfg: BusConfig, source: str, limit: int = 0, size: int = 256) 
         raise ValueError(f"source {source!r}: use topic:<name> or parquet:<path>")
     if bad:
         print(f"skipped {bad} undecodable messages or non-finite patterns in {source}")
-    return {k: torch.stack(v) for k, v in by_model.items() if v}
+    return {k: (torch.stack(items), ids) for k, (items, ids) in pick.result().items()}
 
 
-def run(cfg: BusConfig, checkpoints: list[Path], source: str, limit: int, figure: Path | None, seed: int = 0) -> dict:
+def run(cfg: BusConfig, checkpoints: list[Path], source: str, limit: int, figure: Path | None, seed: int = 0,
+        per_sample: int = 0) -> dict:
+    """Table 2 over ``limit`` samples per target model (``per_sample`` heads each; 0 = all)."""
     from apmae import evaluate as E
     from apmae.mae import load
 
     # rows named by run and step (".../trainer/<run>/step-N"); the full path is ambiguous when cut
     models = {_label(c, checkpoints): load(c)[0] for c in checkpoints}
     size = next(iter(models.values())).cfg.pattern_size
-    sources = load_patterns(cfg, source, limit, size)
-    if not sources:
+    loaded = load_patterns(cfg, source, limit, size, per_sample, seed)
+    if not loaded:
         raise SystemExit(f"no {size}x{size} patterns found in {source}")
-    matrix = E.cross_evaluation(models, sources, seed)
+    sources = {k: v[0] for k, v in loaded.items()}
+    matrix = E.cross_evaluation(models, sources, seed, {k: v[1] for k, v in loaded.items()})
     print(E.format_table(matrix))
     if figure:
         first_model = next(iter(models.values()))
