@@ -206,6 +206,27 @@ ALL_TOPICS: tuple[Topic, ...] = (
 BY_NAME = {t.name: t for t in ALL_TOPICS}
 
 
+DAY_MS = 24 * 3600 * 1000
+# retention per topic (ms, -1 = kept): replayable topics are kept until an operator deletes
+# them (experiments replay from offset 0); the fit work queue is done once the registry holds
+# the head's model.
+RETENTION_MS: dict[str, int] = {FIT_JOBS.name: 7 * DAY_MS}
+
+
+def topic_configs(t: Topic, max_message_bytes: int | None = None) -> dict[str, str]:
+    """Kafka topic-level configs for ``t`` (pass as ``NewTopic(..., topic_configs=...)``):
+    cleanup policy (``compact`` where the topic is declared compacted: the latest record per
+    key is what readers need), retention, and optionally the largest record it accepts."""
+    cfg = {"cleanup.policy": "compact" if t.compacted else "delete",
+           "retention.ms": str(-1 if t.compacted else RETENTION_MS.get(t.name, -1)),
+           "retention.bytes": "-1"}
+    if t.compacted:  # a superseded registry announcement may go at the next cleaning
+        cfg["min.compaction.lag.ms"] = "0"
+    if max_message_bytes:
+        cfg["max.message.bytes"] = str(max_message_bytes)
+    return cfg
+
+
 def topic(name: str) -> Topic:
     try:
         return BY_NAME[name]

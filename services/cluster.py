@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis
+from kafka import ConsumerRebalanceListener
 from prometheus_client import Counter, Gauge
 
 from apmae.cluster import ClusterConfig, DriftMonitor, HeadModel, fit_head
@@ -34,14 +35,17 @@ from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, AssignmentRecord, FitJobRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
 from services.encoder import embedding_vector
+from services.metrics import HeadSeries
 from services.registry import ArtifactStore, Registry, RegistryCache
 
 log = logging.getLogger("apmae.cluster")
 FITS = Counter("apmae_cluster_fits_total", "Heads fitted", ["model"])
 FIT_SECONDS = Counter("apmae_cluster_fit_seconds_total", "Seconds spent fitting heads", ["model"])
 CLUSTERS = Gauge("apmae_cluster_clusters", "Clusters in a head's fitted model", ["model", "layer", "head"])
-NOISE = Gauge("apmae_cluster_noise_rate", "Share of noise (-1) among a head's assignments", ["model", "layer", "head"])
+NOISE = Gauge("apmae_cluster_noise_ratio", "Share of noise (-1) among a head's assignments", ["model", "layer", "head"])
 DRIFTS = Counter("apmae_cluster_drift_total", "Drift detections (refit triggered)", ["model", "layer", "head"])
+# per-head series are bounded (StarCoder2-3B has 720 heads per model): see --head-metrics
+HEAD_SERIES = HeadSeries(CLUSTERS, NOISE, DRIFTS)
 ASSIGNED = Counter("apmae_cluster_assignments_total", "Embeddings assigned", ["model", "result"])
 
 
@@ -64,6 +68,8 @@ class ClusterServiceConfig(BusConfig):
     group: str = setting("cluster-fit", "Consumer group of the fit workers")
     assign_group: str = setting("assign", "Consumer group of the assigner")
     auto_refit: bool = setting(True, "Publish a refit job when a head drifts")
+    head_metrics: int = setting(100, "Heads that export per-head metric series (least recently updated dropped "
+                                     "first; 0 = none)")
 
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(n_components=self.n_components, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
@@ -133,6 +139,7 @@ class FitWorker:
         self.store = ArtifactStore(cfg.artifacts_dir)
         self.registry = Registry(self.redis, cfg.topic_prefix)
         self.proc: Processor | None = None
+        HEAD_SERIES.limit = cfg.head_metrics
 
     def head_data(self, job: FitJobRecord, key: str) -> dict[str, np.ndarray]:
         """A planned snapshot from the store, or (refits) the head's embeddings read from the topic."""
@@ -164,8 +171,9 @@ class FitWorker:
                           config=config_to_dict(model.cfg))
         FITS.labels(job.model).inc()
         FIT_SECONDS.labels(job.model).inc(model.fit_seconds)
-        CLUSTERS.labels(job.model, str(job.layer), str(job.head)).set(model.n_clusters)
-        NOISE.labels(job.model, str(job.layer), str(job.head)).set(model.noise_rate)
+        if HEAD_SERIES.admit(job.model, job.layer, job.head):
+            CLUSTERS.labels(job.model, str(job.layer), str(job.head)).set(model.n_clusters)
+            NOISE.labels(job.model, str(job.layer), str(job.head)).set(model.noise_rate)
         self.redis.incr(f"apmae:cluster:fits:{self.cfg.topic_prefix}{job.version}:{key}")
         outs = []
         for eid, sid, task, corr, lab in zip(data["ids"], data["samples"], data["tasks"], data["correct"],
@@ -220,12 +228,14 @@ def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_mes
 def publish_fit_metrics(cfg: ClusterServiceConfig) -> None:
     """Set the per-head cluster gauges (and fit counter) from the registry entries."""
     registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
+    HEAD_SERIES.limit = cfg.head_metrics
     for key in registry.names("cluster"):
         e = registry.get("cluster", key)
         model, layer, head = key.rsplit("/", 2)
-        CLUSTERS.labels(model, layer, head).set(int(e["n_clusters"]))
-        NOISE.labels(model, layer, head).set(float(e["noise_rate"]))
         FITS.labels(model).inc()
+        if HEAD_SERIES.admit(model, layer, head):
+            CLUSTERS.labels(model, layer, head).set(int(e["n_clusters"]))
+            NOISE.labels(model, layer, head).set(float(e["noise_rate"]))
 
 
 def _worker_entry(cfg: ClusterServiceConfig, idle_timeout_s: float | None) -> int:
@@ -247,6 +257,8 @@ class Assigner:
         self.models = RegistryCache(self.registry, "cluster", version_field="version", load=lambda e: (
             HeadModel.from_bytes(self.store.read(e["path"]), e["sha256"])))
         self.drift: dict[str, DriftMonitor] = defaultdict(DriftMonitor)
+        self.head_partition: dict[tuple[str, str, str], tuple[str, int]] = {}  # whose series this process exports
+        HEAD_SERIES.limit = cfg.head_metrics
 
     def model_for(self, key: str) -> tuple[str, HeadModel] | None:
         found = self.models.get(key)
@@ -265,11 +277,14 @@ class Assigner:
                 ASSIGNED.labels(model_name, "unfitted").inc(len(group))
                 continue
             version, model = found
-            DRIFTS.labels(model_name, str(group[0].record.layer), str(group[0].record.head))  # series at 0
+            r0 = group[0].record
+            exported = HEAD_SERIES.admit(r0.model, r0.layer, r0.head)
+            if exported:
+                self.head_partition[(r0.model, str(r0.layer), str(r0.head))] = (group[0].topic, group[0].partition)
+                DRIFTS.labels(model_name, str(r0.layer), str(r0.head))  # series at 0
             x = np.stack([embedding_vector(m.record) for m in group])
             labels, strengths = model.predict_many(x)
             mon = self.drift[key]
-            r0 = group[0].record
             for m, lab, s in zip(group, labels, strengths, strict=True):
                 r = m.record
                 out.append(Output(ASSIGNMENTS, AssignmentRecord(
@@ -278,17 +293,42 @@ class Assigner:
                     key=key))
                 ASSIGNED.labels(r.model, "noise" if lab == -1 else "cluster").inc()
                 if mon.update(int(lab)):
-                    DRIFTS.labels(r0.model, str(r0.layer), str(r0.head)).inc()
+                    if exported:
+                        DRIFTS.labels(r0.model, str(r0.layer), str(r0.head)).inc()
                     log.warning("drift in head %s (noise rate %.2f)", key, mon.noise_rate)
                     if self.cfg.auto_refit:
                         out.append(Output(FIT_JOBS, FitJobRecord(
                             id=stable_id("refit", key, version, mon.n), model=r0.model, layer=r0.layer,
                             head=r0.head, source="topic:embeddings", version=f"{version}-r{mon.n}"), key=key))
                         self.drift[key] = mon = DriftMonitor()  # one refit per detection
-            NOISE.labels(r0.model, str(r0.layer), str(r0.head)).set(mon.noise_rate)
+            if exported:
+                NOISE.labels(r0.model, str(r0.layer), str(r0.head)).set(mon.noise_rate)
         return out
+
+    def on_partitions_revoked(self, revoked) -> int:
+        """Another member owns these partitions now: stop exporting their heads' series."""
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        n = HEAD_SERIES.forget(lambda k: self.head_partition.get(k) not in gone)
+        for k in [k for k, tp in self.head_partition.items() if tp in gone]:
+            del self.head_partition[k]
+        return n
 
     def processor(self) -> Processor:
         self.bus.ensure_topics([EMBEDDINGS, ASSIGNMENTS, FIT_JOBS])
-        return Processor(self.bus, self.cfg.assign_group, [EMBEDDINGS], self.handle,
+        proc = Processor(self.bus, self.cfg.assign_group, [EMBEDDINGS], self.handle,
                          done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.assign_group), batch_size=256)
+        proc.consumer = self.bus.consumer(self.cfg.assign_group, [EMBEDDINGS], listener=_HeadsWatch(proc, self))
+        return proc
+
+
+class _HeadsWatch(ConsumerRebalanceListener):
+    """The processor's rebalance hook, plus: revoked heads' series are removed."""
+
+    def __init__(self, proc: Processor, assigner: Assigner):
+        self.proc, self.assigner = proc, assigner
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.assigner.on_partitions_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.proc.on_partitions_assigned(assigned)

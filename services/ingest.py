@@ -33,7 +33,8 @@ from services.bus import Bus, Output
 log = logging.getLogger("apmae.ingest")
 FILES_TOTAL = Counter("apmae_ingest_files_total", "Corpus files seen by ingest", ["result"])
 SKIPPED_TOTAL = Counter("apmae_ingest_skipped_total", "Corpus files skipped", ["reason"])
-BYTES_TOTAL = Counter("apmae_ingest_bytes_total", "Characters of source published")
+BYTES_TOTAL = Counter("apmae_ingest_bytes_total", "UTF-8 bytes of source published")
+CHARS_TOTAL = Counter("apmae_ingest_characters_total", "Characters (code points) of source published")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class Ingest:
         for f in unique.values():
             rec = FileRecord(id=f.id, source=f.source, path=f.path, content=f.content, license=f.license, repo=f.repo)
             self.bus.send(Output(FILES, rec))
-            BYTES_TOTAL.inc(len(f.content))
+            BYTES_TOTAL.inc(len(f.content.encode("utf-8", "surrogatepass")))
+            CHARS_TOTAL.inc(len(f.content))
         self.bus.flush()
         if self.redis is not None and unique:
             self.redis.sadd(self.seen_key, *unique)  # only after the broker acknowledged them

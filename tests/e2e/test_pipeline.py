@@ -113,6 +113,18 @@ def test_report_was_written(demo):
     iv = numbers["intervene"]["summary"]
     assert iv and all(r["n"] > 0 and -1 <= r["top"] <= 1 for r in iv)
     assert "intervene.png" in page and (path.parent / "intervene.png").read_bytes()[:4] == b"\x89PNG"
+    # layout: a table of contents linking every section, n with the numbers, the UMAP scatter,
+    # the calibration section, and the warning exactly when AP-MAE does not beat its baseline
+    import re
+
+    anchors = re.findall(r"<li><a href='#([\w-]+)'>", page)
+    assert len(anchors) >= 8 and all(f"<section id='{a}'>" in page for a in anchors)
+    assert "umap.png" in page and (path.parent / "umap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "calibration" in anchors and ("calibration.png" in page or "No out-of-sample live score" in page)
+    rec = numbers["reconstruction"]
+    loses = rec["apmae_minus_baseline_ci95"][0] >= 0 or rec["ratio_apmae_to_baseline"] >= 1
+    assert ("AP-MAE does <b>not</b> beat its baseline" in page) == loses
+    assert page.count("n = ") >= 8
 
 
 def test_the_redis_password_is_in_no_log_or_file(demo):
@@ -124,12 +136,31 @@ def test_the_redis_password_is_in_no_log_or_file(demo):
 
 
 def test_every_dashboard_panel_returns_data(demo):
+    """Each panel's PromQL, with Grafana's variables at "All" (and each variable's own query),
+    returns series from the demo's live metrics; the dashboards are then drawn from the same
+    queries (matplotlib: Grafana is not installable here). APMAE_DASHBOARD_SHOTS=<dir> keeps
+    the PNGs (docs/dashboards/ holds a committed set)."""
+    import os
+    import shutil
+
+    from services.dashboards import expand, render_all, variable_values
+
     url = demo.infra.prometheus_url
     time.sleep(3)  # one more scrape after the last stage
     empty = []
     for board in sorted((ROOT / "deploy/grafana/dashboards").glob("*.json")):
-        for panel in json.loads(board.read_text())["panels"]:
+        d = json.loads(board.read_text())
+        for var in d["templating"]["list"]:
+            if not variable_values(url, var):
+                empty.append(f"{board.stem}: variable ${var['name']}: {var['definition']}")
+        for panel in d["panels"]:
             for target in panel["targets"]:
-                if not promql(url, target["expr"]):
+                if not promql(url, expand(target["expr"])):
                     empty.append(f"{board.stem}: {panel['title']}: {target['expr']}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
+    shots = demo.cfg.state_dir / "dashboards"
+    drawn = render_all(url, shots, minutes=20)
+    assert all(n > 0 for board in drawn.values() for n in board.values()), drawn
+    assert sorted(p.name for p in shots.glob("*.png")) == ["clusters.png", "correctness.png", "pipeline.png"]
+    if os.environ.get("APMAE_DASHBOARD_SHOTS"):
+        shutil.copytree(shots, os.environ["APMAE_DASHBOARD_SHOTS"], dirs_exist_ok=True)
