@@ -361,3 +361,13 @@ def test_topic_configs_apply_the_declared_compaction_and_retention():
     assert topic_configs(FILES)["retention.ms"] == "-1"  # replayable: kept
     assert int(topic_configs(FIT_JOBS)["retention.ms"]) == 7 * 24 * 3600 * 1000
     assert topic_configs(FILES, 4 << 20)["max.message.bytes"] == str(4 << 20)
+
+
+def test_dashboard_variables_expand_like_grafana():
+    from services.dashboards import expand, variable_query
+
+    e = 'sum by (model) (rate(apmae_producer_patterns_total{model=~"$model"}[$__rate_interval]))'
+    assert expand(e) == 'sum by (model) (rate(apmae_producer_patterns_total{model=~".*"}[1m]))'
+    assert expand(e, {"model": "sc2"}, "2m") == 'sum by (model) (rate(apmae_producer_patterns_total{model=~"sc2"}[2m]))'
+    assert variable_query('label_values(apmae_cluster_clusters{model=~"$model"}, layer)') == (
+        'apmae_cluster_clusters{model=~"$model"}', "layer")
