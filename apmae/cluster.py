@@ -28,6 +28,11 @@ New embeddings are assigned river-style (``predict_one`` / ``predict_many``): UM
 
 ``learn_one`` buffers embeddings and refits when asked (``refit``): a drift detector on the
 assignment stream decides when (see :class:`DriftMonitor`).
+
+One embedding space per fit: embeddings made by different AP-MAE checkpoints are not
+comparable, so a cluster plan (:func:`plan_heads`) takes one checkpoint's embeddings, a
+fitted head records that checkpoint, and only embeddings of the same checkpoint are assigned
+to it or refit with it (:func:`same_space`).
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from apmae.codec import BadPattern
 
 
 @dataclass(frozen=True)
@@ -213,27 +222,96 @@ class IncrementalClusterer:
 
 
 class DriftMonitor:
-    """Per-head drift and novelty: ADWIN (river) on the noise indicator and on the cluster id.
+    """Per-head drift and novelty: one ADWIN (river) per category on its indicator.
 
-    ``update`` returns True when either detector signals a change: the head's clusters no
-    longer describe its new patterns, and it should be refitted.
+    A cluster id is a category, not a number: the mean of the ids says nothing (clusters 0
+    and 2 alternating average to 1, exactly like cluster 1 alone). So each category (noise,
+    -1, included) gets an ADWIN on "this assignment is in it", i.e. on its share of the
+    stream. ``update`` returns True when any share changes: the head's clusters no longer
+    describe its new patterns, and it should be refitted. ``clusters``: the fitted model's
+    labels (a category first seen later gets its detector then).
     """
 
-    def __init__(self, delta: float = 0.002):
-        from river import drift
-
-        self.noise = drift.ADWIN(delta=delta)
-        self.cluster = drift.ADWIN(delta=delta)
+    def __init__(self, delta: float = 0.002, clusters: Iterable[int] = ()):
+        self.delta = delta
+        self.shares: dict[int, object] = {}
+        for c in sorted(set(clusters) | {-1}):
+            self._detector(c)
         self.n = 0
         self.noise_count = 0
+
+    def _detector(self, c: int):
+        from river import drift
+
+        if c not in self.shares:
+            self.shares[c] = drift.ADWIN(delta=self.delta)
+        return self.shares[c]
 
     def update(self, cluster: int) -> bool:
         self.n += 1
         self.noise_count += cluster == -1
-        self.noise.update(float(cluster == -1))
-        self.cluster.update(float(cluster))
-        return bool(self.noise.drift_detected or self.cluster.drift_detected)
+        self._detector(int(cluster))
+        changed = False
+        for c, adwin in self.shares.items():
+            adwin.update(1.0 if c == cluster else 0.0)
+            changed |= bool(adwin.drift_detected)
+        return changed
 
     @property
     def noise_rate(self) -> float:
         return self.noise_count / max(1, self.n)
+
+
+def embedding_vector(payload: bytes, dim: int) -> np.ndarray:
+    """The ``(dim,)`` float32 vector of an embedding record's payload (little-endian float32);
+    BadPattern when the length does not match ``dim`` or a value is not finite."""
+    v = np.frombuffer(payload, dtype="<f4")
+    if v.shape[0] != dim or not np.isfinite(v).all():
+        raise BadPattern(f"embedding payload of {v.shape[0]} values (dim {dim}) or non-finite")
+    return v
+
+
+def same_space(embedding_checkpoint: str, fitted_checkpoint: str) -> bool:
+    """May an embedding be assigned to (or refit with) a head fitted on ``fitted_checkpoint``?
+    Only when the same AP-MAE checkpoint made it (an unrecorded fit checkpoint, "", from
+    before this was recorded, cannot be checked and is accepted)."""
+    return not fitted_checkpoint or embedding_checkpoint == fitted_checkpoint
+
+
+@dataclass
+class HeadPlan:
+    """What a cluster plan fits: per head, the ids of one checkpoint's embeddings."""
+
+    checkpoint: str
+    heads: dict[str, list[str]]  # head key -> embedding ids to fit (>= min_points of them)
+    skipped: dict[str, int]  # head key -> embeddings of the checkpoint, below min_points
+    other_checkpoints: int  # embeddings left out: made by another checkpoint
+    duplicates: int  # embedding ids seen more than once
+
+
+def plan_heads(embeddings: Iterable[tuple[str, str, str]], checkpoint: str = "", min_points: int = 30) -> HeadPlan:
+    """The cluster plan (paper 5.1, per head): ``embeddings`` are (embedding id, head key,
+    checkpoint) in any order, duplicates allowed. One checkpoint (``checkpoint``, default the
+    one that made the most embeddings) so that every head is fitted in one embedding space;
+    heads with fewer than ``min_points`` of its embeddings are not fitted."""
+    seen: set[str] = set()
+    by_head: dict[str, list[str]] = defaultdict(list)
+    tags: Counter = Counter()
+    rows: list[tuple[str, str, str]] = []
+    duplicates = 0
+    for eid, key, tag in embeddings:
+        if eid in seen:
+            duplicates += 1
+            continue
+        seen.add(eid)
+        tags[tag] += 1
+        rows.append((eid, key, tag))
+    if not rows:
+        return HeadPlan(checkpoint, {}, {}, 0, duplicates)
+    tag = checkpoint or max(sorted(tags), key=tags.__getitem__)
+    for eid, key, t in rows:
+        if t == tag:
+            by_head[key].append(eid)
+    heads = {k: v for k, v in sorted(by_head.items()) if len(v) >= min_points}
+    skipped = {k: len(v) for k, v in sorted(by_head.items()) if len(v) < min_points}
+    return HeadPlan(tag, heads, skipped, len(rows) - tags[tag], duplicates)

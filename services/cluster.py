@@ -28,13 +28,20 @@ import redis
 from kafka import ConsumerRebalanceListener
 from prometheus_client import Counter, Gauge
 
-from apmae.cluster import ClusterConfig, DriftMonitor, HeadModel, fit_head
+from apmae.cluster import (
+    ClusterConfig,
+    DriftMonitor,
+    HeadModel,
+    embedding_vector,
+    fit_head,
+    plan_heads,
+    same_space,
+)
 from apmae.config import BusConfig, setting
 from apmae.config import to_dict as config_to_dict
 from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, AssignmentRecord, FitJobRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
-from services.encoder import embedding_vector
 from services.metrics import HeadSeries
 from services.registry import ArtifactStore, Registry, RegistryCache
 
@@ -85,50 +92,43 @@ def _npz(**arrays) -> bytes:
 
 
 def plan(cfg: ClusterServiceConfig) -> dict:
-    """Snapshot a window of embeddings per head and enqueue one fit job per head."""
+    """Snapshot a window of embeddings per head and enqueue one fit job per head
+    (:func:`apmae.cluster.plan_heads`: one checkpoint's embeddings, heads with enough points)."""
     from services.replay import parse_time
 
     bus = Bus(cfg, "cluster-plan")
     bus.ensure_topics([EMBEDDINGS, FIT_JOBS])
     store = ArtifactStore(cfg.artifacts_dir)
-    heads: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    tags: dict[str, int] = defaultdict(int)
-    seen: set[str] = set()
+    rows: dict[str, tuple] = {}
+    index: list[tuple[str, str, str]] = []
     for m in read_range(bus, EMBEDDINGS, start_ms=parse_time(cfg.from_time)):
-        if not isinstance(m, Message) or m.record.id in seen:
-            continue  # undecodable rows were dead-lettered by their consumer; duplicates by id
-        seen.add(m.record.id)
+        if not isinstance(m, Message):
+            continue  # undecodable rows were dead-lettered by their consumer
         r = m.record
-        tags[r.checkpoint] += 1
-        h = heads[head_key(r.model, r.layer, r.head)]
-        h["x"].append(embedding_vector(r))
-        h["ids"].append(r.id)
-        h["samples"].append(r.sample_id)
-        h["tasks"].append(r.task)
-        h["correct"].append(-1 if r.correct is None else int(r.correct))
-        h["tag"].append(r.checkpoint)
-    if not heads:
+        index.append((r.id, head_key(r.model, r.layer, r.head), r.checkpoint))
+        if r.id not in rows:
+            rows[r.id] = (embedding_vector(r.payload, r.dim), r.sample_id, r.task,
+                          -1 if r.correct is None else int(r.correct))
+    if not rows:
         return {"heads": 0, "jobs": 0, "skipped": 0}
-    tag = cfg.checkpoint or max(tags, key=tags.get)
-    version = cfg.version or stable_id("clusters", tag, len(seen), sorted(heads))[:12]
-    jobs, skipped = 0, 0
-    for key, h in sorted(heads.items()):
-        keep = [i for i, t in enumerate(h["tag"]) if t == tag]
-        if len(keep) < cfg.min_points:
-            skipped += 1
-            continue
+    hp = plan_heads(index, cfg.checkpoint, cfg.min_points)
+    all_heads = sorted({key for _, key, _ in index})
+    version = cfg.version or stable_id("clusters", hp.checkpoint, len(rows), all_heads)[:12]
+    for key, ids in hp.heads.items():
         rel = f"clusters/{version}/data/{key}.npz"
-        store.write(rel, _npz(x=np.stack([h["x"][i] for i in keep]), ids=np.array([h["ids"][i] for i in keep]),
-                              samples=np.array([h["samples"][i] for i in keep]),
-                              tasks=np.array([h["tasks"][i] for i in keep]),
-                              correct=np.array([h["correct"][i] for i in keep])))
+        store.write(rel, _npz(x=np.stack([rows[i][0] for i in ids]), ids=np.array(ids),
+                              samples=np.array([rows[i][1] for i in ids]), tasks=np.array([rows[i][2] for i in ids]),
+                              correct=np.array([rows[i][3] for i in ids])))
         model, layer, head = key.rsplit("/", 2)
         bus.send(Output(FIT_JOBS, FitJobRecord(id=stable_id("fit", version, key), model=model, layer=int(layer),
-                                               head=int(head), source=rel, version=version), key=key))
-        jobs += 1
+                                               head=int(head), source=rel, version=version,
+                                               checkpoint=hp.checkpoint), key=key))
     bus.close()
-    log.info("cluster plan %s: %d jobs, %d heads below %d points", version, jobs, skipped, cfg.min_points)
-    return {"version": version, "checkpoint": tag, "heads": len(heads), "jobs": jobs, "skipped": skipped}
+    log.info("cluster plan %s (checkpoint %s): %d jobs, %d heads below %d points, %d embeddings of other "
+             "checkpoints left out", version, hp.checkpoint, len(hp.heads), len(hp.skipped), cfg.min_points,
+             hp.other_checkpoints)
+    return {"version": version, "checkpoint": hp.checkpoint, "heads": len(all_heads), "jobs": len(hp.heads),
+            "skipped": len(hp.skipped), "other_checkpoints": hp.other_checkpoints}
 
 
 class FitWorker:
@@ -142,17 +142,19 @@ class FitWorker:
         HEAD_SERIES.limit = cfg.head_metrics
 
     def head_data(self, job: FitJobRecord, key: str) -> dict[str, np.ndarray]:
-        """A planned snapshot from the store, or (refits) the head's embeddings read from the topic."""
+        """A planned snapshot from the store, or (refits) the head's embeddings read from the
+        topic: only those made by the job's checkpoint (one embedding space per fit)."""
         if not job.source.startswith("topic:"):
             return dict(np.load(io.BytesIO(self.store.read(job.source))))
         rows: dict[str, list] = defaultdict(list)
         seen: set[str] = set()
         for m in read_range(self.bus, EMBEDDINGS):
             r = getattr(m, "record", None)
-            if r is None or r.id in seen or head_key(r.model, r.layer, r.head) != key:
+            if (r is None or r.id in seen or head_key(r.model, r.layer, r.head) != key
+                    or not same_space(r.checkpoint, job.checkpoint)):
                 continue
             seen.add(r.id)
-            rows["x"].append(embedding_vector(r))
+            rows["x"].append(embedding_vector(r.payload, r.dim))
             rows["ids"].append(r.id)
             rows["samples"].append(r.sample_id)
             rows["tasks"].append(r.task)
@@ -165,7 +167,8 @@ class FitWorker:
         model = fit_head(data["x"], self.cfg.cluster_config())
         rel = f"clusters/{job.version}/models/{key}.joblib"
         sha = self.store.write(rel, model.to_bytes())
-        self.registry.put("cluster", key, path=rel, sha256=sha, version=job.version, n=len(model.labels),
+        self.registry.put("cluster", key, path=rel, sha256=sha, version=job.version, checkpoint=job.checkpoint,
+                          n=len(model.labels),
                           n_clusters=model.n_clusters, noise_rate=model.noise_rate, seconds=model.fit_seconds,
                           explained_variance=model.explained_variance, stage_seconds=model.stage_seconds,
                           config=config_to_dict(model.cfg))
@@ -181,7 +184,7 @@ class FitWorker:
             outs.append(Output(ASSIGNMENTS, AssignmentRecord(
                 id=f"{eid}#{job.version}", sample_id=str(sid), model=job.model, task=str(task), layer=job.layer,
                 head=job.head, correct=None if corr < 0 else bool(corr), cluster=int(lab), strength=1.0,
-                cluster_version=job.version), key=key))
+                cluster_version=job.version, checkpoint=job.checkpoint), key=key))
         return outs
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
@@ -256,13 +259,20 @@ class Assigner:
         self.registry = Registry(self.redis, cfg.topic_prefix)
         self.models = RegistryCache(self.registry, "cluster", version_field="version", load=lambda e: (
             HeadModel.from_bytes(self.store.read(e["path"]), e["sha256"])))
-        self.drift: dict[str, DriftMonitor] = defaultdict(DriftMonitor)
+        self.drift: dict[str, tuple[str, DriftMonitor]] = {}  # head -> (cluster version, its monitor)
         self.head_partition: dict[tuple[str, str, str], tuple[str, int]] = {}  # whose series this process exports
         HEAD_SERIES.limit = cfg.head_metrics
 
-    def model_for(self, key: str) -> tuple[str, HeadModel] | None:
+    def model_for(self, key: str) -> tuple[str, str, HeadModel] | None:
+        """(cluster version, the AP-MAE checkpoint it was fitted on, the model) of a head."""
         found = self.models.get(key)
-        return None if found is None else (found[0]["version"], found[1])
+        return None if found is None else (found[0]["version"], found[0].get("checkpoint", ""), found[1])
+
+    def monitor(self, key: str, version: str, model: HeadModel) -> DriftMonitor:
+        """The head's drift monitor for this cluster version (a new version starts a new one)."""
+        if key not in self.drift or self.drift[key][0] != version:
+            self.drift[key] = (version, DriftMonitor(clusters=np.unique(model.labels).tolist()))
+        return self.drift[key][1]
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         out: list[Output | DeadLetter] = []
@@ -276,21 +286,27 @@ class Assigner:
             if found is None:
                 ASSIGNED.labels(model_name, "unfitted").inc(len(group))
                 continue
-            version, model = found
+            version, fitted_on, model = found
+            other = [m for m in group if not same_space(m.record.checkpoint, fitted_on)]
+            if other:  # another checkpoint's embedding space: never assigned to these clusters
+                ASSIGNED.labels(model_name, "other_checkpoint").inc(len(other))
+                group = [m for m in group if same_space(m.record.checkpoint, fitted_on)]
+                if not group:
+                    continue
             r0 = group[0].record
             exported = HEAD_SERIES.admit(r0.model, r0.layer, r0.head)
             if exported:
                 self.head_partition[(r0.model, str(r0.layer), str(r0.head))] = (group[0].topic, group[0].partition)
                 DRIFTS.labels(model_name, str(r0.layer), str(r0.head))  # series at 0
-            x = np.stack([embedding_vector(m.record) for m in group])
+            x = np.stack([embedding_vector(m.record.payload, m.record.dim) for m in group])
             labels, strengths = model.predict_many(x)
-            mon = self.drift[key]
+            mon = self.monitor(key, version, model)
             for m, lab, s in zip(group, labels, strengths, strict=True):
                 r = m.record
                 out.append(Output(ASSIGNMENTS, AssignmentRecord(
                     id=f"{r.id}#{version}", sample_id=r.sample_id, model=r.model, task=r.task, layer=r.layer,
-                    head=r.head, correct=r.correct, cluster=int(lab), strength=float(s), cluster_version=version),
-                    key=key))
+                    head=r.head, correct=r.correct, cluster=int(lab), strength=float(s), cluster_version=version,
+                    checkpoint=r.checkpoint), key=key))
                 ASSIGNED.labels(r.model, "noise" if lab == -1 else "cluster").inc()
                 if mon.update(int(lab)):
                     if exported:
@@ -299,8 +315,10 @@ class Assigner:
                     if self.cfg.auto_refit:
                         out.append(Output(FIT_JOBS, FitJobRecord(
                             id=stable_id("refit", key, version, mon.n), model=r0.model, layer=r0.layer,
-                            head=r0.head, source="topic:embeddings", version=f"{version}-r{mon.n}"), key=key))
-                        self.drift[key] = mon = DriftMonitor()  # one refit per detection
+                            head=r0.head, source="topic:embeddings", version=f"{version}-r{mon.n}",
+                            checkpoint=fitted_on), key=key))
+                        mon = DriftMonitor(clusters=np.unique(model.labels).tolist())  # one refit per detection
+                        self.drift[key] = (version, mon)
             if exported:
                 NOISE.labels(r0.model, str(r0.layer), str(r0.head)).set(mon.noise_rate)
         return out

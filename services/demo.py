@@ -14,7 +14,9 @@ topics):
  7. classify    per-task CatBoost, 10-fold CV vs baseline, SHAP
  8. intervene   zero each task's top-SHAP heads (and random / neutral heads) in the target
                 model on held-out files: does the correctness rate move?
- 9. live        a few new files stream through produce -> encode -> assign -> score
+ 9. live        a few new files stream through produce -> encode -> assign -> score; the live
+                accuracy counts only samples of files no classifier was fit on (out of
+                sample), scores of fit rows are counted apart as in-sample
 10. report      one HTML page with every figure and the numbers behind them
 
 The JDK sources are in StarCoder2's (and probably SmolLM2's) training data, so correctness
@@ -29,8 +31,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from apmae.config import BusConfig, setting
 from services import infra
@@ -223,8 +223,9 @@ class Demo:
         return {"k": result["k"], "summary": result["summary"]}
 
     def stage_live(self):
-        from apmae.topics import SCORES
-        from services.bus import Bus, read_range
+        from apmae.scoring import live_accuracy
+        from apmae.topics import SAMPLES, SCORES
+        from services.bus import Bus, Message, read_range
         from services.classifier import Scorer
         from services.cluster import Assigner
         from services.encoder import Encoder, EncoderConfig
@@ -236,11 +237,17 @@ class Demo:
         enc = Encoder(self.common(EncoderConfig, checkpoint="demo")).processor().run(idle_timeout_s=15)
         assigned = Assigner(self.cluster_cfg()).processor().run(idle_timeout_s=15)
         scored = Scorer(self.classify_cfg()).processor().run(idle_timeout_s=15)
-        scores = [m.record for m in read_range(Bus(self.bus), SCORES)]
-        labelled = [s for s in scores if s.actual is not None]
-        acc = float(np.mean([(s.prob_correct >= 0.5) == s.actual for s in labelled])) if labelled else None
+        bus = Bus(self.bus)
+        scores = [m.record for m in read_range(bus, SCORES) if isinstance(m, Message)]
+        # the scorer's group starts at the earliest offset, so it also scores the rows the
+        # classifier was fit on: accuracy only on samples of files no classifier saw
+        file_of = {m.record.id: m.record.file_id for m in read_range(bus, SAMPLES) if isinstance(m, Message)}
+        report = self.dir / "report" / "report.json"
+        fit_files = set(json.loads(report.read_text()).get("fit_file_ids", [])) if report.exists() else set()
+        live = live_accuracy(scores, file_of, fit_files)
         return {"ingested": ing["published"], "embedded": enc, "assignment_messages": assigned,
-                "classifier_inputs": scored, "scores": len(scores), "live_accuracy": acc}
+                "classifier_inputs": scored, "scores": len(scores), "live_accuracy": live["accuracy"],
+                "live": live, "in_sample_scores": sum(bool(s.in_sample) for s in scores)}
 
     def stage_report(self):
         from services.report import write_report

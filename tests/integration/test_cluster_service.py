@@ -52,9 +52,10 @@ def test_fit_queue_fits_every_head_exactly_once_when_a_worker_dies(bus_cfg, redi
     bus = Bus(bus_cfg, "test")
     bus.ensure_topics()
     truth = synthetic_embeddings(bus, 90)
+    synthetic_embeddings(bus, 10, seed=7, tag="ck@0", offset=3000)  # an older checkpoint's embeddings
     cfg = ClusterServiceConfig(**vars(bus_cfg), min_cluster_size=10, min_samples=5, version="v1")
     p = plan(cfg)
-    assert p["jobs"] == 3 and p["checkpoint"] == "ck@1"
+    assert p["jobs"] == 3 and p["checkpoint"] == "ck@1" and p["other_checkpoints"] == 30  # one space per fit
 
     first = FitWorker(cfg)
     fitted = []
@@ -79,6 +80,7 @@ def test_fit_queue_fits_every_head_exactly_once_when_a_worker_dies(bus_cfg, redi
 
     assigned = {m.record.id.split("#")[0]: m.record.cluster for m in read_range(bus, ASSIGNMENTS)}
     assert set(assigned) == set(truth)
+    assert {m.record.checkpoint for m in read_range(bus, ASSIGNMENTS)} == {"ck@1"}
     for layer, head in [(0, 0), (0, 1), (1, 0)]:
         ids = [i for i in truth if i.startswith(f"e{layer}{head}-")]
         ari = adjusted_rand_score([truth[i] for i in ids], [assigned[i] for i in ids])
@@ -86,6 +88,7 @@ def test_fit_queue_fits_every_head_exactly_once_when_a_worker_dies(bus_cfg, redi
 
     # live assignment of new embeddings to the fitted clusters
     new = synthetic_embeddings(bus, 20, seed=5, offset=1000)
+    newer = synthetic_embeddings(bus, 5, seed=6, tag="ck@2", offset=2000)  # a later checkpoint's space
     a = Assigner(cfg)
     a.processor().run(idle_timeout_s=8)
     live = {m.record.id.split("#")[0]: m.record for m in read_range(bus, ASSIGNMENTS)}
@@ -93,7 +96,8 @@ def test_fit_queue_fits_every_head_exactly_once_when_a_worker_dies(bus_cfg, redi
         ids = [i for i in new if i.startswith(f"e{layer}{head}-")]
         ari = adjusted_rand_score([new[i] for i in ids], [live[i].cluster for i in ids])
         assert ari > 0.8, (layer, head, ari)
-    assert all(live[i].cluster_version == "v1" for i in new)
+    assert all(live[i].cluster_version == "v1" and live[i].checkpoint == "ck@1" for i in new)
+    assert not set(newer) & set(live)  # never assigned to clusters fitted in another embedding space
 
 
 def test_encoder_embeds_and_hot_swaps_checkpoints(bus_cfg, redis_client):

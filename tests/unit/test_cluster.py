@@ -93,3 +93,40 @@ def test_pca_reduction_keeps_the_clusters_of_the_papers_exact_pipeline():
     # new points go through the same normalisation and projection
     labels, _ = fast.predict_many(x[:20] * 3.0)  # cosine: scale must not matter
     assert np.mean(labels == fast.labels[:20]) > 0.9
+
+
+def test_drift_treats_the_cluster_id_as_a_category_not_a_number():
+    """Clusters 0 and 2 alternating, then cluster 1 alone: the mean id stays 1, the shares
+    change completely. An ADWIN on the id as a number saw nothing."""
+    mon = DriftMonitor(clusters=[0, 1, 2])
+    assert not any([mon.update(c) for c in [0, 2] * 400])
+    assert any([mon.update(1) for _ in range(400)])
+    relabelled = DriftMonitor(clusters=[0, 1])  # a stable mix is not drift, whatever the ids
+    assert not any([relabelled.update(c) for c in [0, 1, 1] * 400])
+
+
+def test_embedding_vector_checks_dim_and_finiteness():
+    from apmae.cluster import embedding_vector
+    from apmae.codec import BadPattern
+
+    v = np.arange(4, dtype="<f4")
+    assert np.array_equal(embedding_vector(v.tobytes(), 4), v)
+    with pytest.raises(BadPattern):
+        embedding_vector(v.tobytes(), 5)
+    with pytest.raises(BadPattern):
+        embedding_vector(np.array([1, np.nan], dtype="<f4").tobytes(), 2)
+
+
+def test_cluster_plan_fits_one_checkpoint_per_head_and_skips_small_heads():
+    from apmae.cluster import plan_heads, same_space
+
+    rows = [(f"e{i}", "m/0/0", "ck@200") for i in range(40)]
+    rows += [(f"f{i}", "m/0/0", "ck@100") for i in range(30)]  # an older checkpoint: another space
+    rows += [(f"g{i}", "m/0/1", "ck@200") for i in range(10)]
+    rows += rows[:5]  # redelivered
+    plan = plan_heads(rows, min_points=30)
+    assert plan.checkpoint == "ck@200" and plan.heads == {"m/0/0": [f"e{i}" for i in range(40)]}
+    assert plan.skipped == {"m/0/1": 10} and plan.other_checkpoints == 30 and plan.duplicates == 5
+    old = plan_heads(rows, checkpoint="ck@100", min_points=30)
+    assert old.heads == {"m/0/0": [f"f{i}" for i in range(30)]}
+    assert same_space("ck@200", "ck@200") and not same_space("ck@100", "ck@200") and same_space("x", "")
