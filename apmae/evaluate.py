@@ -136,15 +136,43 @@ def summary(losses: torch.Tensor, sample_ids: list[str] | None = None, seed: int
     return out
 
 
+def split_samples(sample_ids: list[str], share: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(indices of the patterns of a ``share`` of the samples, the rest's), by a hash of the
+    sample id: every head of a sample lands on the same side."""
+    from apmae.split import unit
+
+    side = [unit("baseline-fit", seed, s) < share for s in sample_ids]
+    return [i for i, b in enumerate(side) if b], [i for i, b in enumerate(side) if not b]
+
+
 def cross_evaluation(models: dict[str, APMAE], sources: dict[str, torch.Tensor], seed: int = 0,
-                     samples: dict[str, list[str]] | None = None) -> dict:
+                     samples: dict[str, list[str]] | None = None, baseline_share: float = 0.5) -> dict:
     """Paper Table 2: rows = checkpoints (trained on), columns = pattern sources (evaluated on).
 
-    ``samples``: per source, the sample id of each pattern (then ``n`` counts samples)."""
+    ``samples``: per source, the sample id of each pattern; then ``n`` counts samples and
+    each cell also holds the mean-patch baseline (the mean patch of ``baseline_share`` of the
+    samples, scored with the cell's own preprocessing on the other samples, the same masks)
+    and AP-MAE's ``ratio`` to it; AP-MAE is then scored on those other samples too."""
     samples = samples or {}
-    return {m: {s: summary(reconstruction_losses(model, pats, seed), samples.get(s), seed)
-                for s, pats in sources.items()}
-            for m, model in models.items()}
+    out: dict = {}
+    for m, model in models.items():
+        row = out.setdefault(m, {})
+        for s, pats in sources.items():
+            ids = samples.get(s)
+            if ids is None:
+                row[s] = summary(reconstruction_losses(model, pats, seed))
+                continue
+            fit_idx, ev_idx = split_samples(ids, baseline_share, seed)
+            if not fit_idx or not ev_idx:  # too few samples to hold some out for the baseline
+                row[s] = summary(reconstruction_losses(model, pats, seed), ids, seed)
+                continue
+            ev, ev_ids = pats[ev_idx], [ids[i] for i in ev_idx]
+            losses = reconstruction_losses(model, ev, seed)
+            base = mean_patch_losses(model, pats[fit_idx], ev, seed)
+            row[s] = {**summary(losses, ev_ids, seed), "baseline": summary(base, ev_ids, seed),
+                      "ratio": float(losses.mean() / base.mean()),
+                      "baseline_fit_samples": len({ids[i] for i in fit_idx})}
+    return out
 
 
 def format_table(matrix: dict, scale: float = 1e3) -> str:
@@ -155,6 +183,10 @@ def format_table(matrix: dict, scale: float = 1e3) -> str:
         cells = "".join(f"{row[c]['mean'] * scale:>13.2f} +- {row[c]['std'] * scale:<7.2f}" if c in row else " " * 24
                         for c in cols)
         lines.append(f"{r[:23]:<24}{cells}")
+        if any("ratio" in row[c] for c in cols if c in row):
+            lines.append("  mean-patch baseline".ljust(24) + "".join(
+                f"{row[c]['baseline']['mean'] * scale:>13.2f} (x{row[c]['ratio']:.2f})".ljust(24)
+                if c in row and "ratio" in row[c] else " " * 24 for c in cols))
     first = next(iter(matrix.values()), {})
     lines.append("n".ljust(24) + "".join(
         f"{(str(first[c]['n']) + (' samples' if 'n_samples' in first[c] else ' patterns')):>24}" if c in first

@@ -75,3 +75,20 @@ def test_eval_limit_takes_samples_from_a_parquet_source(tmp_path):
     assert len(set(ids)) == 4 and x.shape == (24, 32, 32)  # was: the first 4 patterns, head 0 of 4 samples
     s = E.summary(torch.zeros(len(ids)), ids)
     assert s["n"] == 4
+
+
+def test_table2_cells_carry_a_mean_patch_baseline_fit_on_other_samples():
+    torch.manual_seed(0)
+    from tests.unit.test_mae import causal_patterns, small
+
+    m = small()
+    x = causal_patterns(24, seed=2)
+    ids = [f"s{i // 3}" for i in range(24)]  # 8 samples x 3 heads
+    table = E.cross_evaluation({"a": m}, {"m1": x}, samples={"m1": ids})
+    cell = table["a"]["m1"]
+    fit, ev = E.split_samples(ids, 0.5)
+    assert {ids[i] for i in fit}.isdisjoint({ids[i] for i in ev})  # split by sample, never by pattern
+    assert cell["n"] == len({ids[i] for i in ev}) and cell["n_patterns"] == len(ev)
+    assert cell["baseline"]["n"] == cell["n"] and cell["baseline_fit_samples"] == len({ids[i] for i in fit})
+    assert abs(cell["ratio"] / (cell["mean"] / cell["baseline"]["mean"]) - 1) < 1e-5
+    assert "mean-patch baseline" in E.format_table(table)
