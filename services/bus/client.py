@@ -34,7 +34,20 @@ class Retryable(Exception):
 # Failures of the infrastructure, not of a message: the batch is rewound and retried with
 # backoff (never dead-lettered, never committed) until Redis or the broker is back.
 TRANSIENT: tuple[type[BaseException], ...] = (Retryable, KafkaError, ConnectionError, OSError,
-                                              redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+                                              redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                                              # Redis at maxmemory (noeviction) refuses writes until freed
+                                              redis.exceptions.OutOfMemoryError)
+# OSErrors that no retry can fix: a path that is not there or not allowed (a deleted .npz, a
+# rotated-out checkpoint). Retrying them stalled the partition forever; they are the
+# message's failure and dead-letter it. Other OSErrors (disk full, too many open files, I/O
+# errors, resets) stay transient: dead-lettering every input while the disk is full would
+# empty the stream into the dead-letter topic.
+PERMANENT_OS_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                                  PermissionError)
+
+
+def is_transient(e: BaseException) -> bool:
+    return isinstance(e, TRANSIENT) and not isinstance(e, PERMANENT_OS_ERRORS)
 
 # Room left in a dead letter for its header (reason, ids) next to the truncated original.
 _DEADLETTER_HEADROOM = 16 * 1024

@@ -38,7 +38,7 @@ from kafka.structs import OffsetAndMetadata
 from apmae.messages import Record, decode
 from apmae.topics import Topic
 from services import metrics
-from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output
+from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output, is_transient
 from services.bus.done import DoneStore
 from services.bus.offsets import LagProbe
 
@@ -159,9 +159,9 @@ class Processor:
     def _handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         try:
             return list(self.handler(msgs))
-        except TRANSIENT:
-            raise
-        except Exception:  # isolate the poison message
+        except Exception as e:  # isolate the poison message
+            if is_transient(e):
+                raise
             if len(msgs) == 1:
                 return [DeadLetter(msgs[0], "processing failed: " + traceback.format_exc(limit=3)[-1500:])]
             out: list[Output | DeadLetter] = []
