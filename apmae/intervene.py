@@ -15,9 +15,11 @@ Conditions compared on the same held-out inputs, per task:
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from apmae.capture import attention_modules
@@ -73,3 +75,39 @@ def choose(importance: dict[tuple[int, int], float], k: int, condition: str, see
     if condition == "random":
         return pairs[:k]
     raise ValueError(f"unknown condition {condition!r} (top, random, neutral)")
+
+
+def paired_effect(base: np.ndarray, got: np.ndarray) -> dict:
+    """One condition against the unchanged model on the same inputs: its correct rate, the
+    change, how many predictions flipped either way, and McNemar's exact p-value."""
+    from apmae.stats import mcnemar
+
+    base, got = np.asarray(base, dtype=bool), np.asarray(got, dtype=bool)
+    m = mcnemar(base, got)
+    return {"n": len(base), "correct_rate": float(got.mean()), "delta": float(got.mean() - base.mean()),
+            "flipped": int((got != base).sum()), "lost": m["lost"], "gained": m["gained"],
+            "p_value": m["p_value"]}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per task: baseline correctness, the change per condition (random: mean and std
+    over draws), McNemar's p of the top heads, and ``top_rank``: the share of random draws
+    that hurt at least as much as the top heads (an empirical p-value of "top-SHAP heads
+    matter more than any k heads"; meaningful with 20+ draws)."""
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task and "correct_rate" in r]
+        if not mine:
+            continue
+        by = defaultdict(list)
+        for r in mine:
+            by[r["condition"]].append(r)
+        top = by["top"][0]
+        rand = [r["delta"] for r in by["random"]]
+        out.append({"task": task, "n": mine[0]["n"], "correct_rate": by["none"][0]["correct_rate"],
+                    "top": top["delta"], "top_p_value": top.get("p_value"), "neutral": by["neutral"][0]["delta"],
+                    "neutral_p_value": by["neutral"][0].get("p_value"),
+                    "random_mean": float(np.mean(rand)) if rand else None,
+                    "random_std": float(np.std(rand)) if rand else None, "random_draws": len(rand),
+                    "top_rank": float(np.mean([d <= top["delta"] for d in rand])) if rand else None})
+    return out

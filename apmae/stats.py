@@ -34,3 +34,16 @@ def proportion(flags: Iterable[bool]) -> dict:
     k, n = sum(values), len(values)
     lo, hi = wilson_interval(k, n)
     return {"rate": k / n if n else None, "n": n, "successes": k, "ci95": [lo, hi]}
+
+
+def mcnemar(before: Iterable[bool], after: Iterable[bool]) -> dict:
+    """Exact McNemar test of paired outcomes (the same inputs, two conditions): ``lost`` =
+    right before and wrong after, ``gained`` = the reverse; two-sided binomial p-value of the
+    discordant pairs against 1/2 (1.0 when there are none)."""
+    from scipy.stats import binomtest
+
+    pairs = [(bool(a), bool(b)) for a, b in zip(before, after, strict=True)]
+    lost = sum(a and not b for a, b in pairs)
+    gained = sum(b and not a for a, b in pairs)
+    p = 1.0 if lost + gained == 0 else float(binomtest(lost, lost + gained, 0.5).pvalue)
+    return {"lost": lost, "gained": gained, "p_value": p}

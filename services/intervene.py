@@ -4,8 +4,11 @@ For each task in the classifier report (``apmae classify fit``), held-out inputs
 exactly as the producer builds them, from corpus files the pipeline never saw (any file
 whose id appears in the ``samples`` topic is skipped). The target model predicts them once
 unchanged, then with k heads zeroed (:mod:`apmae.intervene`): the task's top-SHAP heads,
-k random heads (several draws) and the k most neutral heads. The change in the correctness
-rate per condition is written as a table (JSON) and a bar plot next to the report.
+k random heads (20 draws by default) and the k most neutral heads. The change in the
+correctness rate per condition, with McNemar's exact p-value on the same inputs
+(:func:`apmae.intervene.paired_effect`) and the top heads' rank among the random draws
+(:func:`apmae.intervene.summarise`), is written as a table (JSON) and a bar plot next to
+the report.
 
 Only heads that were mined (and so have a SHAP value) are candidates for every condition,
 so the controls are drawn from the same pool as the top heads.
@@ -26,7 +29,7 @@ from apmae.config import setting
 from apmae.corpus import CorpusStats, default_jdk_corpus, open_corpus
 from apmae.figures import intervention_bars
 from apmae.inputs import InputBuilder, ModelInput, Rejected
-from apmae.intervene import as_heads, choose, zero_heads
+from apmae.intervene import as_heads, choose, paired_effect, summarise, zero_heads
 from apmae.target import TargetModel, is_correct
 from apmae.tasks import mine_spans, sample_spans
 from apmae.topics import SAMPLES
@@ -43,7 +46,7 @@ class InterveneConfig(ProducerConfig):
     max_files: int = setting(400, "Corpus files to read at most")
     per_task: int = setting(40, "Held-out inputs per task")
     k: int = setting(5, "Heads zeroed per condition")
-    random_draws: int = setting(3, "Random-head draws (the control's spread)")
+    random_draws: int = setting(20, "Random-head draws (the control's spread; 20+ for its empirical p-value)")
     report: Path = setting(Path(""), "Classifier report.json (default: <artifacts>/classifier/report.json)")
     out_dir: Path = setting(Path(""), "Where the table and plot go (default: beside the report)")
 
@@ -111,9 +114,8 @@ def run(cfg: InterveneConfig, lm: TargetModel | None = None) -> dict:
             pairs = choose(imp, min(cfg.k, len(imp)), condition, seed + cfg.seed)
             with zero_heads(lm.model, as_heads(pairs)):
                 got = correctness(lm, xs, cfg.batch_size)
-            rows.append({"task": task, "condition": condition, "draw": seed, "n": len(xs),
-                         "heads": [f"L{la}H{h}" for la, h in pairs], "correct_rate": float(got.mean()),
-                         "delta": float(got.mean() - base.mean()), "flipped": int((got != base).sum())})
+            rows.append({"task": task, "condition": condition, "draw": seed,
+                         "heads": [f"L{la}H{h}" for la, h in pairs], **paired_effect(base, got)})
         log.info("%s: %s", task, [(r["condition"], round(r["delta"], 3)) for r in rows if r["task"] == task])
     summary = summarise(rows)
     out = cfg.out_dir if str(cfg.out_dir) not in ("", ".") else cfg.report_path.parent
@@ -123,19 +125,3 @@ def run(cfg: InterveneConfig, lm: TargetModel | None = None) -> dict:
     intervention_bars(summary, out / "intervene.png", f"{lm.name}: correctness change with {cfg.k} heads zeroed")
     result["figure"] = str(out / "intervene.png")
     return result
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """One row per task: baseline correctness and the mean change per condition (random: mean, std)."""
-    out = []
-    for task in sorted({r["task"] for r in rows}):
-        mine = [r for r in rows if r["task"] == task and "correct_rate" in r]
-        if not mine:
-            continue
-        by = defaultdict(list)
-        for r in mine:
-            by[r["condition"]].append(r["delta"])
-        out.append({"task": task, "n": mine[0]["n"], "correct_rate": mine[0]["correct_rate"],
-                    "top": by["top"][0], "neutral": by["neutral"][0],
-                    "random_mean": float(np.mean(by["random"])), "random_std": float(np.std(by["random"]))})
-    return out

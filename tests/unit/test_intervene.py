@@ -66,3 +66,34 @@ def test_conditions_pick_from_the_importance_ranking():
     assert as_heads([(0, 1), (2, 3), (0, 2)]) == {0: [1, 2], 2: [3]}
     with pytest.raises(ValueError):
         choose(imp, 2, "largest")
+
+
+def test_paired_effect_is_mcnemar_on_the_flips():
+    import numpy as np
+
+    from apmae.intervene import paired_effect
+
+    base = np.array([True] * 30 + [False] * 10)
+    got = base.copy()
+    got[:12] = False  # 12 right predictions lost, none gained
+    e = paired_effect(base, got)
+    assert e["lost"] == 12 and e["gained"] == 0 and e["flipped"] == 12 and e["delta"] == -12 / 40
+    assert abs(e["p_value"] - 2 * 0.5 ** 12) < 1e-12  # exact two-sided binomial on the 12 discordant pairs
+    same = paired_effect(base, base)
+    assert same["p_value"] == 1.0 and same["delta"] == 0.0
+    mixed = base.copy()
+    mixed[:3], mixed[30:33] = False, True  # 3 lost, 3 gained: no change in rate, no evidence
+    assert paired_effect(base, mixed)["p_value"] == 1.0
+
+
+def test_summary_ranks_top_heads_among_random_draws():
+    from apmae.intervene import summarise
+
+    rows = [{"task": "t", "condition": "none", "n": 40, "correct_rate": 0.75, "delta": 0.0},
+            {"task": "t", "condition": "top", "n": 40, "correct_rate": 0.5, "delta": -0.25, "p_value": 0.001},
+            {"task": "t", "condition": "neutral", "n": 40, "correct_rate": 0.75, "delta": 0.0, "p_value": 1.0}]
+    rows += [{"task": "t", "condition": "random", "n": 40, "correct_rate": 0.7, "delta": d, "p_value": 0.5}
+             for d in [-0.3] + [-0.05] * 19]
+    s = summarise(rows)[0]
+    assert s["random_draws"] == 20 and s["top_rank"] == 1 / 20  # one random set hurt as much
+    assert s["top"] == -0.25 and s["top_p_value"] == 0.001 and s["correct_rate"] == 0.75
