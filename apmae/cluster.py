@@ -94,6 +94,7 @@ class HeadModel:
     duplicates_jittered: int = 0
     explained_variance: float = 1.0  # share of the normalised input's variance the PCA kept
     stage_seconds: dict[str, float] = field(default_factory=dict)  # pca, umap, hdbscan
+    mean_cosine: float = float("nan")  # mean pairwise cosine of the input: near 1 = one vector, nothing to cluster
     _knn: object | None = field(default=None, repr=False)
 
     @property
@@ -160,6 +161,19 @@ def _reduce(x: np.ndarray, pca, cosine: bool) -> np.ndarray:
     return pca.transform(x).astype(np.float32)
 
 
+def mean_pairwise_cosine(x: np.ndarray) -> float:
+    """Mean cosine similarity over all pairs of distinct rows, in O(N D): with unit rows u,
+    sum_{i != j} u_i . u_j = |sum u|^2 - N. Near 1: the head's embeddings are nearly one
+    vector (an undertrained AP-MAE), and one cluster is all there is to find."""
+    u = np.asarray(x, dtype=np.float64)
+    n = len(u)
+    if n < 2:
+        return float("nan")
+    u = u / (np.linalg.norm(u, axis=1, keepdims=True) + 1e-12)
+    s = u.sum(0)
+    return float((s @ s - n) / (n * (n - 1)))
+
+
 def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
     """x: (N, D) embeddings of one head -> fitted HeadModel.
 
@@ -172,6 +186,7 @@ def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
     x = np.asarray(x, dtype=np.float32)
+    spread = mean_pairwise_cosine(x)
     x, dups = jitter_duplicates(x, cfg.jitter, cfg.seed)
     pca, explained, metric = None, 1.0, cfg.metric
     if cfg.pca_components and cfg.pca_components < x.shape[1] and len(x) > cfg.pca_components:
@@ -196,7 +211,7 @@ def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
     labels = clusterer.fit_predict(low)
     stages["hdbscan"] = time.perf_counter() - t0 - sum(stages.values())
     return HeadModel(cfg, reducer, clusterer, low, np.asarray(labels), pca, time.perf_counter() - t0, dups, explained,
-                     stages)
+                     stages, spread)
 
 
 class IncrementalClusterer:

@@ -171,6 +171,7 @@ class FitWorker:
                           n=len(model.labels),
                           n_clusters=model.n_clusters, noise_rate=model.noise_rate, seconds=model.fit_seconds,
                           explained_variance=model.explained_variance, stage_seconds=model.stage_seconds,
+                          mean_cosine=model.mean_cosine,
                           config=config_to_dict(model.cfg))
         FITS.labels(job.model).inc()
         FIT_SECONDS.labels(job.model).inc(model.fit_seconds)

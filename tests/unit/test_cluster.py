@@ -130,3 +130,16 @@ def test_cluster_plan_fits_one_checkpoint_per_head_and_skips_small_heads():
     old = plan_heads(rows, checkpoint="ck@100", min_points=30)
     assert old.heads == {"m/0/0": [f"f{i}" for i in range(30)]}
     assert same_space("ck@200", "ck@200") and not same_space("ck@100", "ck@200") and same_space("x", "")
+
+
+def test_mean_pairwise_cosine_matches_the_pairs_and_is_recorded_per_fit(fitted):
+    from apmae.cluster import mean_pairwise_cosine
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8)) + 2.0
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    brute = (u @ u.T)[~np.eye(50, dtype=bool)].mean()
+    assert abs(mean_pairwise_cosine(x) - brute) < 1e-9
+    assert abs(mean_pairwise_cosine(np.ones((10, 4)) * 3) - 1) < 1e-9  # one vector: nothing to cluster
+    assert abs(mean_pairwise_cosine(np.eye(6))) < 1e-12
+    assert -1 <= fitted[0].mean_cosine <= 1
