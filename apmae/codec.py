@@ -112,6 +112,53 @@ def decode_pattern(buf: bytes, n: int, dtype: str = "bfloat16") -> np.ndarray:
     return unpack_lower(v, n)
 
 
+def payload_is_finite(buf, dtype: str = "bfloat16") -> bool:
+    """True when no value of a wire payload is NaN or Inf, read without decoding it (an
+    all-ones exponent marks both); a payload of the wrong dtype or length is left to the decoder."""
+    if dtype == "bfloat16" and len(buf) % 2 == 0:
+        return not bool(((np.frombuffer(buf, dtype=np.uint16) & 0x7F80) == 0x7F80).any())
+    if dtype == "float32" and len(buf) % 4 == 0:
+        return not bool(((np.frombuffer(buf, dtype="<u4") & 0x7F800000) == 0x7F800000).any())
+    return True
+
+
+def decode_many(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[torch.Tensor, list[int], dict[int, str]]:
+    """Vectorised :func:`decode_pattern` for a batch of wire payloads of one size and dtype.
+
+    Returns ``(patterns (G, n, n) float32, kept indices (G,), {index: reason} for the rest)``.
+    One bf16 -> float32 conversion and one scatter for the whole batch: per pattern this was
+    the encoder's largest cost next to the forward pass itself.
+    """
+    if dtype not in WIRE_DTYPES:
+        return torch.zeros(0, n, n), [], {i: f"unknown wire dtype {dtype!r}" for i in range(len(bufs))}
+    if not isinstance(n, int) or n < 1:
+        return torch.zeros(0, 1, 1), [], {i: f"pattern size {n!r} is not a positive integer" for i in range(len(bufs))}
+    width = 2 if dtype == "bfloat16" else 4
+    length = packed_length(n)
+    bad: dict[int, str] = {}
+    kept = []
+    for i, b in enumerate(bufs):
+        if len(b) != length * width:
+            bad[i] = f"pattern payload is {len(b)} bytes, expected {length * width} for n={n} {dtype}"
+        else:
+            kept.append(i)
+    raw = np.empty((len(kept), length), dtype=np.int16 if width == 2 else "<f4")
+    for row, i in enumerate(kept):
+        raw[row] = np.frombuffer(bufs[i], dtype=raw.dtype)
+    v = torch.from_numpy(raw)
+    v = v.view(torch.bfloat16).float() if width == 2 else v.float()
+    finite = torch.isfinite(v).all(dim=1)
+    if not bool(finite.all()):
+        for row in torch.nonzero(~finite).flatten().tolist():
+            bad[kept[row]] = "decoded pattern has non-finite values"
+        v = v[finite]
+        kept = [i for row, i in enumerate(kept) if bool(finite[row])]
+    rows, cols = tril_indices(n)
+    out = torch.zeros(len(kept), n * n)
+    out[:, torch.from_numpy(rows * n + cols)] = v
+    return out.view(len(kept), n, n), kept, bad
+
+
 def log_scale(a: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The paper's log normalisation, per pattern.
 

@@ -66,3 +66,19 @@ def train_step(model: APMAE | torch.nn.Module, optimizer: torch.optim.Optimizer,
     loss.backward()
     optimizer.step()
     return value
+
+
+def shuffle_block(items: list, seed: int, block: int) -> list:
+    """The training shuffle: one block of read patterns in a seeded random order.
+
+    Patterns arrive grouped by head (the bus partitions them by model/layer/head), so batches
+    taken in arrival order hold a handful of heads each and the gradient sees one head at a
+    time. The trainer reads blocks of up to ``shuffle_window`` patterns across its partitions,
+    adds the previous block's leftovers, and draws batches from this order. Seeded by
+    (seed, block number), so a run is repeatable.
+    """
+    import random
+
+    out = list(items)
+    random.Random(f"{seed}:{block}").shuffle(out)
+    return out

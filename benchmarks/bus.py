@@ -2,17 +2,28 @@
 
 Our adapter (apmae envelope + Bus.send / the at-least-once Processor loop with commits)
 against the raw kafka-python client on the same broker, the same payloads, in the same run;
-with and without compression. Messages: one 256x256 attention pattern each, lower triangle
-in bfloat16 (32,896 values x 2 bytes), drawn from softmax rows like real attention.
+for each codec (none, zstd, lz4). Messages: one 256x256 attention pattern each, lower
+triangle in bfloat16 (32,896 values x 2 bytes), drawn from softmax rows like real attention.
 
-    python benchmarks/bus.py [--messages 1500]
+Method: for each codec, ``--rounds`` rounds; in each round raw and ours alternate (which goes
+first alternates too), so drift of a noisy machine falls on both. Produce: ``--messages``
+sends then a flush. Consume: both read the *same* topic (ours-produced, envelope and all)
+with a fresh consumer group each; the group is joined before the clock starts, then the
+clock runs from seek-to-beginning until every message is in hand and committed (raw: one
+commit per poll; ours: the Processor's decode, done-check, flush and commit per batch).
+Ratios are of the medians over rounds.
+
+    python benchmarks/bus.py [--messages 3000] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,93 +45,136 @@ def patterns(n: int, size: int = 256) -> list[bytes]:
     return [out[i % len(out)] for i in range(n)]
 
 
-def run(n: int) -> dict:
-    from kafka import KafkaConsumer, KafkaProducer
+def _joined(consumer, timeout_s: float = 60.0):
+    """Poll (fetching at most one record) until the group has assigned partitions."""
+    t0 = time.perf_counter()
+    while not consumer.assignment() and time.perf_counter() - t0 < timeout_s:
+        consumer.poll(timeout_ms=200, max_records=1)
+    consumer.seek_to_beginning()
+    return consumer
+
+
+def produce_raw(bootstrap: str, topic: str, comp: str, payloads: list[bytes]) -> float:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20,
+                      max_request_size=5 << 20, compression_type=None if comp == "none" else comp)
+    p.send(topic, value=b"warm-up").get(30)  # metadata and connection before the clock
+    t0 = time.perf_counter()
+    for i, v in enumerate(payloads):
+        p.send(topic, key=f"m/{i % 30}/{i % 9}".encode(), value=v)
+    p.flush()
+    dt = time.perf_counter() - t0
+    p.close()
+    return dt
+
+
+def produce_ours(cfg, records) -> float:
+    from apmae.topics import PATTERNS_MINE
+    from services.bus import Bus, Output
+
+    bus = Bus(cfg, "bench")
+    warm = dataclasses.replace(records[0], id="warm-up")  # its own id: the loop drops repeated ids
+    bus.send(Output(PATTERNS_MINE, warm, key=warm.key))  # warm-up, as for raw
+    bus.flush()
+    t0 = time.perf_counter()
+    for r in records:
+        bus.send(Output(PATTERNS_MINE, r, key=r.key))
+    bus.flush()
+    dt = time.perf_counter() - t0
+    bus.close()
+    return dt
+
+
+def consume_raw(bus, topic, n: int, group: str) -> float:
+    """kafka-python's consumer as it comes (made by Bus.consumer only for the same settings)."""
+    c = _joined(bus.consumer(group, [topic]))
+    got, t0 = 0, time.perf_counter()
+    while got < n and time.perf_counter() - t0 < 300:
+        batch = c.poll(timeout_ms=500, max_records=256)
+        got += sum(len(v) for v in batch.values())
+        if batch:
+            c.commit()
+    dt = time.perf_counter() - t0
+    c.close(autocommit=False)
+    assert got >= n, f"raw consumer got {got} of {n}"
+    return dt
+
+
+def consume_ours(bus, n: int, group: str) -> float:
+    from apmae.topics import PATTERNS_MINE
+    from services.bus import Processor
+
+    seen = [0]
+
+    def handler(ms):
+        seen[0] += len(ms)
+        return []
+
+    proc = Processor(bus, group, [PATTERNS_MINE], handler, batch_size=256)
+    proc.consumer = _joined(bus.consumer(group, [PATTERNS_MINE]))
+    t0 = time.perf_counter()
+    proc.run(max_messages=n, idle_timeout_s=30)
+    dt = time.perf_counter() - t0
+    assert seen[0] >= n, f"our processor got {seen[0]} of {n}"
+    return dt
+
+
+def run(n: int, rounds: int) -> dict:
+    from kafka.admin import NewTopic
 
     from apmae.config import BusConfig
+    from apmae.messages import encode
     from apmae.topics import PATTERNS_MINE, PatternRecord
-    from services.bus import Bus, Output, Processor
+    from services.bus import Bus, native_crc32c
 
     payloads = patterns(n)
+    recs = [PatternRecord(id=f"{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
+                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
+    msg_bytes = len(encode(recs[0]))
     rows = []
     with embedded_infra(("broker",)) as infra:
         for comp in ("none", "zstd", "lz4"):
-            cfg = BusConfig(bootstrap_servers=infra.bootstrap_servers, compression=comp,
-                            topic_prefix=f"{comp}.", group_poll_interval_ms=8000)
-            bus = Bus(cfg, "bench")
-            bus.ensure_topics([PATTERNS_MINE])
-            raw_topic = f"raw.{comp}"
-            bus.admin().create_topics([__import__("kafka.admin", fromlist=["NewTopic"]).NewTopic(raw_topic, 8, 1)])
-
-            # raw kafka-python: produce
-            rp = KafkaProducer(bootstrap_servers=infra.bootstrap_servers, acks="all", linger_ms=20,
-                               batch_size=1 << 20, max_request_size=5 << 20,
-                               compression_type=None if comp == "none" else comp)
-            t0 = time.perf_counter()
-            for i, p in enumerate(payloads):
-                rp.send(raw_topic, key=f"m/{i % 30}/{i % 9}".encode(), value=p)
-            rp.flush()
-            raw_prod = time.perf_counter() - t0
-            rp.close()
-
-            # ours: produce (records with the envelope)
-            recs = [PatternRecord(id=f"{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
-                                  head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
-            t0 = time.perf_counter()
-            for r in recs:
-                bus.send(Output(PATTERNS_MINE, r, key=r.key))
-            bus.flush()
-            our_prod = time.perf_counter() - t0
-            msg_bytes = len(__import__("apmae.messages", fromlist=["encode"]).encode(recs[0]))
-
-            # raw kafka-python: consume with a group and commits per poll
-            rc = KafkaConsumer(raw_topic, bootstrap_servers=infra.bootstrap_servers, group_id=f"raw-{comp}",
-                               enable_auto_commit=False, auto_offset_reset="earliest", max_poll_interval_ms=8000,
-                               session_timeout_ms=8000, heartbeat_interval_ms=1000, fetch_max_bytes=64 << 20,
-                               max_partition_fetch_bytes=5 << 20)
-            got, t0, first = 0, time.perf_counter(), None
-            while got < n and time.perf_counter() - t0 < 300:
-                batch = rc.poll(timeout_ms=500, max_records=256)
-                if batch and first is None:
-                    first = time.perf_counter()
-                got += sum(len(v) for v in batch.values())
-                if batch:
-                    rc.commit()
-            raw_cons = time.perf_counter() - (first or t0)
-            rc.close()
-
-            # ours: the Processor loop (decode + validate + flush + commit), no-op handler
-            seen = []
-            proc = Processor(bus, f"ours-{comp}", [PATTERNS_MINE], lambda ms, seen=seen: seen.extend(ms) or [], batch_size=256)
-            t0 = time.perf_counter()
-            proc.consumer = bus.consumer(proc.group, proc.inputs)
-            while not proc.consumer.assignment() and time.perf_counter() - t0 < 60:
-                proc.consumer.poll(timeout_ms=200, max_records=1)  # join the group before timing
-                if seen or proc.consumer.assignment():
-                    break
-            proc.consumer.seek_to_beginning()
-            t0 = time.perf_counter()
-            proc.run(max_messages=n, idle_timeout_s=30)
-            our_cons = time.perf_counter() - t0
-            bus.close()
+            t = {"raw_produce": [], "ours_produce": [], "raw_consume": [], "ours_consume": []}
+            for k in range(rounds):
+                cfg = BusConfig(bootstrap_servers=infra.bootstrap_servers, compression=comp,
+                                topic_prefix=f"{comp}{k}.", group_poll_interval_ms=8000)
+                bus = Bus(cfg, "bench")
+                bus.ensure_topics([PATTERNS_MINE])
+                raw_topic = f"raw.{comp}{k}"
+                bus.admin().create_topics([NewTopic(raw_topic, PATTERNS_MINE.partitions, 1)])
+                steps = [("raw_produce", partial(produce_raw, infra.bootstrap_servers, raw_topic, comp, payloads)),
+                         ("ours_produce", partial(produce_ours, cfg, recs))]
+                for name, fn in steps if k % 2 == 0 else steps[::-1]:
+                    t[name].append(fn())
+                steps = [("raw_consume", partial(consume_raw, bus, PATTERNS_MINE, n, f"raw{k}")),
+                         ("ours_consume", partial(consume_ours, bus, n, f"ours{k}"))]
+                for name, fn in steps if k % 2 == 0 else steps[::-1]:
+                    t[name].append(fn())
+            med = {name: statistics.median(v) for name, v in t.items()}
             mb = n * msg_bytes / 1e6
             rows.append({
-                "compression": comp, "messages": n, "msg_bytes": msg_bytes,
-                "raw_produce_msg_s": n / raw_prod, "ours_produce_msg_s": n / our_prod,
-                "produce_ratio": raw_prod / our_prod, "ours_produce_MB_s": mb / our_prod,
-                "raw_consume_msg_s": got / raw_cons, "ours_consume_msg_s": len(seen) / our_cons,
-                "consume_ratio": (len(seen) / our_cons) / (got / raw_cons), "ours_consume_MB_s": mb / our_cons,
+                "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
+                "raw_produce_MB_s": mb / med["raw_produce"], "ours_produce_MB_s": mb / med["ours_produce"],
+                "produce_ratio": med["raw_produce"] / med["ours_produce"],
+                "raw_consume_MB_s": mb / med["raw_consume"], "ours_consume_MB_s": mb / med["ours_consume"],
+                "consume_ratio": med["raw_consume"] / med["ours_consume"],
+                "ours_consume_msg_s": n / med["ours_consume"],
+                "seconds": {name: [round(x, 3) for x in v] for name, v in t.items()},
             })
-    return {"rows": rows}
+    return {"native_crc32c": native_crc32c(), "rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--messages", type=int, default=1500)
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    res = run(args.messages)
-    print(table(res["rows"], list(res["rows"][0])))
-    print("ratio = ours / raw kafka-python (1.0 = no adapter overhead)")
+    res = run(args.messages, args.rounds)
+    cols = [c for c in res["rows"][0] if c != "seconds"]
+    print(table(res["rows"], cols))
+    print(f"ratio = ours / raw kafka-python, medians of {args.rounds} rounds (1.0 = no adapter overhead); "
+          f"native crc32c: {res['native_crc32c']}")
     print("wrote", write_result("bus", res))
 
 

@@ -7,9 +7,11 @@ Part 1, same inputs, same process, one mode at a time in a fresh subprocess (for
   eager     transformers' eager attention with output_attentions=True (the reference way)
 plus the max abs difference between our all-heads capture and eager's probabilities.
 
-Part 2, end to end through the embedded broker and Redis: ingest JDK files, run the producer
-service loop, report samples/s, patterns/s, MB/s, the share of time spent publishing, the
-correctness rate per task, and how well real patterns compress with zstd.
+Part 2, side by side on the same files and the same loaded model: a forward + capture loop
+alone (the floor) against the producer service through the embedded broker and Redis
+(pipelined: chunk k is encoded and published while chunk k+1 runs); samples/s of both,
+their ratio, patterns/s, MB/s, the share of wall time per stage, the correctness rate per
+task, and how well real patterns compress with zstd.
 
     python benchmarks/producer.py [--inputs 32] [--files 4]
 """
@@ -113,53 +115,111 @@ def part1(n: int, batch: int) -> list[dict]:
     return rows
 
 
-def part2(files: int, mine_per_task: int) -> dict:
+def part2(files: int, rounds: int) -> dict:
+    """The producer service against a forward + capture loop alone, same inputs, same model.
+
+    Both run the same jobs (the service's own ``jobs_for`` on the same files) in chunks of
+    ``batch_size`` with the same heads captured (``heads_to_capture``: all heads for mined
+    samples, 25% for training ones); every mined sample is admitted (no task fills up), so
+    the service does all the capture work the loop does, then encodes, publishes, flushes,
+    marks and commits. The consumer group is joined before the service's clock starts.
+    Rounds alternate which goes first."""
+    import torch
     import zstandard
 
     from apmae.config import BusConfig
     from apmae.corpus import CorpusStats, default_jdk_corpus, open_corpus
+    from apmae.target import TargetModel
     from apmae.topics import FILES, PATTERNS_MINE, FileRecord
-    from services import metrics
-    from services.bus import Bus, Output, read_range
+    from services.bus import Bus, Message, Output, read_range
     from services.producer import PREDICTIONS, Producer, ProducerConfig
 
+    lm = TargetModel.load("local:smollm2", CACHE, "cpu")
+    corpus = [FileRecord(id=f.id, source=f.source, path=f.path, content=f.content)
+              for f in itertools.islice(open_corpus(default_jdk_corpus(), CorpusStats()), 500, 500 + files)]
     with embedded_infra(("broker", "redis")) as infra:
-        cfg = ProducerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                             state_dir=ROOT / ".apmae", group_poll_interval_ms=10_000, mine_per_task=mine_per_task,
-                             balance_slack=mine_per_task)
-        bus = Bus(BusConfig(bootstrap_servers=infra.bootstrap_servers), "bench")
-        bus.ensure_topics()
-        for f in itertools.islice(open_corpus(default_jdk_corpus(), CorpusStats()), 500, 500 + files):
-            bus.send(Output(FILES, FileRecord(id=f.id, source=f.source, path=f.path, content=f.content)))
-        bus.flush()
-        prod = Producer(cfg)
-        proc = prod.processor_for()
-        t0 = time.perf_counter()
-        proc.run(max_messages=files, idle_timeout_s=60)
-        total = time.perf_counter() - t0
-        publish = metrics.PUBLISH_SECONDS.labels("producer")._value.get()
-        sec = {s: prod_seconds(s) for s in ("model", "capture", "encode")}
-        counts = Counter()
-        by_task: dict[str, Counter] = {}
-        for sample in PREDICTIONS.collect()[0].samples:
-            if sample.name.endswith("_total"):
-                t, r = sample.labels["task"], sample.labels["result"]
-                by_task.setdefault(t, Counter())[r] += int(sample.value)
-                counts[r] += int(sample.value)
-        n_samples = sum(counts.values())
-        mine_bytes, n_patterns, ratios = 0, 0, []
-        comp = zstandard.ZstdCompressor(level=3)
-        for i, m in enumerate(read_range(bus, PATTERNS_MINE)):
-            n_patterns += 1
-            mine_bytes += len(m.value)
-            if i % 50 == 0:
-                ratios.append(len(m.record.payload) / len(comp.compress(m.record.payload)))
+        def config(k: int) -> ProducerConfig:
+            return ProducerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
+                                  state_dir=ROOT / ".apmae", group_poll_interval_ms=10_000, topic_prefix=f"r{k}.",
+                                  mine_per_task=10**6, balance_slack=10**6)
+
+        def loop_alone(k: int) -> tuple[float, int]:
+            prod = Producer(config(k), model=lm)
+            batches = [[j for f in corpus[i:i + prod.cfg.files_per_batch]
+                        for j in prod.jobs_for(Message("files", 0, 0, 0, None, b"", f))]
+                       for i in range(0, len(corpus), prod.cfg.files_per_batch)]
+            t0 = time.perf_counter()
+            for jobs in batches:
+                gen = torch.Generator().manual_seed(prod.cfg.seed)
+                full = {j.x.task: False for j in jobs}
+                for c in range(0, len(jobs), prod.cfg.batch_size):
+                    chunk = jobs[c:c + prod.cfg.batch_size]
+                    lm.run([j.x for j in chunk], prod.heads_to_capture(chunk, full, gen))
+            return time.perf_counter() - t0, sum(len(b) for b in batches)
+
+        def service(k: int) -> tuple[float, int, dict]:
+            cfg = config(k)
+            bus = Bus(BusConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=cfg.topic_prefix), "bench")
+            bus.ensure_topics()
+            for f in corpus:
+                bus.send(Output(FILES, f))
+            bus.flush()
+            prod = Producer(cfg, model=lm)
+            proc = prod.processor_for()
+            proc.connect()
+            while not proc.consumer.assignment():  # join the group before the clock
+                proc.consumer.poll(timeout_ms=200, max_records=1)
+            proc.consumer.seek_to_beginning()
+            before = {s: prod_seconds(s) for s in STAGES}
+            t0 = time.perf_counter()
+            proc.run(max_messages=files, idle_timeout_s=60)
+            total = time.perf_counter() - t0
+            stages = {s: prod_seconds(s) - before[s] for s in STAGES}
+            n_mined, mined_bytes, ratios = 0, 0, []
+            comp = zstandard.ZstdCompressor(level=3)
+            for i, m in enumerate(read_range(bus, PATTERNS_MINE)):
+                n_mined += 1
+                mined_bytes += len(m.value)
+                if i % 50 == 0:
+                    ratios.append(len(m.record.payload) / len(comp.compress(m.record.payload)))
+            return total, n_mined, {"stages": stages, "mined_bytes": mined_bytes,
+                                    "zstd_ratio": sum(ratios) / max(1, len(ratios))}
+
+        lm.run(build_inputs(lm, 8), {})  # warm-up: first-forward allocations fall on neither
+        runs = []
+        for k in range(rounds):
+            order = ("loop", "service") if k % 2 == 0 else ("service", "loop")
+            r = {}
+            for what in order:
+                if what == "loop":
+                    r["loop_s"], r["samples"] = loop_alone(k)
+                else:
+                    r["service_s"], r["mined_patterns"], r["detail"] = service(k)
+            runs.append(r)
+    samples = runs[0]["samples"]
+    loop_s = sorted(r["loop_s"] for r in runs)[len(runs) // 2]
+    service_s = sorted(r["service_s"] for r in runs)[len(runs) // 2]
+    last = runs[-1]
+    counts = Counter()
+    by_task: dict[str, Counter] = {}
+    for sample in PREDICTIONS.collect()[0].samples:
+        if sample.name.endswith("_total"):
+            t, res = sample.labels["task"], sample.labels["result"]
+            by_task.setdefault(t, Counter())[res] += int(sample.value)
+            counts[res] += int(sample.value)
     per_task = [{"task": t, "correct": c["correct"], "incorrect": c["incorrect"], "unlabelled": c["unlabelled"],
                  "correct_rate": c["correct"] / max(1, c["correct"] + c["incorrect"])} for t, c in sorted(by_task.items())]
-    return {"files": files, "samples": n_samples, "seconds": total, "samples_per_s": n_samples / total,
-            "mined_patterns": n_patterns, "patterns_per_s": n_patterns / total, "MB_per_s": mine_bytes / 1e6 / total,
-            "publish_share": publish / total, **{f"{k}_share": v / total for k, v in sec.items()},
-            "zstd_ratio_real_patterns": sum(ratios) / max(1, len(ratios)), "per_task": per_task}
+    return {"files": files, "rounds": rounds, "samples": samples,
+            "loop_alone_samples_per_s": samples / loop_s, "service_samples_per_s": samples / service_s,
+            "service_vs_loop": loop_s / service_s,
+            "mined_patterns_per_round": last["mined_patterns"], "patterns_per_s": last["mined_patterns"] / service_s,
+            "MB_per_s": last["detail"]["mined_bytes"] / 1e6 / service_s,
+            **{f"{k}_share": v / last["service_s"] for k, v in last["detail"]["stages"].items()},
+            "zstd_ratio_real_patterns": last["detail"]["zstd_ratio"],
+            "seconds": [{k: v for k, v in r.items() if k != "detail"} for r in runs], "per_task": per_task}
+
+
+STAGES = ("model", "capture", "encode", "publish", "wait")
 
 
 def prod_seconds(stage: str) -> float:
@@ -173,7 +233,8 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--files", type=int, default=4)
-    ap.add_argument("--mine-per-task", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--skip-capture", action="store_true", help="only part 2")
     ap.add_argument("--one-mode", default=None)
     args = ap.parse_args()
     if args.one_mode:
@@ -182,12 +243,13 @@ def main() -> None:
     from apmae.target import materialize_smollm2
 
     materialize_smollm2(CACHE)
-    rows = part1(args.inputs, args.batch)
-    print(table(rows, ["mode", "inputs", "seconds", "inputs_per_s", "vs_sdpa", "vs_eager", "peak_rss_MB",
-                       "rss_growth_MB", "max_abs_diff_vs_eager"]))
-    e2e = part2(args.files, args.mine_per_task)
-    print(table([{k: v for k, v in e2e.items() if k != "per_task"}],
-                [k for k in e2e if k != "per_task"]))
+    rows = [] if args.skip_capture else part1(args.inputs, args.batch)
+    if rows:
+        print(table(rows, ["mode", "inputs", "seconds", "inputs_per_s", "vs_sdpa", "vs_eager", "peak_rss_MB",
+                           "rss_growth_MB", "max_abs_diff_vs_eager"]))
+    e2e = part2(args.files, args.rounds)
+    print(table([{k: v for k, v in e2e.items() if k not in ("per_task", "seconds")}],
+                [k for k in e2e if k not in ("per_task", "seconds")]))
     print(table(e2e["per_task"], ["task", "correct", "incorrect", "unlabelled", "correct_rate"]))
     print("wrote", write_result("producer", {"capture": rows, "end_to_end": e2e}))
 

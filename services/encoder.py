@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import redis
 import torch
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
 
-from apmae.codec import BadPattern, decode_pattern
+from apmae.codec import BadPattern, decode_many
 from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, load
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
-from services.registry import sha256_file
+from services.registry import apmae_key, sha256_file
 
 log = logging.getLogger("apmae.encoder")
-EMBEDDED = Counter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
+EMBEDDED = PromCounter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
 CHECKPOINT_STEP = Gauge("apmae_encoder_checkpoint_step", "Step of the AP-MAE checkpoint in use")
 
 
@@ -57,7 +59,7 @@ class Encoder:
         p = Path(self.cfg.checkpoint)
         if (p / "model.safetensors").exists():
             return p, sha256_file(p / "model.safetensors"), p.name
-        h = self.redis.hgetall(f"apmae:registry:apmae:{self.cfg.checkpoint}")
+        h = self.redis.hgetall(apmae_key(self.cfg.topic_prefix, self.cfg.checkpoint))
         if not h:
             return None
         rel, sha, step = h[b"path"].decode(), h[b"sha256"].decode(), h[b"step"].decode()
@@ -82,29 +84,34 @@ class Encoder:
         log.info("embedding with %s (%s)", tag, path)
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        """Embed a batch: patterns decoded together (one bf16 conversion and one scatter per
+        batch, :func:`apmae.codec.decode_many`), one unmasked forward per ``batch_size``."""
         self.ensure_model()
         out: list[Output | DeadLetter] = []
-        good, arrays = [], []
         size = self.model.cfg.pattern_size
+        by_dtype: dict[str, list[Message]] = {}
         for m in msgs:
-            rec = m.record
-            try:
-                if rec.size != size:
-                    raise BadPattern(f"pattern size {rec.size} != AP-MAE pattern size {size}")
-                arrays.append(decode_pattern(rec.payload, rec.size, rec.dtype))
-                good.append(m)
-            except BadPattern as e:
-                out.append(DeadLetter(m, str(e)))
-        for k in range(0, len(good), self.cfg.batch_size):
-            x = torch.from_numpy(np.stack(arrays[k:k + self.cfg.batch_size])).to(self.device)
-            emb = self.model.embed(x).float().cpu().numpy()
-            for m, e in zip(good[k:k + self.cfg.batch_size], emb, strict=True):
-                r = m.record
-                out.append(Output(EMBEDDINGS, EmbeddingRecord(
-                    id=f"{r.id}@{self.sha[:12]}", sample_id=r.sample_id, model=r.model, task=r.task, layer=r.layer,
-                    head=r.head, correct=r.correct, checkpoint=self.tag, dim=int(e.shape[0]),
-                    payload=e.astype("<f4").tobytes()), key=head_key(r.model, r.layer, r.head)))
-                EMBEDDED.labels(r.model).inc()
+            if m.record.size != size:
+                out.append(DeadLetter(m, f"pattern size {m.record.size} != AP-MAE pattern size {size}"))
+            else:
+                by_dtype.setdefault(m.record.dtype, []).append(m)
+        for dtype, group in by_dtype.items():
+            for k in range(0, len(group), self.cfg.batch_size):
+                chunk = group[k:k + self.cfg.batch_size]
+                x, kept, bad = decode_many([m.record.payload for m in chunk], size, dtype)
+                out += [DeadLetter(chunk[i], reason) for i, reason in bad.items()]
+                if not kept:
+                    continue
+                with torch.inference_mode():
+                    emb = self.model.embed(x.to(self.device)).float().cpu().numpy()
+                for i, e in zip(kept, emb, strict=True):
+                    r = chunk[i].record
+                    out.append(Output(EMBEDDINGS, EmbeddingRecord(
+                        id=f"{r.id}@{self.sha[:12]}", sample_id=r.sample_id, model=r.model, task=r.task,
+                        layer=r.layer, head=r.head, correct=r.correct, checkpoint=self.tag, dim=int(e.shape[0]),
+                        payload=e.astype("<f4").tobytes()), key=head_key(r.model, r.layer, r.head)))
+                for model, k_model in Counter(chunk[i].record.model for i in kept).items():
+                    EMBEDDED.labels(model).inc(k_model)
         return out
 
     def processor(self) -> Processor:

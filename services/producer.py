@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +82,7 @@ class ProducerConfig(BusConfig):
     dtype: str = setting("", "Model dtype (default: bfloat16 on GPU, float32 on CPU)")
     length: int = setting(256, "Tokens per input (the paper fixes 256)")
     batch_size: int = setting(8, "Inputs per forward pass")
+    pipeline_depth: int = setting(1, "Forward chunks whose patterns may wait to be published while the next runs")
     files_per_batch: int = setting(2, "Files consumed per processing turn")
     spans_per_task: int = setting(2, "Candidates sampled per tree-sitter task per file")
     random_per_file: int = setting(2, "Random-span (3-10 token) inputs per file")
@@ -148,6 +151,7 @@ class Producer:
         self.mine_heads = parse_ranges(cfg.mine_heads, self.lm.n_heads)
         self.processor: Processor | None = None
         self.files_seen = 0
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
 
     # -- inputs ---------------------------------------------------------------------------
     def jobs_for(self, msg: Message) -> list[Job]:
@@ -269,6 +273,14 @@ class Producer:
         return Output(DEADLETTER, rec, key=self.bus.name(topic))
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        """Forward the batch's inputs chunk by chunk, publishing chunk k while chunk k+1 runs.
+
+        The model forward is the work that matters; encoding patterns and handing them to the
+        Kafka client run on one publisher thread behind a hand-off of ``pipeline_depth``
+        chunks (bounded memory: a chunk's captured patterns are ~18 MB per mined sample at
+        256 tokens). Everything sent here is covered by the processor's flush, which comes
+        before the done marks and the commit, so the at-least-once order holds.
+        """
         out: list[Output | DeadLetter] = []
         jobs: list[Job] = []
         for m in msgs:
@@ -279,20 +291,43 @@ class Producer:
             self.files_seen += 1
         full = {t: self.task_full(t) for t in {j.x.task for j in jobs}}
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        for k in range(0, len(jobs), self.cfg.batch_size):
-            chunk = jobs[k:k + self.cfg.batch_size]
-            heads = self.heads_to_capture(chunk, full, gen)
-            cap0 = self.lm.capture.seconds
-            def forward(chunk=chunk, heads=heads):
-                return self.lm.run([j.x for j in chunk], heads, generate_span=self.cfg.generate_span)
+        pending: deque[Future] = deque()
+        try:
+            for k in range(0, len(jobs), self.cfg.batch_size):
+                chunk = jobs[k:k + self.cfg.batch_size]
+                heads = self.heads_to_capture(chunk, full, gen)
+                cap0 = self.lm.capture.seconds
 
-            # one forward of a CPU batch can outlast max_poll_interval: keep the membership alive
-            res = self.processor.keepalive(forward) if self.processor is not None else forward()
-            cap_s = self.lm.capture.seconds - cap0
-            SECONDS.labels("capture").inc(cap_s)
-            SECONDS.labels("model").inc(res.model_s - cap_s)
-            out.extend(self.outputs_for(chunk, res))
+                def forward(chunk=chunk, heads=heads):
+                    return self.lm.run([j.x for j in chunk], heads, generate_span=self.cfg.generate_span)
+
+                # one forward of a CPU batch can outlast max_poll_interval: keep the membership alive
+                res = self.processor.keepalive(forward) if self.processor is not None else forward()
+                cap_s = self.lm.capture.seconds - cap0
+                SECONDS.labels("capture").inc(cap_s)
+                SECONDS.labels("model").inc(res.model_s - cap_s)
+                pending.append(self._publisher.submit(self.publish, chunk, res))
+                t_wait = time.perf_counter()
+                while len(pending) > self.cfg.pipeline_depth:  # back-pressure: the publisher is behind
+                    pending.popleft().result()
+                SECONDS.labels("wait").inc(time.perf_counter() - t_wait)
+            while pending:
+                pending.popleft().result()  # re-raises the publisher's error here
+        finally:
+            for f in pending:  # an error upstream: do not leave a publish running past this batch
+                f.cancel()
+            for f in pending:
+                if not f.cancelled():
+                    f.exception()
         return out
+
+    def publish(self, chunk: list[Job], res: BatchResult) -> None:
+        """Encode one chunk's samples and patterns and queue them on the bus (publisher thread)."""
+        outs = self.outputs_for(chunk, res)
+        t0 = time.perf_counter()
+        for o in outs:
+            self.bus.send(o)
+        SECONDS.labels("publish").inc(time.perf_counter() - t0)
 
     def processor_for(self, done: DoneStore | None = None) -> Processor:
         self.bus.ensure_topics([FILES, SAMPLES, PATTERNS_TRAIN, PATTERNS_MINE])

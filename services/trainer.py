@@ -29,7 +29,6 @@ import shutil
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +39,14 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from apmae import config as C
-from apmae.codec import BadPattern, decode_pattern
 from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, save, variant
-from apmae.messages import InvalidMessage, decode, stable_id
-from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord, PatternRecord
+from apmae.messages import stable_id
+from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord
 from apmae.train import NonFiniteLoss, Schedule, make_optimizer, scaled_lr, train_step
 from services.bus import Bus, LagProbe, Output
 from services.registry import sha256_file
+from services.trainer_input import Batch, Prefetcher, wait_for_batch
 
 log = logging.getLogger("apmae.trainer")
 LOSS = Gauge("apmae_trainer_loss", "Last training loss", ["run"])
@@ -67,6 +66,9 @@ class TrainerConfig(BusConfig):
     target_model: str = setting("", "Train only on this target model's patterns (the paper trains one AP-MAE per "
                                     "LLM); others are skipped, not dead-lettered (default: all)")
     batch_size: int = setting(64, "Patterns per step per process")
+    shuffle_window: int = setting(2048, "Patterns read and shuffled together before batches are drawn "
+                                        "(partitions are keyed by head: no shuffle means one head per batch)")
+    prefetch_batches: int = setting(2, "Batches decoded ahead of the training step (bounded)")
     steps: int = setting(1000, "Steps to train (the cosine schedule spans these)")
     warmup_steps: int = setting(0, "Linear warm-up steps")
     lr: float = setting(0.0, "Peak learning rate (0: 1.5e-4 x global batch / 50)")
@@ -81,15 +83,9 @@ class TrainerConfig(BusConfig):
 
     @property
     def run_dir(self) -> Path:
-        return self.artifacts_dir / "trainer" / self.name
-
-
-@dataclass
-class Item:
-    tp: TopicPartition
-    offset: int
-    id: str
-    pattern: torch.Tensor | None  # None: dead-lettered or another model's, still consumed
+        # under the topic prefix: a run of another tenant with the same name must not resume
+        # this one's checkpoint and offsets
+        return self.artifacts_dir / "trainer" / f"{self.topic_prefix}{self.name}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -122,8 +118,10 @@ class Trainer:
         self.schedule = Schedule(cfg.lr or scaled_lr(global_batch), cfg.steps, cfg.warmup_steps)
         self.opt = make_optimizer(self.model, self.schedule.lr, cfg.weight_decay)
         self.step = 0
-        self.offsets: dict[int, int] = {}  # partition -> next offset to train (this rank's)
+        self.offsets: dict[int, int] = {}  # partition -> low watermark: next offset not yet trained (this rank's)
         self.all_offsets: dict[int, int] = {}
+        self.trained_above: dict[int, list[int]] = {}  # partition -> offsets >= watermark already trained
+        self.prefetch: Prefetcher | None = None
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.stop = threading.Event()
         self.on_batch = on_batch
@@ -146,17 +144,26 @@ class Trainer:
                            self.gen.get_state())
         self.step = meta["step"]
         self.all_offsets = {int(p): o for p, o in meta["offsets"].items()}
+        self.trained_above = {int(p): v for p, v in meta.get("trained_above", {}).items()}
         self.resumed_from = str(ckpt)
         log.info("resumed %s at step %d", ckpt, self.step)
 
     def checkpoint(self) -> Path | None:
         gens = [self.gen.get_state()]
-        offsets = dict(self.offsets)
+        if self.prefetch is not None:
+            self.offsets, above = self.prefetch.progress.state()
+            self.trained_above = {**self.trained_above, **above}
+            for p in self.offsets:
+                if p not in above:
+                    self.trained_above.pop(p, None)
+        offsets, above = dict(self.offsets), {p: v for p, v in self.trained_above.items() if p in self.offsets}
+        self.bus.flush()  # this rank's dead letters are in the log before LATEST moves past them
         if self.world > 1:
             parts: list = [None] * self.world
-            torch.distributed.all_gather_object(parts, (offsets, self.gen.get_state()))
-            offsets = {p: o for off, _ in parts for p, o in off.items()}
-            gens = [g for _, g in parts]
+            torch.distributed.all_gather_object(parts, (offsets, above, self.gen.get_state()))
+            offsets = {p: o for off, _, _ in parts for p, o in off.items()}
+            above = {p: v for _, ab, _ in parts for p, v in ab.items()}
+            gens = [g for _, _, g in parts]
         merged = {**self.all_offsets, **offsets}
         self.all_offsets = merged
         path = None
@@ -167,6 +174,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             save(self.model, tmp, {"train": C.to_dict(self.cfg), "step": self.step, "loss": self.last_loss,
                                    "offsets": {str(p): o for p, o in sorted(merged.items())},
+                                   "trained_above": {str(p): v for p, v in sorted(above.items())},
                                    "topic": self.bus.name(PATTERNS_TRAIN), "world_size": self.world})
             torch.save({"optimizer": self.opt.state_dict(), "generators": gens}, tmp / "optimizer.pt")
             path = run / name
@@ -192,8 +200,10 @@ class Trainer:
         try:
             import redis
 
+            from services.registry import apmae_key
+
             redis.Redis.from_url(self.cfg.redis_url).hset(
-                f"apmae:registry:apmae:{self.cfg.name}",
+                apmae_key(self.cfg.topic_prefix, self.cfg.name),
                 mapping={"path": rel, "step": self.step, "sha256": digest, "loss": str(self.last_loss)})
         except Exception as e:  # the checkpoint is on disk; the pointer can be re-announced
             log.error("registry update failed: %s", e)
@@ -201,64 +211,43 @@ class Trainer:
         self.bus.flush()
 
     def commit_offsets(self) -> None:
-        if self.consumer is None or not self.offsets:
+        if self.committer is None or not self.offsets:
             return
         try:
-            self.consumer.commit({TopicPartition(self.bus.name(PATTERNS_TRAIN), p): OffsetAndMetadata(o, "", -1)
+            self.committer.commit({TopicPartition(self.bus.name(PATTERNS_TRAIN), p): OffsetAndMetadata(o, "", -1)
                                   for p, o in self.offsets.items()})
         except Exception as e:  # informational only: the checkpoint holds the offsets
             log.warning("offset commit for lag failed: %s", e)
 
     # -- data -----------------------------------------------------------------------------
-    consumer = None
+    committer = None  # a consumer of the trainer group used only to commit (lag dashboards)
 
     def open(self) -> None:
+        """Assign this rank's partitions (manual: no group join) and start the prefetch thread
+        at the checkpoint's watermarks, skipping what was trained above them."""
         self.bus.ensure_topics([PATTERNS_TRAIN, CHECKPOINTS])
         topic = self.bus.name(PATTERNS_TRAIN)
-        self.consumer = self.bus.consumer(self.cfg.group)  # manual assignment: no group join
-        parts = sorted(self.consumer.partitions_for_topic(topic) or [])
-        mine = [TopicPartition(topic, p) for p in parts if p % self.world == self.rank]
-        self.consumer.assign(mine)
-        for tp in mine:
-            if tp.partition in self.all_offsets:
-                self.consumer.seek(tp, self.all_offsets[tp.partition])
-            else:
-                self.consumer.seek_to_beginning(tp)
-            self.offsets[tp.partition] = self.all_offsets.get(tp.partition, 0)
-        self.buffer: deque[Item] = deque()
+        consumer = self.bus.consumer(self.cfg.group)
+        parts = sorted(consumer.partitions_for_topic(topic) or [])
+        mine = [p for p in parts if p % self.world == self.rank]
+        consumer.assign([TopicPartition(topic, p) for p in mine])
+        start = {p: self.all_offsets.get(p, 0) for p in mine}
+        self.offsets = dict(start)
+        self.committer = self.bus.consumer(self.cfg.group)
+        self.prefetch = Prefetcher(
+            consumer, topic, start, {p: set(self.trained_above.get(p, ())) for p in mine},
+            batch_size=self.cfg.batch_size, pattern_size=self.cfg.pattern_size,
+            shuffle_window=self.cfg.shuffle_window, seed=self.cfg.seed * 1000 + self.rank,
+            depth=self.cfg.prefetch_batches, target_model=self.cfg.target_model,
+            max_bytes=self.cfg.max_message_bytes,
+            dead_letter=lambda r, reason: self.bus.dead_letter(topic, r.partition, r.offset, r.value, reason),
+            on_skipped=lambda: SKIPPED.labels(self.cfg.name).inc())
 
-    def fill(self, need: int, deadline: float | None) -> bool:
-        """Poll until ``need`` trainable patterns are buffered; False on idle timeout or stop."""
-        while sum(i.pattern is not None for i in self.buffer) < need:
-            if self.stop.is_set() or (deadline is not None and time.monotonic() > deadline):
-                return False
-            for tp, recs in self.consumer.poll(timeout_ms=500, max_records=4 * need).items():
-                for r in recs:
-                    self.buffer.append(self.to_item(tp, r))
-        return True
-
-    def to_item(self, tp: TopicPartition, r) -> Item:
-        try:
-            rec = decode(r.value, PatternRecord, self.cfg.max_message_bytes)
-            if rec.size != self.cfg.pattern_size:
-                raise BadPattern(f"pattern size {rec.size} != model pattern size {self.cfg.pattern_size}")
-            if self.cfg.target_model and rec.model != self.cfg.target_model:
-                SKIPPED.labels(self.cfg.name).inc()
-                return Item(tp, r.offset, rec.id, None)
-            a = torch.from_numpy(decode_pattern(rec.payload, rec.size, rec.dtype))
-            return Item(tp, r.offset, rec.id, a)
-        except (InvalidMessage, BadPattern) as e:
-            self.bus.dead_letter(r.topic, r.partition, r.offset, r.value, str(e))
-            return Item(tp, r.offset, f"{tp.partition}:{r.offset}", None)
-
-    def take(self, n: int) -> list[Item]:
-        batch: list[Item] = []
-        while len([i for i in batch if i.pattern is not None]) < n:
-            item = self.buffer.popleft()
-            batch.append(item)
-        for item in batch:
-            self.offsets[item.tp.partition] = item.offset + 1
-        return batch
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+        if self.committer is not None:
+            self.committer.close(autocommit=False)
 
     def observe_lag(self) -> None:
         """Hand this rank's next offsets to the lag probe (its own thread), every 5 s."""
@@ -285,34 +274,44 @@ class Trainer:
         end = min(self.cfg.steps, self.step + max_steps) if max_steps else self.cfg.steps
         self.model.train()
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step", leave=False, disable=self.rank != 0)
-        while self.step < end:
-            deadline = time.monotonic() + self.cfg.idle_timeout_s if self.cfg.idle_timeout_s else None
-            if not self.all_ready(self.fill(self.cfg.batch_size, deadline)):
-                break
-            batch = self.take(self.cfg.batch_size)
-            good = [i for i in batch if i.pattern is not None]
-            x = torch.stack([i.pattern for i in good]).to(self.device)
-            self.last_loss = train_step(self.ddp, self.opt, x, self.schedule.at(self.step), self.gen)
-            self.step += 1
-            trained += len(good)
-            if self.on_batch:
-                self.on_batch([i.id for i in good])
-            bar.update()
-            bar.set_postfix(loss=f"{self.last_loss:.4f}")
-            LOSS.labels(self.cfg.name).set(self.last_loss)
-            STEPS.labels(self.cfg.name).inc()
-            PATTERNS_TRAINED.labels(self.cfg.name).inc(len(good))
-            if self.step % self.cfg.checkpoint_every == 0:
-                self.checkpoint()
-            self.observe_lag()
+        batch: Batch | None = None
+        try:
+            while self.step < end:
+                deadline = time.monotonic() + self.cfg.idle_timeout_s if self.cfg.idle_timeout_s else None
+                batch = batch or wait_for_batch(self.prefetch, deadline, self.stop)
+                if not self.all_ready(batch is not None):
+                    break
+                x = batch.x.to(self.device)
+                self.last_loss = train_step(self.ddp, self.opt, x, self.schedule.at(self.step), self.gen)
+                self.prefetch.progress.on_trained(batch.items)
+                self.step += 1
+                trained += len(batch.items)
+                if self.on_batch:
+                    self.on_batch([i.id for i in batch.items])
+                batch = None
+                bar.update()
+                bar.set_postfix(loss=f"{self.last_loss:.4f}")
+                LOSS.labels(self.cfg.name).set(self.last_loss)
+                STEPS.labels(self.cfg.name).inc()
+                PATTERNS_TRAINED.labels(self.cfg.name).inc(len(x))
+                if self.step % self.cfg.checkpoint_every == 0:
+                    self.checkpoint()
+                self.offsets = self.prefetch.progress.state()[0]
+                self.observe_lag()
+        except BaseException:  # the prefetch thread and its consumer must not outlive a failed run
+            self.lag.close()
+            self.close()
+            raise
+        loop_seconds = time.perf_counter() - t_start
         bar.close()
         if self.step % self.cfg.checkpoint_every != 0:
             self.checkpoint()
         seconds = time.perf_counter() - t_start
         self.lag.close()
-        self.consumer.close(autocommit=False)
+        self.close()
         self.bus.close()
         return {"step": self.step, "patterns": trained, "seconds": seconds, "patterns_per_s": trained / max(seconds, 1e-9),
+                "loop_seconds": loop_seconds, "duplicates_dropped": self.prefetch.duplicates,
                 "loss": self.last_loss, "resumed_from": self.resumed_from}
 
 

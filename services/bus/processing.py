@@ -107,17 +107,26 @@ class Processor:
 
         kafka-python leaves the group when poll() is not called within max_poll_interval_ms,
         which must stay short on the embedded broker. Polling with every partition paused
-        fetches nothing and counts as a poll. A rebalance that happens here makes the later
-        commit fail: the batch is then retried by the new owner and the done marks drop it.
+        fetches nothing and counts as a poll.
+
+        It never raises. A rebalance noticed here (RebalanceInProgress, a failed rejoin) used
+        to escape from the middle of a batch, before its flush and done marks, so the retry
+        redid every forward pass. Now the batch finishes, flushes and marks; only its commit
+        can fail, and the retried batch is then dropped by the done marks: a rebalance costs
+        no recomputation.
         """
         if self.consumer is None:
             return
-        parts = self.consumer.assignment()
-        self.consumer.pause(*parts)
         try:
-            self.consumer.poll(timeout_ms=0)
-        finally:
-            self.consumer.resume(*[p for p in parts if p in self.consumer.assignment()])
+            parts = self.consumer.assignment()
+            self.consumer.pause(*parts)
+            try:
+                self.consumer.poll(timeout_ms=0)
+            finally:
+                self.consumer.resume(*[p for p in parts if p in self.consumer.assignment()])
+        except KafkaError as e:
+            metrics.ERRORS.labels(self.bus.service, type(e).__name__).inc()
+            log.warning("%s: heartbeat poll failed (%s); finishing the batch, its commit decides", self.bus.service, e)
 
     def keepalive(self, fn: Callable[[], Any], every_s: float = 1.0) -> Any:
         """Run one long, uninterruptible piece of work (a UMAP fit, a model forward) in a
@@ -249,12 +258,18 @@ class Processor:
         if positions:
             self._lag.observe(positions)
 
+    def connect(self) -> KafkaConsumer:
+        """The group consumer on the inputs (made once; ``run`` calls this)."""
+        if self.consumer is None:
+            self.consumer = self.bus.consumer(self.group, self.inputs, listener=_OffsetsWatch(self))
+        return self.consumer
+
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None,
             progress: Callable[[int], Any] | None = None) -> int:
         """Loop until stopped, ``max_messages`` handled, or nothing arrived for ``idle_timeout_s``.
 
         ``progress(n)`` is called with each committed batch's size (a progress bar's update)."""
-        self.consumer = self.consumer or self.bus.consumer(self.group, self.inputs, listener=_OffsetsWatch(self))
+        self.connect()
         svc = self.bus.service
         last_data = time.monotonic()
         backoff = 0.5

@@ -101,7 +101,9 @@ def test_checkpoints_are_announced_to_the_registry(bus_cfg, redis_client):
     assert out["step"] == 3
     anns = [m.record for m in read_range(Bus(bus_cfg), CHECKPOINTS)]
     assert [a.step for a in anns] == [2, 3]
-    h = redis_client.hgetall("apmae:registry:apmae:reg")
+    from services.registry import apmae_key
+
+    h = redis_client.hgetall(apmae_key(bus_cfg.topic_prefix, "reg"))
     assert int(h[b"step"]) == 3 and h[b"sha256"].decode() == anns[-1].sha256
     assert (cfg(bus_cfg).artifacts_dir / anns[-1].path / "model.safetensors").exists()
 
@@ -118,5 +120,34 @@ def test_ddp_on_cpu_with_two_processes(bus_cfg, tmp_path):
     assert result["step"] == 5 and result["patterns"] == 20  # rank 0's share of the global batch of 8
     meta = json.loads((latest_checkpoint(cfg(bus_cfg, name="ddp").run_dir) / "config.json").read_text())
     assert meta["world_size"] == 2
-    assert sum(meta["offsets"].values()) == 40  # both ranks' partitions: 5 steps x 2 ranks x 4
-    assert {int(p) % 2 for p, o in meta["offsets"].items() if o > 0} == {0, 1}
+    # Batches are drawn from shuffled blocks, so a partition's progress is its watermark (every
+    # offset below it trained) plus the offsets above it already trained. Both ranks' partitions:
+    # 5 steps x 2 ranks x 4 patterns.
+    above = {int(p): v for p, v in meta["trained_above"].items()}
+    trained = {int(p): o + len(above.get(int(p), [])) for p, o in meta["offsets"].items()}
+    assert sum(trained.values()) == 40
+    assert all(min(v) >= meta["offsets"][str(p)] for p, v in above.items())
+    assert {p % 2 for p, n in trained.items() if n > 0} == {0, 1}
+
+
+def test_batches_are_shuffled_across_heads_and_a_resent_pattern_is_trained_once(bus_cfg):
+    """Partitions are keyed by head: batches in arrival order would hold one partition's heads.
+    The shuffle block mixes them; a pattern re-sent with the same id (a producer retry) is
+    trained once."""
+    ids = publish(bus_cfg, 64)
+    bus = Bus(bus_cfg, "test")
+    again = PatternRecord(id=ids[5], sample_id="s5", model="m", task="random", layer=0, head=0, correct=True,
+                          size=SIZE, payload=encode_pattern(pattern(5)))
+    bus.send(Output(PATTERNS_TRAIN, again, key="m/0/5"))
+    bus.flush()
+    batches: list[list[str]] = []
+    out = Trainer(cfg(bus_cfg, name="shuf", shuffle_window=64), on_batch=batches.append).run()
+    seen = [i for b in batches for i in b]
+    assert sorted(seen) == sorted(ids) and out["step"] == 8  # each once, the re-sent copy dropped
+    assert out["duplicates_dropped"] == 1
+    # arrival order would give batches of consecutive offsets of one partition (keys m/{i%5}/{i}
+    # spread over 8 partitions); shuffled, the first batch's patterns come from several partitions
+    part_of = {}
+    for m in read_range(bus, PATTERNS_TRAIN):
+        part_of.setdefault(m.record.id, m.partition)
+    assert len({part_of[i] for i in batches[0]}) >= 3

@@ -4,6 +4,7 @@ import torch
 
 from apmae.codec import (
     BadPattern,
+    decode_many,
     decode_pattern,
     encode_pattern,
     log_scale,
@@ -67,3 +68,24 @@ def test_wrong_payload_size_is_rejected():
     nan_bits = np.full(packed_length(4), 0x7FC0, dtype=np.uint16).tobytes()
     with pytest.raises(BadPattern, match="non-finite"):
         decode_pattern(nan_bits, 4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_decode_many_equals_decode_pattern_and_sorts_out_bad_payloads(dtype):
+    good = [encode_pattern(causal_softmax(64, seed=s), dtype) for s in range(4)]
+    nan = bytearray(good[1])
+    nan[0:2 if dtype == "bfloat16" else 4] = (b"\xc0\x7f" if dtype == "bfloat16" else b"\x00\x00\xc0\x7f")
+    batch = [good[0], b"short", memoryview(good[2]), bytes(nan), good[3]]
+    x, kept, bad = decode_many(batch, 64, dtype)
+    assert kept == [0, 2, 4]
+    assert sorted(bad) == [1, 3] and "bytes" in bad[1] and "non-finite" in bad[3]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    for row, i in enumerate(kept):
+        assert np.array_equal(x[row].numpy(), decode_pattern(bytes(batch[i]), 64, dtype))
+    with pytest.raises(BadPattern):
+        decode_pattern(bytes(nan), 64, dtype)
+
+
+def test_decode_many_rejects_unknown_dtype_for_every_item():
+    x, kept, bad = decode_many([b"", b""], 8, "float16")
+    assert kept == [] and sorted(bad) == [0, 1] and x.shape[0] == 0

@@ -1,0 +1,103 @@
+"""The encoder service against a raw in-memory forward of the same AP-MAE on the same patterns.
+
+Raw: the patterns are decoded to tensors before the clock starts; the clock runs over
+``model.embed`` in batches of ``--batch`` (the floor: what the model alone costs). Service:
+the same patterns as PatternRecords on ``patterns.mine`` of the embedded broker; the
+encoder's Processor (consume, decode, embed, publish embeddings, flush, done marks, commit)
+runs with its group joined before the clock starts. Rounds alternate which goes first.
+
+    python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import embedded_infra, table, write_result
+from benchmarks.bus import patterns
+
+
+def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
+    import numpy as np
+    import torch
+
+    from apmae.codec import decode_pattern
+    from apmae.mae import APMAE, save, variant
+    from apmae.topics import PATTERNS_MINE, PatternRecord
+    from services.bus import Output
+    from services.encoder import Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    ckpt = save(APMAE(variant(variant_name)), Path(tempfile.mkdtemp(prefix="apmae-enc-")) / "ckpt")
+    payloads = patterns(n)
+    recs = [PatternRecord(id=f"p{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
+                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
+    model = APMAE(variant(variant_name))
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    model.eval()
+    arrays = torch.from_numpy(np.stack([decode_pattern(p, 256) for p in payloads]))
+
+    def raw() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for k in range(0, n, batch):
+                model.embed(arrays[k:k + batch])
+        return time.perf_counter() - t0
+
+    with embedded_infra(("broker", "redis")) as infra:
+        def service(k: int) -> float:
+            cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
+                                topic_prefix=f"e{k}.", checkpoint=str(ckpt), batch_size=batch,
+                                state_dir=Path(tempfile.mkdtemp(prefix="apmae-enc-state-")))
+            enc = Encoder(cfg)
+            proc = enc.processor()
+            for r in recs:
+                enc.bus.send(Output(PATTERNS_MINE, r, key=r.key))
+            enc.bus.flush()
+            enc.ensure_model()  # load the checkpoint before the clock (the raw side has it loaded too)
+            proc.connect()
+            while not proc.consumer.assignment():
+                proc.consumer.poll(timeout_ms=200, max_records=1)
+            proc.consumer.seek_to_beginning()
+            t0 = time.perf_counter()
+            done = proc.run(max_messages=n, idle_timeout_s=30)
+            dt = time.perf_counter() - t0
+            assert done >= n, f"encoder handled {done} of {n}"
+            return dt
+
+        raw()  # warm-up
+        t = {"raw": [], "service": []}
+        for k in range(rounds):
+            steps = [("raw", raw), ("service", lambda k=k: service(k))]
+            for name, fn in steps if k % 2 == 0 else steps[::-1]:
+                t[name].append(fn())
+    med = {k: statistics.median(v) for k, v in t.items()}
+    row = {"variant": variant_name, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
+           "raw_patterns_per_s": n / med["raw"], "service_patterns_per_s": n / med["service"],
+           "service_vs_raw": med["raw"] / med["service"]}
+    return {"rows": [row], "seconds": t}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--patterns", type=int, default=2048)
+    ap.add_argument("--variant", default="small")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    res = run(args.patterns, args.variant, args.batch, args.rounds)
+    print(table(res["rows"], list(res["rows"][0])))
+    print("service_vs_raw = service patterns/s / raw in-memory forward patterns/s (target >= 0.9)")
+    print("wrote", write_result("encoder", res))
+
+
+if __name__ == "__main__":
+    main()

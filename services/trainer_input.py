@@ -1,0 +1,240 @@
+"""The trainer's input pipeline: read, decode and shuffle the next batches while a step runs.
+
+A prefetch thread owns the Kafka consumer (kafka-python's consumer is not thread-safe). It
+reads a block of up to ``shuffle_window`` trainable patterns from this rank's partitions,
+shuffles it with the previous block's leftovers (:func:`apmae.train.shuffle_block`), decodes
+whole batches at once (:func:`apmae.codec.decode_many`) and hands them over through a queue
+of ``depth`` batches. The training thread only takes batches.
+
+What has been trained is tracked per partition so a checkpoint can resume exactly although
+batches are drawn out of order: the *low watermark* (the smallest offset read but not yet
+trained, or the read position when nothing is pending) and the offsets at or above it that
+were already trained. A restart seeks to the low watermark and skips those offsets: nothing
+trained twice, nothing skipped. Inputs re-sent with an id already trained (a producer retry)
+are dropped by id.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from kafka import KafkaConsumer, TopicPartition
+
+from apmae.codec import BadPattern, decode_many, payload_is_finite
+from apmae.messages import InvalidMessage, decode
+from apmae.topics import PatternRecord
+from apmae.train import shuffle_block
+
+log = logging.getLogger("apmae.trainer")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A trainable pattern read from the log, not yet trained."""
+
+    partition: int
+    offset: int
+    id: str
+    record: PatternRecord
+
+
+@dataclass(frozen=True)
+class Batch:
+    x: torch.Tensor  # (B, S, S) float32 probabilities
+    items: list[Pending]
+
+
+class Progress:
+    """Per partition: what was read, what is pending, what was trained above the watermark.
+
+    Shared by the prefetch thread (reads) and the training thread (trains, checkpoints)."""
+
+    def __init__(self, start: dict[int, int], trained_above: dict[int, set[int]]):
+        self._lock = threading.Lock()
+        self.read_to = dict(start)  # partition -> next offset to read
+        self.pending: dict[int, set[int]] = {p: set() for p in start}
+        self.trained: dict[int, set[int]] = {p: set(trained_above.get(p, ())) for p in start}
+
+    def on_read(self, partition: int, offset: int, trainable: bool) -> None:
+        with self._lock:
+            if trainable:
+                self.pending[partition].add(offset)
+            self.read_to[partition] = max(self.read_to[partition], offset + 1)
+
+    def on_trained(self, items: list[Pending]) -> None:
+        with self._lock:
+            for i in items:
+                self.pending[i.partition].discard(i.offset)
+                self.trained[i.partition].add(i.offset)
+
+    def state(self) -> tuple[dict[int, int], dict[int, list[int]]]:
+        """(low watermark per partition, trained offsets at or above it): a resume point."""
+        with self._lock:
+            low = {p: min(self.pending[p]) if self.pending[p] else self.read_to[p] for p in self.read_to}
+            for p, done in self.trained.items():  # forget what the watermark has passed
+                self.trained[p] = {o for o in done if o >= low[p]}
+            return low, {p: sorted(v) for p, v in self.trained.items() if v}
+
+
+class Prefetcher:
+    """Reads, filters, shuffles and decodes batches on a daemon thread (see the module doc)."""
+
+    def __init__(self, consumer: KafkaConsumer, topic: str, start: dict[int, int],
+                 trained_above: dict[int, set[int]], *, batch_size: int, pattern_size: int, shuffle_window: int,
+                 seed: int, depth: int = 2, target_model: str = "", max_bytes: int | None = None,
+                 dead_letter: Callable[[object, str], None], on_skipped: Callable[[], None] = lambda: None,
+                 remember_ids: int = 200_000):
+        self.consumer, self.topic = consumer, topic
+        self.batch_size, self.pattern_size, self.window, self.seed = batch_size, pattern_size, shuffle_window, seed
+        self.target_model, self.max_bytes = target_model, max_bytes
+        self.dead_letter, self.on_skipped = dead_letter, on_skipped
+        self.progress = Progress(start, trained_above)
+        self._skip = {p: set(v) for p, v in trained_above.items()}  # trained before the restart
+        self._seen_ids: OrderedDict[str, None] = OrderedDict()  # recently queued ids (duplicates)
+        self._remember = remember_ids
+        self.duplicates = 0
+        self.queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self._blocks = 0
+        for p, o in start.items():
+            consumer.seek(TopicPartition(topic, p), o)
+        self._thread = threading.Thread(target=self._run, name="trainer-prefetch", daemon=True)
+        self._thread.start()
+
+    # -- the training thread's side ---------------------------------------------------------
+    def next(self, timeout_s: float) -> Batch | None:
+        """The next batch, or None if none was ready within ``timeout_s``."""
+        try:
+            got = self.queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    def close(self) -> None:
+        self.stop.set()
+        self._thread.join(10)
+
+    # -- the prefetch thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            leftovers: list[Pending] = []
+            while not self.stop.is_set():
+                block = self._read_block(self.window)
+                if not block and len(leftovers) < self.batch_size:
+                    continue
+                order = shuffle_block(leftovers + block, self.seed, self._blocks)
+                self._blocks += 1
+                while len(order) >= self.batch_size and not self.stop.is_set():
+                    chunk, order = order[:self.batch_size], order[self.batch_size:]
+                    self._put(self._decode(chunk))
+                leftovers = order
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self._put(e)
+        finally:
+            self.consumer.close(autocommit=False)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _read_block(self, want: int) -> list[Pending]:
+        """Up to ``want`` trainable patterns; returns early once a poll comes back empty."""
+        block: list[Pending] = []
+        while len(block) < want and not self.stop.is_set():
+            polled = self.consumer.poll(timeout_ms=300, max_records=min(500, want - len(block)))
+            if not polled:
+                break
+            for tp, recs in polled.items():
+                for r in recs:
+                    item = self._filter(tp.partition, r)
+                    self.progress.on_read(tp.partition, r.offset, item is not None)
+                    if item is not None:
+                        block.append(item)
+        return block
+
+    def _filter(self, partition: int, r) -> Pending | None:
+        if r.offset in self._skip.get(partition, ()):
+            return None  # trained before the restart
+        try:
+            rec = decode(r.value, PatternRecord, self.max_bytes)
+            if rec.size != self.pattern_size:
+                raise BadPattern(f"pattern size {rec.size} != model pattern size {self.pattern_size}")
+            if not payload_is_finite(rec.payload, rec.dtype):  # dead-lettered on read: batches stay full
+                raise BadPattern("decoded pattern has non-finite values")
+        except (InvalidMessage, BadPattern) as e:
+            self.dead_letter(r, str(e))
+            return None
+        if self.target_model and rec.model != self.target_model:
+            self.on_skipped()
+            return None
+        if rec.id in self._seen_ids:
+            self.duplicates += 1
+            return None
+        self._seen_ids[rec.id] = None
+        if len(self._seen_ids) > self._remember:
+            self._seen_ids.popitem(last=False)
+        return Pending(partition, r.offset, rec.id, rec)
+
+    def _decode(self, chunk: list[Pending]) -> Batch:
+        """Decode a batch at once (one call per wire dtype in it)."""
+        by_dtype: dict[str, list[int]] = {}
+        for i, item in enumerate(chunk):
+            by_dtype.setdefault(item.record.dtype, []).append(i)
+        xs, kept, bad = [], [], {}
+        for dtype, idx in by_dtype.items():
+            x, k, b = decode_many([chunk[i].record.payload for i in idx], self.pattern_size, dtype)
+            xs.append(x)
+            kept += [idx[j] for j in k]
+            bad |= {idx[j]: reason for j, reason in b.items()}
+        for i, reason in bad.items():  # checked on read already; kept as a last guard
+            self.dead_letter(_AsRaw(self.topic, chunk[i]), reason)
+        if bad:
+            self.progress.on_trained([chunk[i] for i in bad])  # done with: must not hold the watermark
+        return Batch(xs[0] if len(xs) == 1 else torch.cat(xs), [chunk[i] for i in kept])
+
+
+@dataclass(frozen=True)
+class _AsRaw:
+    """A pending pattern in the shape of a consumed record, for the dead-letter call."""
+
+    topic: str
+    item: Pending
+
+    @property
+    def partition(self) -> int:
+        return self.item.partition
+
+    @property
+    def offset(self) -> int:
+        return self.item.offset
+
+    @property
+    def value(self) -> bytes:
+        from apmae.messages import encode
+
+        return encode(self.item.record)
+
+
+def wait_for_batch(prefetch: Prefetcher, deadline: float | None, stop: threading.Event) -> Batch | None:
+    """Block until a batch is ready, the deadline passes or ``stop`` is set."""
+    while not stop.is_set():
+        timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        b = prefetch.next(timeout)
+        if b is not None:
+            return b
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+    return None
