@@ -56,7 +56,7 @@ def main() -> None:
     from apmae.tiny import SAMPLE_JAVA, save_tiny
     from apmae.topics import EMBEDDINGS, FILES, PATTERNS_MINE, SAMPLES
     from services.bus import Bus, Output, read_range
-    from services.registry import sha256_file
+    from services.registry import apmae_key, sha256_file
     from tests.conftest import java_files
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -72,7 +72,7 @@ def main() -> None:
         model_dir = save_tiny(state / "tiny", [SAMPLE_JAVA] * 3)
         torch.manual_seed(0)
         ck = save(APMAE(variant("small")), cfg.artifacts_dir / "soak-ck")
-        redis.Redis.from_url(cfg.redis_url).hset("apmae:registry:apmae:soak", mapping={
+        redis.Redis.from_url(cfg.redis_url).hset(apmae_key(cfg.topic_prefix, "soak"), mapping={
             "path": "soak-ck", "step": 1, "sha256": sha256_file(ck / "model.safetensors")})
         env = os.environ | {f"APMAE_{k.upper()}": str(v) for k, v in vars(cfg).items()}
         procs = {

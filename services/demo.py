@@ -106,13 +106,22 @@ class Demo:
 
         import redis
 
+        from services.trainer import TrainerConfig
+
+        prefix = self.cfg.topic_prefix
+        if not prefix:  # every tenant's keys would match: refuse rather than delete them
+            raise ValueError("the demo's reset needs a topic prefix (--topic-prefix); with none it would delete "
+                             "every tenant's Redis state")
         r = redis.Redis.from_url(self.bus.redis_url)
-        keys = list(r.scan_iter(match=f"apmae:*{self.cfg.topic_prefix}*", count=1000))
-        keys += [b"apmae:registry:apmae:demo"]
+        # keys are apmae:<kind>:<prefix>... (done marks, mining sets, registry entries under a
+        # kind); the old pattern apmae:*<prefix>* also matched other tenants whose names merely
+        # contain this prefix
+        keys = list(r.scan_iter(match=f"apmae:*:{prefix}*", count=1000))
         for i in range(0, len(keys), 500):
             r.delete(*keys[i:i + 500])
         art = self.bus.artifacts_dir
-        for d in (art / "trainer" / "demo", art / "clusters", art / "classifier", self.dir / "report"):
+        run_dir = self.common(TrainerConfig, name="demo").run_dir
+        for d in (run_dir, art / "clusters", art / "classifier", self.dir / "report"):
             shutil.rmtree(d, ignore_errors=True)
 
     def stage_infra(self):

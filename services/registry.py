@@ -57,6 +57,12 @@ class ArtifactStore:
         return data
 
 
+def apmae_key(prefix: str, name: str) -> str:
+    """Registry key of the AP-MAE run ``name`` under a topic prefix: without the prefix, tenant
+    B's encoder embedded with (and its trainer overwrote) tenant A's checkpoint."""
+    return Registry(None, prefix).key("apmae", name)
+
+
 class Registry:
     """Redis hashes: ``apmae:registry:<kind>:<name>`` -> {path, sha256, version, ...}."""
 

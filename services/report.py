@@ -55,7 +55,9 @@ def write_report(demo) -> Path:
             break
     import redis
 
-    reg = redis.Redis.from_url(demo.bus.redis_url).hgetall("apmae:registry:apmae:demo")
+    from services.registry import apmae_key
+
+    reg = redis.Redis.from_url(demo.bus.redis_url).hgetall(apmae_key(demo.bus.topic_prefix, "demo"))
     model, meta = load(demo.bus.artifacts_dir / reg[b"path"].decode())
     rng = np.random.default_rng(0)
     pick = rng.choice(len(patterns), min(400, len(patterns)), replace=False)

@@ -112,12 +112,12 @@ def test_encoder_embeds_and_hot_swaps_checkpoints(bus_cfg, redis_client):
                                                      layer=0, head=i % 2, correct=True, size=64,
                                                      payload=encode_pattern(a / a.sum(1, keepdims=True)))))
     bus.flush()
-    from services.registry import sha256_file
+    from services.registry import apmae_key, sha256_file
 
     def register(step: int, seed: int):
         torch.manual_seed(seed)
         d = save(APMAE(variant("tiny", pattern_size=64, patch_size=16)), bus_cfg.artifacts_dir / f"ck{step}")
-        redis_client.hset("apmae:registry:apmae:enc", mapping={"path": f"ck{step}", "step": step,
+        redis_client.hset(apmae_key(bus_cfg.topic_prefix, "enc"), mapping={"path": f"ck{step}", "step": step,
                                                              "sha256": sha256_file(d / "model.safetensors")})
 
     register(1, 0)
