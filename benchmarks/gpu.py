@@ -79,8 +79,6 @@ def producer_rates(name: str, batch: int, iters: int) -> dict:
     t_sdpa = timed(sdpa, iters)
     t_cap = timed(capture_and_encode, iters)
     wire = capture_and_encode()
-    del model
-    torch.cuda.empty_cache()
     return {"model": name, "heads": layers * heads, "batch": batch,
             "sdpa_samples_s": batch / t_sdpa, "capture_encode_samples_s": batch / t_cap,
             "capture_vs_sdpa": t_cap / t_sdpa, "patterns_s": batch * layers * heads / t_cap,
@@ -129,7 +127,10 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU")
-    rows = [producer_rates(m, args.batch, args.iters) for m in args.models.split(",")]
+    rows = []
+    for m in args.models.split(","):
+        rows.append(producer_rates(m, args.batch, args.iters))
+        torch.cuda.empty_cache()
     for r in rows:
         print(json.dumps(r))
     ap_rows = apmae_rates(args.iters)
