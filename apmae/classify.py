@@ -85,7 +85,7 @@ def fit(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig, eval_share: float 
     return model
 
 
-def cross_validate(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig) -> dict:
+def cross_validate(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig, groups: pd.Series | None = None) -> dict:
     """k-fold CV on balanced rows: pooled out-of-fold accuracy, its 95% Wilson interval, chance level.
 
     ``mean`` is the accuracy over all out-of-fold predictions (each row predicted once),
@@ -93,19 +93,29 @@ def cross_validate(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig) -> dict
     ``chance_level`` is 0.5 (the rows are balanced); ``baseline`` is the accuracy of the best
     constant prediction on these rows (the majority share, 0.5 when balanced); ``p_value`` is
     a two-sided exact binomial test of the pooled accuracy against ``baseline``.
+
+    ``groups`` (row -> file id): folds keep each file's samples together (stratified group
+    k-fold), so no test sample shares a file with a training sample; without, folds split by
+    sample.
     """
     from scipy.stats import binomtest
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     from apmae.stats import wilson_interval
 
     folds = min(cfg.folds, int(y.value_counts().min()))
+    if groups is not None:
+        folds = min(folds, int(groups.nunique()))
     if folds < 2 or y.nunique() < 2:
-        raise ValueError(f"need at least 2 samples of each label for CV, have {dict(y.value_counts())}")
+        raise ValueError(f"need at least 2 samples of each label (and 2 files) for CV, have {dict(y.value_counts())}")
     yi = y.astype(int).to_numpy()
     hit = np.zeros(len(y), dtype=bool)
     fold_acc = []
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=cfg.seed).split(x, y):
+    if groups is None:
+        splits = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed).split(x, y)
+    else:
+        splits = StratifiedGroupKFold(folds, shuffle=True, random_state=cfg.seed).split(x, y, groups.to_numpy())
+    for train, test in splits:
         model = fit(x.iloc[train], y.iloc[train], cfg)
         pred = model.predict(x.iloc[test]).astype(int).ravel()
         hit[test] = pred == yi[test]
@@ -117,6 +127,7 @@ def cross_validate(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig) -> dict
     return {"folds": folds, "n": n, "correct": k, "mean": k / n, "ci95": [lo, hi],
             "ci_method": "Wilson 95% over pooled out-of-fold predictions", "fold_accuracy": fold_acc,
             "chance_level": 0.5, "baseline": baseline, "balanced": share == 0.5,
+            "cv_split": "by sample" if groups is None else "by file",
             "p_value": float(binomtest(k, n, baseline).pvalue)}
 
 
@@ -139,14 +150,14 @@ class TaskFit:
 
 
 def fit_task(labels: pd.Series, rows: dict[str, dict[str, int]], columns: list[str], cfg: ClassifierConfig,
-             min_rows: int = 20) -> TaskFit:
+             min_rows: int = 20, files: dict[str, str] | None = None) -> TaskFit:
     """The paper's fit protocol for one task (section 6).
 
     ``labels``: sample id -> correct (bool) for the samples that have a complete feature row;
     ``rows``: sample id -> {head column: cluster id}. Balance correct/incorrect (the minority
     kept whole), skip (with the reason) when there are fewer than ``min_rows`` balanced rows,
-    10-fold CV (:func:`cross_validate`), then the final model on every balanced row and its
-    SHAP head importance.
+    10-fold CV (:func:`cross_validate`; by file when ``files``, sample id -> file id, is
+    given), then the final model on every balanced row and its SHAP head importance.
     """
     import time
 
@@ -156,9 +167,13 @@ def fit_task(labels: pd.Series, rows: dict[str, dict[str, int]], columns: list[s
     idx = balance(labels, cfg.seed)
     if len(idx) < min_rows:
         return TaskFit({"skipped": f"{len(idx)} balanced rows < {min_rows}", "n_labelled_rows": len(labels)})
+    if files is not None and len({files[s] for s in idx}) < 2:
+        return TaskFit({"skipped": "balanced rows from fewer than 2 files (CV is by file)",
+                        "n_labelled_rows": len(labels)})
     x = feature_frame({s: rows[s] for s in idx}, columns)
     y = labels.loc[idx]
-    cv = cross_validate(x, y, cfg)
+    groups = None if files is None else pd.Series([files[s] for s in idx], index=idx)
+    cv = cross_validate(x, y, cfg, groups)
     clf = fit(x, y, cfg)
     shap, _ = shap_values(clf, x)
     imp = head_importance(shap, x)

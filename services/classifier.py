@@ -140,7 +140,8 @@ def fit_all(cfg: ClassifyConfig) -> dict:
         for task, ids in tqdm(sorted(tasks.items()), desc=f"classify {model_name}", unit="task", leave=False):
             llm = model_correct_rate(candidates[task])
             row = {"task": task, "llm_correct_rate": llm["rate"], "llm_correct": llm}
-            tf = fit_task(pd.Series({s: bool(samples[s].correct) for s in ids}), complete, columns, ccfg, cfg.min_rows)
+            tf = fit_task(pd.Series({s: bool(samples[s].correct) for s in ids}), complete, columns, ccfg, cfg.min_rows,
+                          files={s: samples[s].file_id for s in ids})  # CV folds by file
             row.update(tf.result)
             if tf.model is None:
                 results.append(row)

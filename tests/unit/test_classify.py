@@ -117,3 +117,20 @@ def test_fit_task_balances_skips_and_names_the_rows_it_fit_on():
     assert few.model is None and "balanced rows < 20" in few.result["skipped"]
     one = fit_task(labels[labels], rows, list(x.columns), CFG)
     assert one.model is None and one.result["skipped"] == "one label only"
+
+
+def test_cv_by_file_does_not_learn_a_file_from_its_other_samples():
+    """The label is a property of the file and one head's cluster names the file: folds by
+    sample score the classifier on files it has seen (high accuracy that would not carry to
+    new code), folds by file do not."""
+    rng = np.random.default_rng(5)
+    files = [f"f{i}" for i in range(40) for _ in range(8)]
+    file_label = {f"f{i}": bool(i % 2) for i in range(40)}
+    x = pd.DataFrame({"L0H0": files, "L0H1": rng.integers(0, 3, len(files)).astype(str)})
+    y = pd.Series([file_label[f] for f in files])
+    cfg = ClassifierConfig(iterations=60, depth=3, folds=5, thread_count=2)
+    by_sample = cross_validate(x, y, cfg)
+    by_file = cross_validate(x, y, cfg, groups=pd.Series(files))
+    assert by_sample["cv_split"] == "by sample" and by_file["cv_split"] == "by file"
+    assert by_sample["mean"] > 0.9
+    assert by_file["ci95"][0] < 0.5 < by_file["ci95"][1] or by_file["mean"] < 0.6
