@@ -176,27 +176,35 @@ def log_scale(a: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.where(pos, s.clamp(0.0, 1.0), torch.zeros_like(s))
 
 
-def encode_many(probs: torch.Tensor, dtype: str = "bfloat16") -> tuple[list[bytes | None], list[str]]:
+def encode_many(probs: torch.Tensor, dtype: str = "bfloat16") -> tuple[list[memoryview | None], list[str]]:
     """Vectorised ``encode_pattern`` for captured heads.
 
-    probs: ``(N, n, n)`` float32 probabilities (one row per head). Returns one wire payload
-    per pattern, or None with a reason for a pattern that must be dead-lettered (NaN/Inf).
+    probs: ``(N, n, n)`` float32 probabilities (one row per head), on any device. Returns one
+    wire payload per pattern (a view into one host array: no per-pattern copy), or None with
+    a reason for a pattern that must be dead-lettered (NaN/Inf).
+
+    The triangle, the dtype conversion and the finiteness check run on the tensor's device;
+    the host sees one copy of the whole batch and one of the finiteness flags. Asking the
+    device per pattern (``bool(finite[i])``) synchronised a GPU thousands of times per batch
+    (measured on an H100: capture + encoding at 14x the forward pass for SC2-15B).
     """
     n = probs.shape[-1]
-    rows, cols = (torch.from_numpy(i) for i in tril_indices(n))
+    rows, cols = (torch.from_numpy(i).to(probs.device) for i in tril_indices(n))
     flat = probs[:, rows, cols]  # (N, n (n + 1) / 2)
-    finite = torch.isfinite(flat).all(dim=1)
+    finite = torch.isfinite(flat).all(dim=1).cpu().tolist()
     if dtype == "bfloat16":
         arr = flat.to(torch.bfloat16).view(torch.int16).cpu().numpy()
     elif dtype == "float32":
         arr = flat.float().cpu().numpy().astype("<f4")
     else:
         raise ValueError(f"unknown wire dtype {dtype!r}; choose one of {WIRE_DTYPES}")
-    out: list[bytes | None] = []
+    view = memoryview(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+    row = view.nbytes // max(1, arr.shape[0])
+    out: list[memoryview | None] = []
     reasons: list[str] = []
-    for i in range(arr.shape[0]):
-        if bool(finite[i]):
-            out.append(arr[i].tobytes())
+    for i, ok in enumerate(finite):
+        if ok:
+            out.append(view[i * row:(i + 1) * row])
             reasons.append("")
         else:
             out.append(None)

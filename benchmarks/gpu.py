@@ -5,8 +5,9 @@ published configuration (3B / 7B / 15B: layers, heads, KV heads, widths) with ra
 in bfloat16: the same arithmetic, hence the same speed, as the trained model. Per model:
 
   sdpa      forward of a batch of 256-token inputs, no capture (the floor)
-  capture   our capture of every head (apmae.capture), plus the producer's encoding of
-            every pattern to wire bytes on the host (apmae.codec.encode_many)
+  capture   our capture of every head (apmae.capture), the patterns left on the GPU
+  capture+encode  the same, plus the producer's encoding of every pattern to wire bytes
+            on the host (apmae.codec.encode_many): what a GPU producer does before publishing
 
 and for AP-MAE (the paper variant): embedding (the encoder service) and a training step.
 
@@ -65,6 +66,13 @@ def producer_rates(name: str, batch: int, iters: int) -> dict:
         model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.argmax(-1).cpu()
 
     @torch.inference_mode()
+    def capture_only():
+        cap.clear()
+        cap.select.update(every)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.argmax(-1).cpu()
+        cap.clear()
+
+    @torch.inference_mode()
     def capture_and_encode():
         cap.clear()
         cap.select.update(every)
@@ -77,10 +85,12 @@ def producer_rates(name: str, batch: int, iters: int) -> dict:
         return nbytes
 
     t_sdpa = timed(sdpa, iters)
+    t_capture = timed(capture_only, iters)
     t_cap = timed(capture_and_encode, iters)
     wire = capture_and_encode()
     return {"model": name, "heads": layers * heads, "batch": batch,
-            "sdpa_samples_s": batch / t_sdpa, "capture_encode_samples_s": batch / t_cap,
+            "sdpa_samples_s": batch / t_sdpa, "capture_samples_s": batch / t_capture,
+            "capture_encode_samples_s": batch / t_cap,
             "capture_vs_sdpa": t_cap / t_sdpa, "patterns_s": batch * layers * heads / t_cap,
             "wire_MB_per_sample": wire / batch / 1e6, "wire_MB_s": wire / t_cap / 1e6}
 
