@@ -16,13 +16,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import redis
 import torch
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from apmae.codec import BadPattern, decode_many
+from apmae.codec import decode_many
 from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, load
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
@@ -119,10 +118,3 @@ class Encoder:
         return Processor(self.bus, self.cfg.group, [PATTERNS_MINE], self.handle,
                          done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group),
                          batch_size=self.cfg.batch_size)
-
-
-def embedding_vector(rec: EmbeddingRecord) -> np.ndarray:
-    v = np.frombuffer(rec.payload, dtype="<f4")
-    if v.shape[0] != rec.dim or not np.isfinite(v).all():
-        raise BadPattern(f"embedding payload of {v.shape[0]} values (dim {rec.dim}) or non-finite")
-    return v
