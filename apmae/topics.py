@@ -182,6 +182,10 @@ class Topic:
     partitions: int
     doc: str
     compacted: bool = False
+    # Producer compression when the bus runs with compression "auto" (the default): chosen
+    # per topic from measurement (README, Throughput): text and small JSON records compress
+    # several-fold with zstd; float32 embeddings do not compress at all.
+    codec: str = "zstd"
 
 
 def head_key(model: str, layer: int, head: int) -> str:
@@ -192,7 +196,7 @@ FILES = Topic("files", FileRecord, "file id", 4, "source files from ingest")
 SAMPLES = Topic("samples", SampleRecord, "sample id", 4, "one record per LLM prediction")
 PATTERNS_TRAIN = Topic("patterns.train", PatternRecord, "model/layer/head", 8, "AP-MAE training patterns")
 PATTERNS_MINE = Topic("patterns.mine", PatternRecord, "model/layer/head", 8, "all-head mining patterns")
-EMBEDDINGS = Topic("embeddings", EmbeddingRecord, "model/layer/head", 8, "CLS embeddings")
+EMBEDDINGS = Topic("embeddings", EmbeddingRecord, "model/layer/head", 8, "CLS embeddings", codec="none")
 ASSIGNMENTS = Topic("assignments", AssignmentRecord, "model/layer/head", 8, "cluster ids per head")
 SCORES = Topic("scores", ScoreRecord, "sample id", 4, "live correctness scores")
 CHECKPOINTS = Topic("checkpoints", CheckpointRecord, "model name", 1, "model registry announcements", True)

@@ -21,7 +21,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from apmae.config import BusConfig
 from apmae.messages import InvalidMessage, Record, encode, stable_id
-from apmae.topics import ALL_TOPICS, BY_NAME, DEADLETTER, DeadLetterRecord, Topic
+from apmae.topics import ALL_TOPICS, BY_NAME, DEADLETTER, DeadLetterRecord, Topic, topic_configs
 from services import metrics
 
 log = logging.getLogger("apmae.bus")
@@ -116,7 +116,7 @@ class Bus:
     def __init__(self, cfg: BusConfig, service: str = "apmae"):
         self.cfg = cfg
         self.service = service
-        self._producer: KafkaProducer | None = None
+        self._producers: dict[str, KafkaProducer] = {}  # codec -> producer
         self._pending: list[Any] = []  # send futures since the last flush
         self._out_series: dict[str, tuple[Any, Any]] = {}  # topic -> (messages, bytes) counters
 
@@ -137,7 +137,8 @@ class Bus:
         admin = self.admin()
         try:
             existing = set(admin.list_topics())
-            new = [NewTopic(self.name(t), t.partitions, 1) for t in topics if self.name(t) not in existing]
+            new = [NewTopic(self.name(t), t.partitions, 1, topic_configs=topic_configs(t, self.cfg.max_message_bytes))
+                   for t in topics if self.name(t) not in existing]
             if new:
                 try:
                     admin.create_topics(new)
@@ -147,14 +148,26 @@ class Bus:
         finally:
             admin.close()
 
+    def codec(self, topic: Topic) -> str:
+        """The compression a record of ``topic`` is sent with: the config's, or the topic's own
+        when the config says "auto"."""
+        comp = self.cfg.compression
+        return topic.codec if comp == "auto" else (comp or "none")
+
     @property
     def producer(self) -> KafkaProducer:
-        if self._producer is None:
-            comp = None if self.cfg.compression in ("", "none") else self.cfg.compression
-            self._producer = KafkaProducer(
+        """The producer for the config's codec (zstd when it is "auto"): for raw sends."""
+        comp = self.cfg.compression
+        return self.producer_for("zstd" if comp == "auto" else (comp or "none"))
+
+    def producer_for(self, codec: str) -> KafkaProducer:
+        """One KafkaProducer per codec in use: compression is a producer-wide setting."""
+        p = self._producers.get(codec)
+        if p is None:
+            p = self._producers[codec] = KafkaProducer(
                 bootstrap_servers=self.cfg.bootstrap_servers,
                 client_id=self.service,
-                compression_type=comp,
+                compression_type=None if codec == "none" else codec,
                 acks="all",
                 linger_ms=20,
                 batch_size=1 << 20,
@@ -162,7 +175,7 @@ class Bus:
                 retries=5,
                 **kafka_security(self.cfg),
             )
-        return self._producer
+        return p
 
     def consumer(self, group: str | None, topics: Sequence[Topic | str] = (), listener: Any = None,
                  **kw: Any) -> KafkaConsumer:
@@ -198,7 +211,7 @@ class Bus:
                                                metrics.BYTES_OUT.labels(self.service, name))
         series[0].inc()
         series[1].inc(len(value))
-        future = self.producer.send(
+        future = self.producer_for(self.codec(out.topic)).send(
             self.cfg.topic_prefix + name,
             key=(out.key or out.record.id).encode(),
             value=value,
@@ -213,18 +226,18 @@ class Bus:
         was not. kafka-python's flush() returns even when the producer aborted its batches (a
         restarted broker that forgot the idempotent producer id is fatal to the client): only
         the futures tell, and committing after such a flush would lose those messages."""
-        if self._producer is None:
+        if not self._producers:
             return
-        self._producer.flush(timeout=timeout)
+        for p in self._producers.values():
+            p.flush(timeout=timeout)
         pending, self._pending = self._pending, []
         failed = [f.exception for f in pending if f.failed()]
         if failed or any(not f.is_done for f in pending):
-            log.error("%d of %d sends were not acknowledged (%s): recreating the producer; the batch will be "
+            log.error("%d of %d sends were not acknowledged (%s): recreating the producers; the batch will be "
                       "retried", len(failed), len(pending), failed[0] if failed else "timeout")
-            try:
-                self._producer.close(0)
-            finally:
-                self._producer = None
+            producers, self._producers = self._producers, {}
+            for p in producers.values():
+                p.close(0)
             raise Retryable(f"{len(failed)} sends failed: {failed[0] if failed else 'not acknowledged in time'}")
 
     def dead_letter(self, topic: str, partition: int, offset: int, value: bytes | None, reason: str) -> None:
@@ -249,12 +262,10 @@ class Bus:
 
     def close(self) -> None:
         """Flush (raising Retryable if any send was lost, so callers never report success for
-        data that is not in the log) and close the producer."""
-        if self._producer is None:
-            return
+        data that is not in the log) and close the producers."""
         try:
             self.flush(30)
         finally:
-            if self._producer is not None:
-                self._producer.close(10)
-                self._producer = None
+            producers, self._producers = self._producers, {}
+            for p in producers.values():
+                p.close(10)
