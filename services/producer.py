@@ -22,6 +22,7 @@ import random
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,10 +310,10 @@ class Producer:
                 pending.append(self._publisher.submit(self.publish, chunk, res))
                 t_wait = time.perf_counter()
                 while len(pending) > self.cfg.pipeline_depth:  # back-pressure: the publisher is behind
-                    pending.popleft().result()
+                    self._wait(pending.popleft())
                 SECONDS.labels("wait").inc(time.perf_counter() - t_wait)
             while pending:
-                pending.popleft().result()  # re-raises the publisher's error here
+                self._wait(pending.popleft())  # re-raises the publisher's error here
         finally:
             for f in pending:  # an error upstream: do not leave a publish running past this batch
                 f.cancel()
@@ -320,6 +321,16 @@ class Producer:
                 if not f.cancelled():
                     f.exception()
         return out
+
+    def _wait(self, f: Future) -> None:
+        """Wait for a publish while keeping the group membership alive: a wait longer than
+        max_poll_interval (a slow broker) would otherwise make the group rebalance."""
+        while True:
+            try:
+                return f.result(timeout=1.0)
+            except FutureTimeout:
+                if self.processor is not None:
+                    self.processor.heartbeat()
 
     def publish(self, chunk: list[Job], res: BatchResult) -> None:
         """Encode one chunk's samples and patterns and queue them on the bus (publisher thread)."""
