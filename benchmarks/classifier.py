@@ -81,7 +81,7 @@ def live_scoring(n_rows: int) -> dict:
     model = fit(x[:2000], y[:2000], ClassifierConfig(iterations=200, thread_count=2))
     with embedded_infra() as infra:
         state = Path(infra.state_dir)
-        bus_cfg = BusConfig(bootstrap_servers=f"127.0.0.1:{infra.kafka_port}", redis_url=f"redis://127.0.0.1:{infra.redis_port}/0",
+        bus_cfg = BusConfig(bootstrap_servers=f"127.0.0.1:{infra.kafka_port}", redis_url=infra.redis_url,
                             state_dir=state, topic_prefix="bench.")
         cfg = ClassifyConfig(**vars(bus_cfg))
         store = ArtifactStore(cfg.artifacts_dir)

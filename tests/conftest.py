@@ -15,8 +15,10 @@ from services.infra import InfraConfig, InfraError, down, free_port, up
 
 @pytest.fixture(scope="session")
 def infra_cfg(tmp_path_factory) -> InfraConfig:
+    # ephemeral (in-memory broker): durability is tested on its own (test_durable_broker.py),
+    # and the broker-restart fault test is about a broker that loses its topics
     cfg = InfraConfig(state_dir=tmp_path_factory.mktemp("infra"), kafka_port=free_port(),
-                      redis_port=free_port(), prometheus_port=free_port(), scrape_interval="1s")
+                      redis_port=free_port(), prometheus_port=free_port(), scrape_interval="1s", ephemeral=True)
     try:
         up(cfg)
     except InfraError as e:
