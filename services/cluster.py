@@ -324,11 +324,15 @@ class Assigner:
                 NOISE.labels(r0.model, str(r0.layer), str(r0.head)).set(mon.noise_rate)
         return out
 
-    def on_partitions_revoked(self, revoked) -> int:
-        """Another member owns these partitions now: stop exporting their heads' series."""
-        gone = {(tp.topic, tp.partition) for tp in revoked}
-        n = HEAD_SERIES.forget(lambda k: self.head_partition.get(k) not in gone)
-        for k in [k for k, tp in self.head_partition.items() if tp in gone]:
+    def keep_heads_of(self, assigned) -> int:
+        """After a rebalance: stop exporting the series of heads whose partition this member
+        no longer owns (another member exports them now); returns how many were dropped.
+        Checked on assignment, not on revocation: kafka-python's eager protocol revokes every
+        partition before each rebalance and usually hands most of them back."""
+        owned = {(tp.topic, tp.partition) for tp in assigned}
+        gone = [k for k, tp in self.head_partition.items() if tp not in owned]
+        n = HEAD_SERIES.forget(lambda k: k not in gone)
+        for k in gone:
             del self.head_partition[k]
         return n
 
@@ -341,13 +345,15 @@ class Assigner:
 
 
 class _HeadsWatch(ConsumerRebalanceListener):
-    """The processor's rebalance hook, plus: revoked heads' series are removed."""
+    """The processor's rebalance hook, plus: the series of heads on partitions this member
+    lost are removed."""
 
     def __init__(self, proc: Processor, assigner: Assigner):
         self.proc, self.assigner = proc, assigner
 
     def on_partitions_revoked(self, revoked) -> None:
-        self.assigner.on_partitions_revoked(revoked)
+        pass
 
     def on_partitions_assigned(self, assigned) -> None:
         self.proc.on_partitions_assigned(assigned)
+        self.assigner.keep_heads_of(assigned)

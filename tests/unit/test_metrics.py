@@ -32,7 +32,7 @@ def test_head_series_are_bounded_least_recently_updated_first():
     assert not off.admit("m", 0, 0)
 
 
-def test_assigner_drops_the_series_of_revoked_partitions(tmp_path):
+def test_assigner_drops_the_series_of_partitions_it_lost(tmp_path):
     from apmae.config import BusConfig
     from services.cluster import CLUSTERS, HEAD_SERIES, NOISE, Assigner, ClusterServiceConfig
 
@@ -43,7 +43,8 @@ def test_assigner_drops_the_series_of_revoked_partitions(tmp_path):
         NOISE.labels("rv", "4", str(head)).set(0.5)
         CLUSTERS.labels("rv", "4", str(head)).set(3)
         a.head_partition[("rv", "4", str(head))] = ("t.embeddings", part)
-    assert a.on_partitions_revoked([TopicPartition("t.embeddings", 1)]) == 2
+    # a rebalance hands partition 0 back and partition 1 to another member
+    assert a.keep_heads_of([TopicPartition("t.embeddings", 0)]) == 2
 
     def value(metric, head):
         return REGISTRY.get_sample_value(metric, {"model": "rv", "layer": "4", "head": str(head)})
