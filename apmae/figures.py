@@ -17,29 +17,124 @@ def _plt():
 
 
 def save_figure(fig, path: Path, dpi: int = 90) -> Path:
-    """tight_layout, create the folder, write the PNG, free the figure."""
+    """tight_layout, create the folder, write the PNG (cropped to everything drawn, so rotated
+    tick labels and legends are never clipped), free the figure."""
     plt = _plt()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return path
 
 
-def layer_head_heatmap(values: dict[tuple[int, int], float], n_layers: int, n_heads: int, title: str, path: Path,
-                       cbar: str = "") -> Path:
-    """Figure 3 (clusters per head) and Figures 5-6 (SHAP difference per head): layer x head."""
+def layer_head_heatmap(values: dict[tuple[int, int], float], n_layers: int, n_heads: int, title: str,
+                       path: Path | None, cbar: str = "", counts: bool = False, only_given_layers: bool = False):
+    """Figure 3 (clusters per head) and Figures 5-6 (SHAP difference per head): layer x head.
+
+    ``counts``: integer values (clusters per head) get one colour per count on a discrete
+    scale of at least two steps, and each cell is labelled; a map where every head has the
+    same count (one cluster each) then reads as that count, not as a blank, degenerate scale.
+    ``only_given_layers``: one row per layer present in ``values`` (labelled with its number),
+    instead of every layer with the unmined ones blank."""
     plt = _plt()
-    grid = np.full((n_layers, n_heads), np.nan)
+    layers = sorted({layer for layer, _ in values}) if only_given_layers else list(range(n_layers))
+    row = {layer: i for i, layer in enumerate(layers)}
+    grid = np.full((len(layers), n_heads), np.nan)
     for (layer, head), v in values.items():
-        grid[layer, head] = v
-    fig, ax = plt.subplots(figsize=(max(4, n_heads * 0.45 + 2), max(3, n_layers * 0.22 + 1.5)))
-    im = ax.imshow(grid, aspect="auto", cmap="magma", origin="lower")
+        grid[row[layer], head] = v
+    values = {(row[layer], head): v for (layer, head), v in values.items()}
+    fig, ax = plt.subplots(figsize=(max(4, n_heads * 0.45 + 2), max(2.2, len(layers) * 0.22 + 1.5)))
+    finite = grid[np.isfinite(grid)]
+    if counts and finite.size:
+        from matplotlib.colors import BoundaryNorm
+
+        lo, hi = int(finite.min()), int(finite.max())
+        lo, hi = min(lo, hi - 1), max(hi, lo + 1)  # never a single-value scale
+        bounds = np.arange(lo - 0.5, hi + 1.5)
+        cmap = plt.get_cmap("viridis", len(bounds) - 1)
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=BoundaryNorm(bounds, cmap.N), origin="lower")
+        cb = fig.colorbar(im, ax=ax, label=cbar, ticks=np.arange(lo, hi + 1))
+        cb.ax.tick_params(labelsize=8)
+        if grid.size <= 1200:
+            for (layer, head), v in values.items():
+                ax.text(head, layer, f"{int(v)}", ha="center", va="center", fontsize=6,
+                        color="white" if v <= (lo + hi) / 2 else "black")
+    else:
+        vmin = vmax = None
+        if finite.size and finite.min() == finite.max():  # one value everywhere: centre it on the scale
+            vmin, vmax = finite.min() - 0.5, finite.max() + 0.5
+        im = ax.imshow(grid, aspect="auto", cmap="magma", origin="lower", vmin=vmin, vmax=vmax)
+        fig.colorbar(im, ax=ax, label=cbar)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
+    if only_given_layers:
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label=cbar)
+    if path is None:  # the figure itself (tests inspect its scale)
+        return fig
+    return save_figure(fig, path, dpi=90)
+
+
+def calibration_plot(prob: np.ndarray, actual: np.ndarray, path: Path, title: str = "", bins: int = 10) -> dict:
+    """Reliability diagram: per bin of predicted P(correct), the observed correct rate with its
+    95% Wilson interval and n; the diagonal is perfect calibration. Returns the bins and the
+    Brier score (with n)."""
+    from apmae.stats import wilson_interval
+
+    plt = _plt()
+    prob, actual = np.asarray(prob, dtype=float), np.asarray(actual, dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        sel = idx == b
+        n = int(sel.sum())
+        if not n:
+            continue
+        k = int(actual[sel].sum())
+        lo, hi = wilson_interval(k, n)
+        rows.append({"bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}", "n": n, "mean_prob": float(prob[sel].mean()),
+                     "observed": k / n, "ci95": [lo, hi]})
+    brier = float(np.mean((prob - actual) ** 2)) if len(prob) else None
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5.2, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    if rows:
+        x = [r["mean_prob"] for r in rows]
+        y = [r["observed"] for r in rows]
+        err = [[v - r["ci95"][0] for v, r in zip(y, rows, strict=True)],
+               [r["ci95"][1] - v for v, r in zip(y, rows, strict=True)]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="observed correct rate (95% Wilson CI)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("observed correct rate")
+    brier_txt = "n/a" if brier is None else f"{brier:.3f}"
+    ax.set_title(f"{title}\nBrier score {brier_txt} (n = {len(prob)})", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    axn.bar((edges[:-1] + edges[1:]) / 2, np.bincount(idx, minlength=bins) if len(prob) else np.zeros(bins),
+            width=0.9 / bins, color="tab:blue")
+    axn.set_xlabel("predicted P(correct)")
+    axn.set_ylabel("n")
+    save_figure(fig, path, dpi=90)
+    return {"bins": rows, "brier": brier, "n": int(len(prob))}
+
+
+def cluster_scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str) -> Path:
+    """UMAP scatter: a head's points in 2-D, one colour per HDBSCAN cluster, noise in grey."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for c in sorted(set(labels.tolist())):
+        sel = labels == c
+        if c == -1:
+            ax.scatter(points[sel, 0], points[sel, 1], s=6, c="lightgrey", label=f"noise (n={int(sel.sum())})")
+        else:
+            ax.scatter(points[sel, 0], points[sel, 1], s=8, label=f"cluster {c} (n={int(sel.sum())})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return save_figure(fig, path, dpi=90)
 
 

@@ -12,9 +12,9 @@ import torch
 
 from apmae import evaluate as E
 from apmae.codec import decode_pattern, log_scale
-from apmae.figures import cluster_examples, layer_head_heatmap
+from apmae.figures import calibration_plot, cluster_examples, cluster_scatter, layer_head_heatmap
 from apmae.mae import load
-from apmae.topics import ASSIGNMENTS, PATTERNS_MINE, head_key
+from apmae.topics import ASSIGNMENTS, PATTERNS_MINE, SCORES, head_key
 from services.bus import Bus, Message, read_range
 from services.registry import Registry, safe_name
 
@@ -38,13 +38,88 @@ def _interval(ci) -> str:
     return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _warn(text: str) -> str:
+    return f"<p class='warn'>&#9888; {text}</p>"
+
+
+class _Sections:
+    """Numbered report sections with anchors, for the table of contents."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, str]] = []
+
+    def append(self, body: str, title: str | None = None, anchor: str | None = None) -> None:
+        if title is None:  # continues the previous section
+            a, t, b = self.items[-1]
+            self.items[-1] = (a, t, b + body)
+            return
+        anchor = anchor or f"s{len(self.items) + 1}"
+        self.items.append((anchor, title, body))
+
+    def toc(self) -> str:
+        links = "".join(f"<li><a href='#{a}'>{html.escape(t)}</a></li>" for a, t, _ in self.items)
+        return f"<nav><h2>Contents</h2><ol>{links}</ol></nav>"
+
+    def html(self) -> str:
+        return "".join(f"<section id='{a}'><h2>{i}. {html.escape(t)}</h2>{b}</section>"
+                       for i, (a, t, b) in enumerate(self.items, 1))
+
+
+def _umap_2d(points: np.ndarray) -> np.ndarray:
+    """2-D UMAP of a head's fitted (8-d) points, for the scatter only."""
+    import umap
+
+    n = len(points)
+    return umap.UMAP(n_components=2, n_neighbors=max(2, min(15, n - 1)), random_state=0,
+                     init="random").fit_transform(points)
+
+
+def _calibration(bus, out: Path) -> tuple[str, dict | None, int]:
+    """Reliability diagram of the live scores whose truth is known and that the classifier was
+    not fit on (in_sample is not True)."""
+    prob, actual = [], []
+    seen: set[str] = set()
+    labelled = 0
+    for m in read_range(bus, SCORES):
+        r = getattr(m, "record", None)
+        if r is None or r.id in seen or r.actual is None:
+            continue
+        seen.add(r.id)
+        labelled += 1
+        if getattr(r, "in_sample", None) is True:
+            continue
+        prob.append(r.prob_correct)
+        actual.append(float(r.actual))
+    if not prob:
+        return "<p>No out-of-sample live score with a known truth yet: no calibration plot.</p>", None, labelled
+    cal = calibration_plot(np.array(prob), np.array(actual), out / "calibration.png",
+                           "Live scores: predicted P(correct) vs observed")
+    note = ("<img src='calibration.png' alt='calibration plot'><p>Each point: the live scores in one "
+            "bin of predicted P(correct), their observed correct rate and 95% Wilson interval; "
+            f"bars: n per bin. Brier score {_fmt(cal['brier'])} over n = {cal['n']} out-of-sample "
+            "scores (0.25 = always predicting 0.5).</p>")
+    if cal["n"] < 50:
+        note += _warn(f"Only {cal['n']} scores: the calibration estimate is rough.")
+    return note, cal, labelled
+
+
+def _live_accuracy(live: dict, n_labelled: int) -> str:
+    """The demo's live accuracy with its n and interval (apmae.scoring.live_accuracy: only
+    samples of files no classifier was fit on), else with the n of all labelled scores."""
+    acc = live.get("live") if isinstance(live.get("live"), dict) else None
+    if acc is not None:
+        return (f"live accuracy {_fmt(acc.get('accuracy'))} (n = {acc.get('n')} scores of files no classifier "
+                f"was fit on, 95% CI {_interval(acc.get('ci95'))})")
+    return f"live accuracy {_fmt(live.get('live_accuracy'))} (n = {n_labelled} scores with a known truth)"
+
+
 def write_report(demo) -> Path:
     out = demo.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     bus = Bus(demo.bus, "report")
     done = demo.done
     numbers: dict = {}
-    sections: list[str] = []
+    sections = _Sections()
 
     # --- patterns (a bounded sample) and the AP-MAE checkpoint --------------------------------
     patterns, meta = [], []
@@ -66,14 +141,31 @@ def write_report(demo) -> Path:
     half = len(x) // 2
     losses = E.reconstruction_losses(model, x[half:])
     base = E.mean_patch_losses(model, x[:half], x[half:])
-    numbers["reconstruction"] = {"apmae": E.summary(losses), "mean_patch_baseline": E.summary(base),
+    held_ids = [patterns[i].sample_id for i in pick[half:]]
+    s_ap, s_base = E.summary(losses, held_ids), E.summary(base, held_ids)
+    numbers["reconstruction"] = {"apmae": s_ap, "mean_patch_baseline": s_base,
                                  "ratio_apmae_to_baseline": float(losses.mean() / base.mean()),
                                  "checkpoint_step": meta.get("step")}
     E.figure1(model, x[half], out / "figure1.png")
-    sections.append("<h2>AP-MAE reconstruction (Figure 1)</h2><img src='figure1.png'>"
-                    f"<p>Masked-patch MSE on {len(losses)} held-out mining patterns: "
-                    f"{losses.mean():.4f} &plusmn; {losses.std():.4f}; predicting the mean patch: "
-                    f"{base.mean():.4f} &plusmn; {base.std():.4f} (ratio {numbers['reconstruction']['ratio_apmae_to_baseline']:.2f}).</p>")
+    diff = (losses - base).numpy()  # paired: the same patterns and masks
+    d_groups: dict[str, list[float]] = defaultdict(list)
+    for sid, v in zip(held_ids, diff.tolist(), strict=True):
+        d_groups[sid].append(v)
+    d_means = np.array([np.mean(g) for g in d_groups.values()])
+    boot = np.random.default_rng(0).integers(0, len(d_means), size=(1000, len(d_means)))
+    d_ci = np.quantile(d_means[boot].mean(1), [0.025, 0.975])
+    numbers["reconstruction"]["apmae_minus_baseline_ci95"] = [float(d_ci[0]), float(d_ci[1])]
+    body = ("<img src='figure1.png' alt='Figure 1'>"
+            f"<p>Masked-patch MSE on n = {s_ap['n_patterns']} held-out mining patterns from n = {s_ap['n']} samples: "
+            f"AP-MAE {s_ap['mean']:.4f} (95% CI {_interval(s_ap.get('ci95'))}, bootstrap over samples); "
+            f"predicting the mean patch {s_base['mean']:.4f} (95% CI {_interval(s_base.get('ci95'))}); "
+            f"ratio {numbers['reconstruction']['ratio_apmae_to_baseline']:.2f}; paired difference AP-MAE minus "
+            f"baseline 95% CI {_interval(d_ci)}. Checkpoint step {meta.get('step')}.</p>")
+    if d_ci[0] >= 0 or losses.mean() >= base.mean():
+        body += _warn("AP-MAE does <b>not</b> beat its baseline here: its masked-patch error is not below "
+                      "predicting the mean patch (the paired 95% interval does not lie below 0). The "
+                      "demo trains only a few steps; the clusters below are built on these embeddings.")
+    sections.append(body, "AP-MAE reconstruction (Figure 1)", "reconstruction")
 
     # --- clusters per head (Figure 3) and examples per cluster (Figure 2) ----------------------
     registry = Registry(redis.Redis.from_url(demo.bus.redis_url), demo.bus.topic_prefix)
@@ -86,8 +178,8 @@ def write_report(demo) -> Path:
     if per_head:
         n_layers = 1 + max(k[0] for k in per_head)
         n_heads = 1 + max(k[1] for k in per_head)
-        layer_head_heatmap(per_head, n_layers, n_heads, "clusters per head (unmined layers blank)",
-                           out / "figure3.png", "clusters")
+        layer_head_heatmap(per_head, n_layers, n_heads, "clusters per head (mined layers)",
+                           out / "figure3.png", "clusters", counts=True, only_given_layers=True)
         numbers["clusters_per_head"] = {f"L{k[0]}H{k[1]}": v for k, v in sorted(per_head.items())}
         best = max(per_head, key=per_head.get)
         model_name = patterns[0].model
@@ -104,8 +196,31 @@ def write_report(demo) -> Path:
         if examples:
             cluster_examples(dict(examples), f"{head_key(model_name, *best)}: example patterns per cluster",
                              out / "figure2.png")
-        sections.append("<h2>Clusters per head (Figure 3)</h2><img src='figure3.png'>"
-                        f"<h2>Patterns per cluster, head L{best[0]}H{best[1]} (Figure 2)</h2><img src='figure2.png'>")
+        counts_hist = np.bincount(list(per_head.values()))
+        sections.append("<img src='figure3.png' alt='Figure 3'>"
+                        f"<p>n = {len(per_head)} fitted heads; heads per cluster count: "
+                        + ", ".join(f"{c} clusters: {k}" for c, k in enumerate(counts_hist) if k) + ".</p>",
+                        "Clusters per head (Figure 3)", "clusters")
+        sections.append(f"<img src='figure2.png' alt='Figure 2'><p>Head L{best[0]}H{best[1]} (most clusters), "
+                        f"up to 5 example patterns per cluster from n = {sum(len(v) for v in examples.values())} "
+                        "shown.</p>", f"Patterns per cluster, head L{best[0]}H{best[1]} (Figure 2)", "figure2")
+        entry = registry.get("cluster", head_key(model_name, *best))
+        try:
+            from apmae.cluster import HeadModel
+            from services.registry import ArtifactStore
+
+            hm = HeadModel.from_bytes(ArtifactStore(demo.bus.artifacts_dir).read(entry["path"]), entry["sha256"])
+            pts = _umap_2d(np.asarray(hm.embedding))
+            cluster_scatter(pts, np.asarray(hm.labels), out / "umap.png",
+                            f"{head_key(model_name, *best)}: n = {len(pts)} points, 2-D UMAP of the fitted "
+                            f"{np.asarray(hm.embedding).shape[1]}-d embedding")
+            sections.append("<img src='umap.png' alt='UMAP scatter'><p>The head's fitted points (AP-MAE "
+                            "embeddings after PCA and UMAP) drawn in 2-D by a second UMAP, coloured by their "
+                            f"HDBSCAN cluster; n = {len(pts)}, noise ratio {_fmt(hm.noise_rate)}.</p>",
+                            f"UMAP scatter, head L{best[0]}H{best[1]}", "umap")
+        except Exception as e:  # noqa: BLE001 - a figure must not sink the report
+            sections.append(f"<p>UMAP scatter not drawn: {html.escape(str(e))}</p>",
+                            f"UMAP scatter, head L{best[0]}H{best[1]}", "umap")
 
     # --- classifier (Figures 4-6) --------------------------------------------------------------
     rows = []
@@ -115,22 +230,37 @@ def write_report(demo) -> Path:
                          "CV accuracy": t.get("mean"), "95% CI": _interval(t.get("ci95")),
                          "chance level": t.get("chance_level"),
                          "top head": next(iter(t.get("top_heads", {})), None), "skipped": t.get("skipped")})
-        sections.append(f"<h2>Correctness classifier, {html.escape(model_name)} (Figure 4)</h2>"
-                        f"<img src='accuracy-{safe_name(model_name)}.png'>")
-    sections.append(_table(rows, ["model", "task", "n", "LLM correct", "CV accuracy", "95% CI", "chance level",
-                                  "top head", "skipped"]))
+        sections.append(f"<img src='accuracy-{safe_name(model_name)}.png' alt='Figure 4'>",
+                        f"Correctness classifier, {model_name} (Figure 4)", f"classifier-{safe_name(model_name)}")
+    if rows:
+        sections.append(_table(rows, ["model", "task", "n", "LLM correct", "CV accuracy", "95% CI", "chance level",
+                                      "top head", "skipped"]))
+        losing = []
+        for model_name, m in done.get("classify", {}).get("models", {}).items():
+            for t in m["tasks"]:
+                ci, ref = t.get("ci95"), t.get("baseline", t.get("chance_level"))
+                if t.get("mean") is not None and ci is not None and ref is not None and ci[0] <= ref:
+                    losing.append(f"{html.escape(model_name)} {html.escape(str(t['task']))} "
+                                  f"({_fmt(t['mean'])}, 95% CI {_interval(ci)}, n = {t.get('n')}, baseline {_fmt(ref)})")
+        if losing:
+            sections.append(_warn("The classifier does <b>not</b> beat its baseline (95% interval not above it) "
+                                  f"for {len(losing)} of {len(rows)} tasks: " + "; ".join(losing) + "."))
     for png in sorted(out.glob("shap-*.png")):
-        sections.append(f"<h3>{html.escape(png.stem)} (Figures 5-6)</h3><img src='{png.name}'>")
+        sections.append(f"<img src='{png.name}' alt='{html.escape(png.stem)}'>", f"{png.stem} (Figures 5-6)")
+    cal_html, cal, n_labelled = _calibration(bus, out)
+    numbers["calibration"] = cal
+    sections.append(cal_html, "Scorer calibration (live scores)", "calibration")
 
     # --- head intervention ---------------------------------------------------------------------
     iv = done.get("intervene", {})
     if iv.get("summary"):
         numbers["intervene"] = iv
-        sections.append(f"<h2>Head intervention: {iv['k']} heads zeroed per task</h2><img src='intervene.png'>"
-                        "<p>Change in the target model's correctness rate on held-out files when the task's "
-                        "top-SHAP heads, random heads (mean of draws) or the most neutral heads are zeroed.</p>"
+        sections.append("<img src='intervene.png' alt='intervention'>"
+                        "<p>Change in the target model's correctness rate on n held-out inputs per task when the "
+                        "task's top-SHAP heads, random heads (mean of draws) or the most neutral heads are zeroed.</p>"
                         + _table(iv["summary"], ["task", "n", "correct_rate", "top", "random_mean", "random_std",
-                                                 "neutral"]))
+                                                 "neutral"]), f"Head intervention: {iv['k']} heads zeroed per task",
+                        "intervene")
 
     # --- pipeline numbers ------------------------------------------------------------------------
     pred_rows = [{"task": t, **c} for t, c in sorted(prod.get("predictions", {}).items())]
@@ -139,21 +269,29 @@ def write_report(demo) -> Path:
     numbers.update({"timings": done.get("_timings"), "predictions": prod.get("predictions"), "live": live,
                     "train": done.get("train"), "cluster": done.get("cluster")})
     (out / "numbers.json").write_text(json.dumps(numbers, indent=2, default=str))
+    n_pred = {t: sum(v for v in c.values() if isinstance(v, int)) for t, c in prod.get("predictions", {}).items()}
+    head = [("stages", "Stages", _table(timing_rows, ["stage", "seconds"])),
+            ("predictions", "Target model predictions per task",
+             _table([{**r, "n": n_pred.get(r["task"])} for r in pred_rows],
+                    ["task", "n", "correct", "incorrect", "unlabelled"]))]
+    sections.items[:0] = head
+    sections.append(f"<p>n = {live.get('ingested')} new files: n = {live.get('embedded')} patterns embedded, "
+                    f"n = {live.get('scores')} samples scored in all, {_live_accuracy(live, n_labelled)}.</p><p>All numbers: <a href='numbers.json'>numbers.json</a></p>",
+                    "Live stream", "live")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>apmae demo report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}
-th{{background:#f3f3f3}}</style></head><body>
+th{{background:#f3f3f3}}.warn{{background:#fff4e5;border-left:4px solid #e67e22;padding:6px 10px}}
+nav ol{{columns:2;font-size:14px}}</style></head><body>
 <h1>apmae demo report</h1>
 <p>Target model <b>{html.escape(str(prod.get('model')))}</b> ({html.escape(str(prod.get('mode')))} mode,
 {prod.get('heads_per_sample')} heads per sample, {prod.get('mined_heads')} mined) on
 {done.get('ingest', {}).get('published')} files of {html.escape(str(demo.cfg.corpus or 'the JDK src.zip'))}.
-The JDK sources are likely in the model's training data: correctness rates are inflated.</p>
-<h2>Stages</h2>{_table(timing_rows, ["stage", "seconds"])}
-<h2>Target model predictions per task</h2>{_table(pred_rows, ["task", "correct", "incorrect", "unlabelled"])}
-{''.join(sections)}
-<h2>Live stream</h2><p>{live.get('ingested')} new files: {live.get('embedded')} patterns embedded,
-{live.get('scores')} samples scored in all, live accuracy {_fmt(live.get('live_accuracy'))}.</p>
-<p>All numbers: <a href="numbers.json">numbers.json</a></p></body></html>"""
+The JDK sources are likely in the model's training data: correctness rates are inflated.
+Every number states its n; intervals are 95%: Wilson for rates, bootstrap over samples for mean losses.</p>
+{sections.toc()}
+{sections.html()}
+</body></html>"""
     path = out / "index.html"
     path.write_text(page)
     return path

@@ -1,0 +1,52 @@
+"""Report figures: Figure 3's scale with one cluster per head, Figure 4's labels, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from apmae import figures
+
+
+def test_figure3_scale_is_not_degenerate_when_every_head_has_one_cluster():
+    values = {(layer, head): 1 for layer in range(4) for head in range(6)}
+    fig = figures.layer_head_heatmap(values, 4, 6, "clusters per head", None, "clusters", counts=True)
+    image = fig.axes[0].images[0]
+    assert image.norm.vmin < 1 < image.norm.vmax  # the single value sits inside a real range
+    ticks = [t for t in fig.axes[1].get_yticks() if image.norm.vmin <= t <= image.norm.vmax]
+    assert len(ticks) >= 2 and 1 in ticks
+    labels = {t.get_text() for t in fig.axes[0].texts}
+    assert labels == {"1"}  # every cell says its count
+    rgba = image.to_rgba(np.array([[0.0, 1.0]]))[0]
+    assert not np.allclose(rgba[0], rgba[1])  # 0 and 1 clusters get different colours
+
+
+def test_figure4_long_task_labels_are_not_clipped(tmp_path):
+    rows = [{"task": f"a_very_long_task_name_number_{i}", "mean": 0.6, "ci95": [0.5, 0.7], "chance_level": 0.5,
+             "llm_correct": {"rate": 0.4, "ci95": [0.3, 0.5]}} for i in range(5)]
+    path = figures.accuracy_bars(rows, tmp_path / "acc.png", "Figure 4")
+    width, height = Image.open(path).size
+    # the nominal canvas is 6.0 x 4.0 in at 90 dpi; rotated labels reach below it and are kept
+    assert height > 4.0 * 90
+
+
+def test_calibration_plot_bins_with_n_and_wilson_intervals(tmp_path):
+    rng = np.random.default_rng(0)
+    prob = rng.random(400)
+    actual = (rng.random(400) < prob).astype(float)  # calibrated by construction
+    cal = figures.calibration_plot(prob, actual, tmp_path / "cal.png", "test")
+    assert (tmp_path / "cal.png").read_bytes()[:4] == b"\x89PNG"
+    assert cal["n"] == 400 and sum(b["n"] for b in cal["bins"]) == 400
+    assert abs(cal["brier"] - float(np.mean((prob - actual) ** 2))) < 1e-12
+    for b in cal["bins"]:
+        lo, hi = b["ci95"]
+        assert 0 <= lo <= b["observed"] <= hi <= 1
+        assert lo - 0.05 <= b["mean_prob"] <= hi + 0.05  # calibrated data stays near the diagonal
+
+
+def test_figure3_draws_only_the_mined_layers_when_asked():
+    values = {(0, h): 2 for h in range(4)} | {(29, h): 3 for h in range(4)}
+    fig = figures.layer_head_heatmap(values, 30, 4, "clusters", None, "clusters", counts=True, only_given_layers=True)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().shape == (2, 4)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "29"]
