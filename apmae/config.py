@@ -143,7 +143,8 @@ class BusConfig:
     metrics_host: str = setting("127.0.0.1", "Address the metrics endpoint binds to")
     state_dir: Path = setting(Path(".apmae"), "Directory for infra state, artifacts and caches")
     topic_prefix: str = setting("", "Prefix for every topic name (isolates tenants and test runs)")
-    compression: str = setting("zstd", "Producer compression: none, gzip, lz4, zstd (zstd measured fastest)")
+    compression: str = setting("auto", "Producer compression: auto (each topic's own codec, chosen from measurement: "
+                                       "zstd, none for embeddings), none, gzip, lz4, zstd")
     security_protocol: str = setting("PLAINTEXT", "Kafka security protocol: PLAINTEXT, SSL, SASL_SSL")
     sasl_mechanism: str = setting("", "SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
     sasl_username: str = setting("", "SASL user name")

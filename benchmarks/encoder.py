@@ -27,7 +27,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
     import numpy as np
     import torch
 
-    from apmae.codec import decode_pattern
+    from apmae.codec import decode_many, decode_pattern
     from apmae.mae import APMAE, save, variant
     from apmae.topics import PATTERNS_MINE, PatternRecord
     from services.bus import Output
@@ -73,16 +73,35 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             assert done >= n, f"encoder handled {done} of {n}"
             return dt
 
+        def consume_alone(k: int) -> float:
+            """kafka-python alone reading the same topic (what the service pays before decoding)."""
+            from benchmarks.bus import consume_raw
+            from services.bus import Bus
+
+            bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}."), "bench")
+            return consume_raw(bus, PATTERNS_MINE, n, f"alone{k}")
+
+        def decode_alone() -> float:
+            t0 = time.perf_counter()
+            for k in range(0, n, batch):
+                decode_many(payloads[k:k + batch], 256)
+            return time.perf_counter() - t0
+
         raw()  # warm-up
-        t = {"raw": [], "service": []}
+        t = {"raw": [], "service": [], "consume_alone": [], "decode_alone": []}
         for k in range(rounds):
-            steps = [("raw", raw), ("service", lambda k=k: service(k))]
+            steps = [("raw", raw), ("service", lambda k=k: service(k)),
+                     ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone)]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
     med = {k: statistics.median(v) for k, v in t.items()}
     row = {"variant": variant_name, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
            "raw_patterns_per_s": n / med["raw"], "service_patterns_per_s": n / med["service"],
-           "service_vs_raw": med["raw"] / med["service"]}
+           "service_vs_raw": med["raw"] / med["service"],
+           # the service runs forward, consume and decode on the same 2 cores: this is its
+           # ratio if none of them overlapped
+           "serial_bound": med["raw"] / (med["raw"] + med["consume_alone"] + med["decode_alone"]),
+           "consume_alone_patterns_per_s": n / med["consume_alone"], "decode_alone_patterns_per_s": n / med["decode_alone"]}
     return {"rows": [row], "seconds": t}
 
 

@@ -11,7 +11,7 @@ def test_defaults_env_and_overrides_in_order():
     cfg = resolve(BusConfig, {"max_message_bytes": "456"}, env=env)
     assert cfg.bootstrap_servers == "127.0.0.1:1"  # env beats default
     assert cfg.max_message_bytes == 456  # flag beats env, and is typed
-    assert cfg.compression == "zstd"
+    assert cfg.compression == "auto"
 
 
 def test_unknown_keys_and_bad_values_are_errors():
