@@ -145,8 +145,13 @@ def test_replay_from_beginning_and_from_timestamp_to_topic_and_parquet(bus_cfg, 
     c.close()
     assert sorted(got) == sorted(r.id for r in late)
 
-    counts = import_parquet(bus_cfg, tmp_path / "all", to_topic=bus_cfg.topic_prefix + "samples", progress=False)
-    assert counts["imported"] == 10
+    # import writes back to the declared topic each row came from (under the prefix); file
+    # records aimed at the samples topic are of the wrong schema: skipped and counted
+    counts = import_parquet(bus_cfg, tmp_path / "all", progress=False)
+    assert counts["imported"] == 10 and counts["wrong_schema"] == 0
+    assert len(list(read_range(bus, FILES))) == 20
+    wrong = import_parquet(bus_cfg, tmp_path / "all", to_topic="samples", progress=False)
+    assert wrong["imported"] == 0 and wrong["wrong_schema"] == 10
 
 
 def test_graceful_stop_commits_what_was_done(bus_cfg):
