@@ -262,14 +262,15 @@ class S3(Server):
     """s3rver: the durable broker's log as files under ``<state>/infra/s3``."""
 
     def command(self) -> list[str]:
-        node = _which("node", "install Node.js (apt-get install nodejs)")
-        if not (S3RVER_MODULES / "s3rver").is_dir():
-            raise InfraError(f"s3rver not installed under {S3RVER_MODULES}: run scripts/bootstrap.sh "
-                             "(npm install s3rver), or use --ephemeral")
+        node = shutil.which("node") or "/usr/bin/node"
         return [node, str(ROOT / "scripts" / "s3rver.js"), str(self.cfg.s3_dir.resolve()), "127.0.0.1", str(self.port),
                 BUCKET]
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # checked at start, so the command line can be inspected without them
+        _which("node", "install Node.js (apt-get install nodejs), or use --ephemeral")
+        if not (S3RVER_MODULES / "s3rver").is_dir():
+            raise InfraError(f"s3rver not installed under {S3RVER_MODULES}: run scripts/bootstrap.sh "
+                             "(npm install s3rver), or use --ephemeral")
         self.cfg.s3_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def env(self) -> dict[str, str]:
