@@ -440,6 +440,24 @@ def demo_cmd(**kw: Any) -> None:
     click.echo(summary(done))
 
 
+def _study_cfg():
+    from services.study import StudyConfig
+
+    return StudyConfig
+
+
+@main.command("study")
+@config_options(_study_cfg())
+def study_cmd(**kw: Any) -> None:
+    """The pipeline at statistical scale within --budget-minutes: docs/study/numbers.json and README.md
+    (resumable; issue #15)."""
+    from services.study import Study, StudyConfig, launch_note
+
+    logging.getLogger("apmae").setLevel(logging.WARNING)
+    study = Study(build(StudyConfig, kw))
+    click.echo(launch_note(study.run(), study.cfg))
+
+
 def register(fn: Callable[[click.Group], None]) -> None:
     """Service modules add their subcommands here (keeps this file free of their imports)."""
     fn(main)

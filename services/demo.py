@@ -62,6 +62,7 @@ class DemoConfig:
     cb_iterations: int = setting(300, "CatBoost iterations")
     intervene_per_task: int = setting(12, "Held-out inputs per task for the head intervention (0 = skip it)")
     intervene_k: int = setting(5, "Heads zeroed per condition in the intervention")
+    intervene_draws: int = setting(2, "Random-head draws in the intervention (the study uses 20+)")
     kafka_port: int = setting(9092, "Embedded broker port")
     redis_port: int = setting(6379, "Embedded Redis port")
     prometheus_port: int = setting(9090, "Embedded Prometheus port")
@@ -74,9 +75,12 @@ STAGES = ("infra", "ingest", "produce", "train", "encode", "cluster", "classify"
 
 
 class Demo:
+    name = "demo"  # state folder, AP-MAE run and checkpoint name (the study subclasses this)
+    stages = STAGES
+
     def __init__(self, cfg: DemoConfig):
         self.cfg = cfg
-        self.dir = cfg.state_dir / "demo"
+        self.dir = cfg.state_dir / self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stages_file = self.dir / "stages.json"
         self.done: dict = {} if cfg.fresh or not self.stages_file.exists() else json.loads(self.stages_file.read_text())
@@ -120,7 +124,7 @@ class Demo:
         for i in range(0, len(keys), 500):
             r.delete(*keys[i:i + 500])
         art = self.bus.artifacts_dir
-        run_dir = self.common(TrainerConfig, name="demo").run_dir
+        run_dir = self.common(TrainerConfig, name=self.name).run_dir
         for d in (run_dir, art / "clusters", art / "classifier", self.dir / "report"):
             shutil.rmtree(d, ignore_errors=True)
 
@@ -180,14 +184,14 @@ class Demo:
 
         cfg = self.common(TrainerConfig, variant=self.cfg.apmae_variant, pattern_size=self.cfg.pattern_size,
                           patch_size=self.cfg.patch_size, batch_size=self.cfg.train_batch, steps=self.cfg.train_steps,
-                          lr=self.cfg.train_lr, checkpoint_every=40, name="demo", idle_timeout_s=20)
+                          lr=self.cfg.train_lr, checkpoint_every=40, name=self.name, idle_timeout_s=20)
         return Trainer(cfg).run()
 
     def stage_encode(self):
         from services.encoder import Encoder, EncoderConfig
 
         with _bar("encode", None, "pattern") as bar:
-            n = Encoder(self.common(EncoderConfig, checkpoint="demo")).processor().run(idle_timeout_s=20,
+            n = Encoder(self.common(EncoderConfig, checkpoint=self.name)).processor().run(idle_timeout_s=20,
                                                                                      progress=bar.update)
         return {"embedded": n}
 
@@ -218,17 +222,22 @@ class Demo:
 
         return fit_all(self.classify_cfg())
 
+    def intervene_cfg(self):
+        from services.intervene import InterveneConfig
+
+        p = self.producer_cfg()
+        return InterveneConfig(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)},
+                               corpus=self.cfg.corpus, per_task=self.cfg.intervene_per_task, k=self.cfg.intervene_k,
+                               random_draws=self.cfg.intervene_draws,
+                               skip_files=self.cfg.skip_files + 3 * (self.cfg.files + self.cfg.live_files),
+                               report=self.dir / "report" / "report.json", out_dir=self.dir / "report")
+
     def stage_intervene(self):
-        from services.intervene import InterveneConfig, run
+        from services.intervene import run
 
         if not self.cfg.intervene_per_task:
             return {"skipped": "intervene_per_task = 0"}
-        p = self.producer_cfg()
-        cfg = InterveneConfig(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)},
-                              corpus=self.cfg.corpus, per_task=self.cfg.intervene_per_task, k=self.cfg.intervene_k,
-                              random_draws=2, skip_files=self.cfg.skip_files + 3 * (self.cfg.files + self.cfg.live_files),
-                              report=self.dir / "report" / "report.json", out_dir=self.dir / "report")
-        result = run(cfg)
+        result = run(self.intervene_cfg())
         return {"k": result["k"], "summary": result["summary"]}
 
     def stage_live(self):
@@ -243,7 +252,7 @@ class Demo:
         self.cfg = dataclasses.replace(self.cfg, skip_files=self.cfg.skip_files + before, files=self.cfg.live_files)
         ing = self.stage_ingest()
         self.stage_produce(self.cfg.live_files)
-        enc = Encoder(self.common(EncoderConfig, checkpoint="demo")).processor().run(idle_timeout_s=15)
+        enc = Encoder(self.common(EncoderConfig, checkpoint=self.name)).processor().run(idle_timeout_s=15)
         assigned = Assigner(self.cluster_cfg()).processor().run(idle_timeout_s=15)
         scored = Scorer(self.classify_cfg()).processor().run(idle_timeout_s=15)
         bus = Bus(self.bus)
@@ -267,7 +276,7 @@ class Demo:
     def run(self) -> dict:
         from tqdm import tqdm
 
-        bar = tqdm(STAGES, desc="demo", unit="stage")
+        bar = tqdm(self.stages, desc=self.name, unit="stage")
         for stage in bar:
             bar.set_postfix_str(stage)
             if stage != "infra" and stage in self.done:
@@ -279,6 +288,10 @@ class Demo:
         return self.done
 
 
+SMOKE_NOTE = ("smoke run: the demo's numbers show the machinery at a scale too small to mean anything; "
+              "the study's numbers (apmae study) are in docs/study/README.md and docs/study/numbers.json")
+
+
 def _bar(desc: str, total: int | None, unit: str):
     from tqdm import tqdm
 
@@ -286,19 +299,20 @@ def _bar(desc: str, total: int | None, unit: str):
 
 
 def summary(done: dict) -> str:
-    lines = ["", "apmae demo finished", "-" * 60]
+    lines = ["", "apmae demo finished", "-" * 60,
+             f"  {SMOKE_NOTE}"]
     for stage, secs in done.get("_timings", {}).items():
         lines.append(f"  {stage:10s} {secs:8.1f} s")
     tr = done.get("train", {})
-    lines.append(f"  AP-MAE: {tr.get('step')} steps, final loss {tr.get('loss')}")
+    lines.append(f"  AP-MAE: {tr.get('step')} steps, final loss {tr.get('loss')} [smoke run]")
     cl = done.get("cluster", {})
-    lines.append(f"  clusters: {cl.get('fitted')} heads fitted (version {cl.get('version')})")
+    lines.append(f"  clusters: {cl.get('fitted')} heads fitted (version {cl.get('version')}) [smoke run]")
     for m in done.get("classify", {}).get("models", {}).values():
         for t in m["tasks"]:
             if "mean" in t:
                 lo, hi = t["ci95"]
                 lines.append(f"  {t['task']:20s} classifier {t['mean']:.2f} [{lo:.2f}, {hi:.2f}] vs chance "
-                             f"{t['chance_level']:.2f}, n = {t['n']} (LLM correct {t['llm_correct_rate']:.2f})")
+                             f"{t['chance_level']:.2f}, n = {t['n']} (LLM correct {t['llm_correct_rate']:.2f}) [smoke run]")
     lines.append(f"  report: {done.get('report', {}).get('path')}")
     return "\n".join(lines)
 

@@ -61,8 +61,14 @@ class _Sections:
         return f"<nav><h2>Contents</h2><ol>{links}</ol></nav>"
 
     def html(self) -> str:
-        return "".join(f"<section id='{a}'><h2>{i}. {html.escape(t)}</h2>{b}</section>"
+        return "".join(f"<section id='{a}'><h2>{i}. {html.escape(t)}</h2>{SMOKE_TAG}{b}</section>"
                        for i, (a, t, b) in enumerate(self.items, 1))
+
+
+# the demo is a smoke run: every section (so every number in it) says so and where the study's are
+SMOKE_TAG = ("<p class='smoke'>Smoke run (demo scale): the numbers in this section show the machinery, they are "
+             "not results; the study's numbers are in the repository's <code>docs/study/README.md</code> "
+             "(<code>apmae study</code>).</p>")
 
 
 def _umap_2d(points: np.ndarray) -> np.ndarray:
@@ -268,6 +274,7 @@ def write_report(demo) -> Path:
     live = done.get("live", {})
     numbers.update({"timings": done.get("_timings"), "predictions": prod.get("predictions"), "live": live,
                     "train": done.get("train"), "cluster": done.get("cluster")})
+    numbers.update({"smoke": True, "study": "docs/study/numbers.json"})  # demo scale: not results
     (out / "numbers.json").write_text(json.dumps(numbers, indent=2, default=str))
     n_pred = {t: sum(v for v in c.values() if isinstance(v, int)) for t, c in prod.get("predictions", {}).items()}
     head = [("stages", "Stages", _table(timing_rows, ["stage", "seconds"])),
@@ -282,8 +289,9 @@ def write_report(demo) -> Path:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}
 th{{background:#f3f3f3}}.warn{{background:#fff4e5;border-left:4px solid #e67e22;padding:6px 10px}}
+.smoke{{color:#8a5a00;font-size:13px;font-style:italic}}
 nav ol{{columns:2;font-size:14px}}</style></head><body>
-<h1>apmae demo report</h1>
+<h1>apmae demo report (smoke run)</h1>{SMOKE_TAG}
 <p>Target model <b>{html.escape(str(prod.get('model')))}</b> ({html.escape(str(prod.get('mode')))} mode,
 {prod.get('heads_per_sample')} heads per sample, {prod.get('mined_heads')} mined) on
 {done.get('ingest', {}).get('published')} files of {html.escape(str(demo.cfg.corpus or 'the JDK src.zip'))}.
