@@ -47,6 +47,7 @@ def test_the_log_scaling_sentence_follows_the_intervals(log_ci, raw_ci, agrees):
     run = lambda ci: {"ratio": float(np.mean(ci)), "ratio_ci95": list(ci), "n_samples": 50}  # noqa: E731
     out = log_scaling_numbers({"runs": {"ablation-log": run(log_ci), "ablation-raw": run(raw_ci)}}, 100)
     assert out["agrees_with_paper"] is agrees and "n = 50" in out["sentence"]
+    assert ("neither run beats" in out["sentence"]) == out["neither_beats_baseline"]
     assert ("agrees with" in out["sentence"]) == (agrees is True)
 
 
@@ -59,11 +60,11 @@ def study(tmp_path_factory):
     if default_jdk_corpus() is None:
         pytest.skip("no JDK src.zip: the smoke run mines real Java files")
     state = tmp_path_factory.mktemp("study")
-    cfg = StudyConfig(state_dir=state, out_dir=state / "out", budget_minutes=6, files=8, chunk_files=4,
-                      live_files=2, skip_files=40, mine_layers="0,29", mine_per_task=40, spans_per_task=4,
+    cfg = StudyConfig(state_dir=state, out_dir=state / "out", budget_minutes=4, files=8, chunk_files=4,
+                      live_files=1, skip_files=40, mine_layers="29", mine_per_task=40, spans_per_task=4,
                       random_per_file=6, apmae_variant="tiny", train_batch=16, ablation_steps=10,
                       min_cluster_size=5, min_samples=3, folds=3, cb_iterations=50, eval_samples=60, eval_heads=4,
-                      intervene_per_task=4, intervene_k=3, intervene_draws=20, umap_heads=2,
+                      intervene_per_task=2, intervene_k=3, intervene_draws=20, umap_heads=2,
                       kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
     s = Study(cfg)
     # the in-memory broker, on ports of its own (another engineer's durable broker may hold the S3 port)
@@ -92,6 +93,9 @@ def test_every_key_is_written_and_labelled_smoke(study):
     c = n["clusters_per_head"]
     assert c["n_heads"] == study.done["produce"]["mined_heads"] and c["distribution"]
     assert all("mean_pairwise_cosine" in h for h in c["heads"].values())
+    from apmae.tasks import LABELLED_TASKS
+
+    assert set(n["tasks"]) == set(LABELLED_TASKS) and n["targets"]["labelled_tasks"] == len(LABELLED_TASKS)
     for task, row in n["tasks"].items():
         assert row["chance_level"] == 0.5 and "n_balanced" in row, task
         if "cv_accuracy" in row:
