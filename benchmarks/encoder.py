@@ -80,12 +80,24 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             return last[1] - t0
 
         def consume_alone(k: int) -> float:
-            """kafka-python alone reading the same topic (what the service pays before decoding)."""
-            from benchmarks.bus import consume_raw
+            """kafka-python alone reading the same topic (what the service pays before decoding);
+            partitions assigned directly: the cost of fetching, not of a group join."""
+            from kafka import TopicPartition
+
             from services.bus import Bus
 
             bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}."), "bench")
-            return consume_raw(bus, PATTERNS_MINE, n, f"alone{k}")
+            c = bus.consumer(None)
+            name = bus.name(PATTERNS_MINE)
+            c.assign([TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name))])
+            c.seek_to_beginning()
+            got, t0 = 0, time.perf_counter()
+            while got < n and time.perf_counter() - t0 < 120:
+                got += sum(len(v) for v in c.poll(timeout_ms=500, max_records=batch).values())
+            dt = time.perf_counter() - t0
+            c.close()
+            assert got >= n, f"consumer alone got {got} of {n}"
+            return dt
 
         def decode_alone() -> float:
             t0 = time.perf_counter()

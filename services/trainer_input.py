@@ -125,10 +125,16 @@ class Prefetcher:
 
     # -- the prefetch thread ----------------------------------------------------------------
     def _run(self) -> None:
+        """Blocks of up to ``shuffle_window`` patterns, the next one read between the batches of
+        the current one (a block read in one go stalled training at every block boundary); the
+        first block is four batches, so training starts without waiting for a whole window."""
         try:
             leftovers: list[Pending] = []
+            ahead: list[Pending] = []  # the next block, read while this one is trained
+            want = min(self.window, 4 * self.batch_size)
             while not self.stop.is_set():
-                block = self._read_block(self.window)
+                ahead += self._read(want - len(ahead))
+                block, ahead, want = ahead, [], self.window
                 if not block and len(leftovers) < self.batch_size:
                     continue
                 order = shuffle_block(leftovers + block, self.seed, self._blocks)
@@ -136,6 +142,8 @@ class Prefetcher:
                 while len(order) >= self.batch_size and not self.stop.is_set():
                     chunk, order = order[:self.batch_size], order[self.batch_size:]
                     self._put(self._decode(chunk))
+                    if len(ahead) < self.window:
+                        ahead += self._read(min(self.window - len(ahead), 2 * self.batch_size), polls=1)
                 leftovers = order
         except BaseException as e:  # noqa: BLE001 - handed to the training thread
             self._put(e)
@@ -150,11 +158,15 @@ class Prefetcher:
             except queue.Full:
                 continue
 
-    def _read_block(self, want: int) -> list[Pending]:
-        """Up to ``want`` trainable patterns; returns early once a poll comes back empty."""
+    def _read(self, want: int, polls: int | None = None) -> list[Pending]:
+        """Up to ``want`` trainable patterns, in at most ``polls`` polls (None: until ``want``);
+        returns early once a poll comes back empty."""
         block: list[Pending] = []
-        while len(block) < want and not self.stop.is_set():
-            polled = self.consumer.poll(timeout_ms=300, max_records=min(500, want - len(block)))
+        n = 0
+        while len(block) < want and not self.stop.is_set() and (polls is None or n < polls):
+            n += 1
+            polled = self.consumer.poll(timeout_ms=300 if polls is None else 0,
+                                        max_records=min(500, want - len(block)))
             if not polled:
                 break
             for tp, recs in polled.items():
