@@ -58,7 +58,8 @@ def demo(tmp_path_factory):
                      intervene_per_task=4, intervene_k=3, redis_password=SECRET,
                      kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
     d = Demo(cfg)
-    d.infra = type(d.infra)(**{**vars(d.infra), "scrape_interval": "1s"})
+    # the local S3 server of the durable broker on a free port too (4568 may be taken)
+    d.infra = type(d.infra)(**{**vars(d.infra), "scrape_interval": "1s", "s3_port": free_port()})
     records = LogRecords()
     root = logging.getLogger()
     level, root.level = root.level, logging.INFO
