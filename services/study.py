@@ -452,8 +452,8 @@ def finite(x) -> bool:
 
 
 # -- numbers.json, README.md and figures ---------------------------------------------------------
-PAPER_LOG_SCALING = ("the paper (section 4.2) finds log scaling necessary: without it the masked patches are not "
-                     "reconstructed")
+PAPER_LOG_SCALING = ("section 4.2 finds log scaling necessary (without it the masked patches are not "
+                     "reconstructed)")
 
 
 def _num(x, digits: int = 3) -> str:
@@ -493,11 +493,11 @@ def log_scaling_numbers(ev: dict, steps) -> dict:
     elif b[1] < a[0]:
         agrees, how = False, "contradicts"
     else:
-        agrees, how = None, "can neither confirm nor contradict (the two ratios' 95% CIs overlap)"
+        agrees, how = None, "neither confirms nor contradicts (the two ratios' 95% CIs overlap)"
     neither = a[0] >= 1 and b[0] >= 1
     sentence = (f"At {steps} steps each, log-scaled AP-MAE's loss is {_num(lg['ratio'])} {fmt_ci(a)} times its own "
                 f"mean-patch baseline's and raw AP-MAE's {_num(raw['ratio'])} {fmt_ci(b)} times its own (n = "
-                f"{lg['n_samples']} held-out samples). The direction {how} the paper: {PAPER_LOG_SCALING}"
+                f"{lg['n_samples']} held-out samples). This {how} the paper, whose {PAPER_LOG_SCALING}"
                 + (". But neither run beats its own baseline here, so this is a comparison of two failures, "
                    "not evidence that log scaling makes AP-MAE work" if neither else "")
                 + ". Absolute losses are not comparable across the two (different target spaces), hence each "
