@@ -89,7 +89,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}."), "bench")
             c = bus.consumer(None)
             name = bus.name(PATTERNS_MINE)
-            c.assign([TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name))])
+            c.topics()  # load the metadata first: partitions_for_topic is empty before it
+            c.assign([TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or [])])
             c.seek_to_beginning()
             got, t0 = 0, time.perf_counter()
             while got < n and time.perf_counter() - t0 < 120:
