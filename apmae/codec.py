@@ -201,7 +201,9 @@ def encode_many(probs: torch.Tensor, dtype: str = "bfloat16") -> tuple[list[memo
         arr = flat.float().cpu().numpy().astype("<f4")
     else:
         raise ValueError(f"unknown wire dtype {dtype!r}; choose one of {WIRE_DTYPES}")
-    view = memoryview(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
+    # one copy of the whole batch into bytes (not one per pattern); views of bytes hash and
+    # compare like bytes, so records carrying them behave as before
+    view = memoryview(np.ascontiguousarray(arr).tobytes())
     row = view.nbytes // max(1, arr.shape[0])
     out: list[memoryview | None] = []
     reasons: list[str] = []

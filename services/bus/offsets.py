@@ -94,8 +94,10 @@ class LagProbe:
     def observe(self, positions: dict[TopicPartition, int]) -> None:
         self._snapshot = dict(positions)
         self._wake.set()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"lag-{self.service}", daemon=True)
+        if self._thread is None:  # (again after close: a processor may run more than once)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(self._stop,), name=f"lag-{self.service}",
+                                            daemon=True)
             self._thread.start()
 
     def close(self) -> None:
@@ -103,22 +105,23 @@ class LagProbe:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
+        self._thread = None
 
-    def _loop(self) -> None:
+    def _loop(self, stop: threading.Event) -> None:
         probe = None
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 self._wake.wait()
                 self._wake.clear()
                 snap, self._snapshot = self._snapshot, None
-                if self._stop.is_set() or not snap:
+                if stop.is_set() or not snap:
                     continue
                 try:
                     probe = probe or _probe(self.bus)
                     self._report(snap, true_end_offsets(self.bus, list(snap), probe))
                 except Exception as e:  # metrics must never break anything
                     log.debug("lag probe failed: %s", e)
-                self._stop.wait(self.every_s)
+                stop.wait(self.every_s)
         finally:
             if probe is not None:
                 probe.close(autocommit=False)
