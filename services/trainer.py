@@ -255,6 +255,8 @@ class Trainer:
         if now < getattr(self, "_lag_due", 0.0):
             return
         self._lag_due = now + 5.0
+        if self.prefetch is not None:  # the watermarks, computed when due rather than every step
+            self.offsets = self.prefetch.progress.state()[0]
         topic = self.bus.name(PATTERNS_TRAIN)
         self.lag.observe({TopicPartition(topic, p): o for p, o in self.offsets.items()})
 
@@ -296,7 +298,6 @@ class Trainer:
                 PATTERNS_TRAINED.labels(self.cfg.name).inc(len(x))
                 if self.step % self.cfg.checkpoint_every == 0:
                     self.checkpoint()
-                self.offsets = self.prefetch.progress.state()[0]
                 self.observe_lag()
         except BaseException:  # the prefetch thread and its consumer must not outlive a failed run
             self.lag.close()
