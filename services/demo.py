@@ -191,8 +191,8 @@ class Demo:
         from services.encoder import Encoder, EncoderConfig
 
         with _bar("encode", None, "pattern") as bar:
-            n = Encoder(self.common(EncoderConfig, checkpoint=self.name)).processor().run(idle_timeout_s=20,
-                                                                                     progress=bar.update)
+            n = Encoder(self.common(EncoderConfig, checkpoint=self.name)).processor().run(
+                idle_timeout_s=60, until_caught_up=True, progress=bar.update)
         return {"embedded": n}
 
     def cluster_cfg(self):
@@ -252,9 +252,11 @@ class Demo:
         self.cfg = dataclasses.replace(self.cfg, skip_files=self.cfg.skip_files + before, files=self.cfg.live_files)
         ing = self.stage_ingest()
         self.stage_produce(self.cfg.live_files)
-        enc = Encoder(self.common(EncoderConfig, checkpoint=self.name)).processor().run(idle_timeout_s=15)
-        assigned = Assigner(self.cluster_cfg()).processor().run(idle_timeout_s=15)
-        scored = Scorer(self.classify_cfg()).processor().run(idle_timeout_s=15)
+        # each stage reads its input to the end (the one before it has finished)
+        enc = Encoder(self.common(EncoderConfig, checkpoint=self.name)).processor().run(
+            idle_timeout_s=60, until_caught_up=True)
+        assigned = Assigner(self.cluster_cfg()).processor().run(idle_timeout_s=60, until_caught_up=True)
+        scored = Scorer(self.classify_cfg()).processor().run(idle_timeout_s=60, until_caught_up=True)
         bus = Bus(self.bus)
         scores = [m.record for m in read_range(bus, SCORES) if isinstance(m, Message)]
         # the scorer's group starts at the earliest offset, so it also scores the rows the

@@ -40,7 +40,7 @@ from apmae.topics import Topic
 from services import metrics
 from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output, is_transient
 from services.bus.done import DoneStore
-from services.bus.offsets import LagProbe
+from services.bus.offsets import LagProbe, true_end_offsets
 
 log = logging.getLogger("apmae.bus")
 
@@ -258,6 +258,26 @@ class Processor:
         if positions:
             self._lag.observe(positions)
 
+    def _caught_up(self) -> bool:
+        """Every assigned partition read to its (confirmed) end."""
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return False
+        try:
+            ends = true_end_offsets(self.bus, assigned)
+            return all(self.consumer.position(tp) >= ends.get(tp, 0) for tp in assigned)
+        except TRANSIENT as e:
+            log.debug("end offsets unavailable: %s", e)
+            return False
+
+    def _positions_vs_ends(self) -> dict[str, tuple[int, int]]:
+        assigned = list(self.consumer.assignment())
+        try:
+            ends = true_end_offsets(self.bus, assigned)
+        except TRANSIENT:
+            ends = {}
+        return {f"{tp.topic}[{tp.partition}]": (self.consumer.position(tp), ends.get(tp, -1)) for tp in assigned}
+
     def connect(self) -> KafkaConsumer:
         """The group consumer on the inputs (made once; ``run`` calls this)."""
         if self.consumer is None:
@@ -265,13 +285,20 @@ class Processor:
         return self.consumer
 
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None,
-            progress: Callable[[int], Any] | None = None) -> int:
+            progress: Callable[[int], Any] | None = None, until_caught_up: bool = False) -> int:
         """Loop until stopped, ``max_messages`` handled, or nothing arrived for ``idle_timeout_s``.
 
-        ``progress(n)`` is called with each committed batch's size (a progress bar's update)."""
+        The idle clock starts when the group first assigns this member partitions, not when
+        the run starts: joining a group can take longer than a short idle timeout on a loaded
+        machine, and a stage that timed out before its first poll silently did nothing.
+        ``until_caught_up``: also stop as soon as every assigned partition is read to its
+        end (a batch stage that runs after its producers finished; no idle wait, and no way
+        to stop before the tail is read). ``progress(n)`` is called with each committed
+        batch's size (a progress bar's update)."""
         self.connect()
         svc = self.bus.service
-        last_data = time.monotonic()
+        started = last_data = time.monotonic()
+        joined = False
         backoff = 0.5
         try:
             while not self.stop_event.is_set():
@@ -289,6 +316,23 @@ class Processor:
                     log.error("poll failed, will retry: %s", e)
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, 30)
+                    continue
+                if not joined and self.consumer.assignment():
+                    joined, last_data = True, time.monotonic()
+                raws = [r for part in polled.values() for r in part]
+                if not raws:
+                    if joined and until_caught_up and self._caught_up():
+                        break
+                    # never joined: give the join itself a generous bound (4x), then stop
+                    waited = time.monotonic() - (last_data if joined else started)
+                    if idle_timeout_s is not None and waited > idle_timeout_s * (1 if joined else 4):
+                        if until_caught_up:  # timed out short of the end: say where it stopped
+                            log.error("%s: stopped %.0f s idle before the end of its input: %s", svc, waited,
+                                      self._positions_vs_ends())
+                        if not joined:
+                            log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
+                                        svc, self.group, waited)
+                        break
                     continue
                 raws = [r for part in polled.values() for r in part]
                 if not raws:

@@ -95,8 +95,12 @@ def test_every_topic_received_what_the_next_stage_consumed(demo):
     assert done["train"]["patterns"] > 0 and done["train"]["patterns"] <= count["patterns.train"]
     assert count["embeddings"] == count["patterns.mine"]  # every mined pattern was embedded once
     fitted = {m.record.id.split("#")[0] for m in read_range(bus, ASSIGNMENTS)}
-    embedded = {m.record.id for m in read_range(bus, EMBEDDINGS)}
-    assert fitted == embedded  # batch fit + live assignment cover every embedding
+    embedded = {m.record.id: (m.partition, m.offset) for m in read_range(bus, EMBEDDINGS)}
+    unassigned = sorted(embedded[i] for i in set(embedded) - fitted)
+    # batch fit + live assignment cover every embedding
+    assert not unassigned, (f"{len(unassigned)} embeddings never assigned, at (partition, offset) "
+                            f"{unassigned[:40]}; live stage: {demo.done['live']}")
+    assert fitted == set(embedded)
     assert count["scores"] > 0
     models = done["classify"]["models"]
     assert any("mean" in t for m in models.values() for t in m["tasks"])
