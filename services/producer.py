@@ -95,6 +95,8 @@ class ProducerConfig(BusConfig):
     balance_slack: int = setting(8, "How far one label may run ahead of the other while mining")
     mine_layers: str = setting("", "Layers to mine, e.g. '0,4,8' or '0-29' (default: all)")
     mine_heads: str = setting("", "Heads to mine in each mined layer, e.g. '0-3' (default: all)")
+    forward_full_tasks: bool = setting(True, "Run the model on candidates of tasks whose mining quota is full "
+                                             "(their prediction is still published; the study turns this off)")
     generate_span: bool = setting(False, "Also greedy-generate the whole span (records exact_match)")
     include_plain_assign: bool = setting(False, "Count plain '=' as an assignment operator")
     pattern_dtype: str = setting("bfloat16", "Wire dtype of patterns: bfloat16 or float32")
@@ -291,6 +293,18 @@ class Producer:
                 out.append(DeadLetter(m, f"could not build inputs: {type(e).__name__}: {e}"))
             self.files_seen += 1
         full = {t: self.task_full(t) for t in {j.x.task for j in jobs}}
+        if not self.cfg.forward_full_tasks:
+            # a full task's candidate that trains nothing would only add a prediction; a study
+            # spends that forward on the tasks still short of samples. The predictions kept are
+            # those of earlier files, a sample independent of correctness: the correct rate over
+            # them stays an unbiased estimate of the model's.
+            split, kept = self.cfg.split, []
+            for j in jobs:
+                if full[j.x.task] and not trains_apmae(j.x.task, j.sample_id, j.file_id, split):
+                    REJECTED.labels(j.x.task, "task_full").inc()
+                else:
+                    kept.append(j)
+            jobs = kept
         gen = torch.Generator().manual_seed(self.cfg.seed)
         pending: deque[Future] = deque()
         try:

@@ -125,7 +125,8 @@ class Study(Demo):
 
     def producer_cfg(self):
         return dataclasses.replace(super().producer_cfg(), held_out_files=self.cfg.held_out_files,
-                                   train_share=self.cfg.train_share, batch_size=self.cfg.batch_size)
+                                   train_share=self.cfg.train_share, batch_size=self.cfg.batch_size,
+                                   forward_full_tasks=False)
 
     def trainer_cfg(self, name: str, steps: int, log_scale: bool = True):
         from services.trainer import TrainerConfig

@@ -116,3 +116,20 @@ def test_non_finite_heads_are_one_small_dead_letter_each(bus_cfg, tiny_model_dir
     assert all(len(d.payload) == 256 * 257 // 2 * 2 for d in dead)  # one head's lower triangle, bfloat16
     mined = {o.record.id for o in outs if o.topic is PATTERNS_MINE}
     assert mined == {f"{sid}:m:{layer}:{h}" for layer in range(2) for h in range(4)} - {f"{sid}:m:1:1", f"{sid}:m:1:3"}
+
+
+@pytest.mark.parametrize("forward_full", [True, False])
+def test_a_study_spends_no_forward_on_a_full_task(bus_cfg, tiny_model_dir, forward_full):
+    """``forward_full_tasks=False``: a task whose quota is full gets no more forwards (its
+    candidates would only add predictions); the others, and AP-MAE's training inputs, do."""
+    prod = make(bus_cfg, tiny_model_dir, mine_per_task=2, noise_every=0, forward_full_tasks=forward_full)
+    prod.redis.sadd(prod._set("identifier", True), "s1")  # identifier: one correct + one incorrect = full
+    prod.redis.sadd(prod._set("identifier", False), "s2")
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    bus.send(Output(FILES, java_files(1, "full")[0]))
+    bus.flush()
+    assert prod.processor_for().run(max_messages=1, idle_timeout_s=30) == 1
+    tasks = Counter(m.record.task for m in read_range(bus, SAMPLES))
+    assert tasks["random"] > 0 and tasks["end_of_line"] > 0
+    assert (tasks["identifier"] > 0) == forward_full, tasks
