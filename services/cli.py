@@ -7,7 +7,6 @@ dataclass default are the same setting. Precedence: flag > env > default.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -18,42 +17,15 @@ from typing import Any
 import click
 
 from apmae import config as C
+from services.runtime import (
+    build,
+    config_options,
+    loop_options,
+    run_loop,
+    start_service,
+)
 
 log = logging.getLogger("apmae")
-
-
-def config_options(cls: type) -> Callable[[Callable], Callable]:
-    """Decorator: one click option per field of ``cls`` (defaults come from ``config.resolve``)."""
-
-    def deco(fn: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
-            kind = C.field_type(cls, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(f.name)}; default: {default}]"
-            flag = "--" + f.name.replace("_", "-")
-            if kind is bool:
-                opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
-            elif C.is_secret(f.name):  # kept only to refuse it with a useful message (build)
-                opt = click.option(flag, f.name, default=None, type=str, hidden=True)
-            else:
-                opt = click.option(flag, f.name, default=None, type=str, help=help_text)
-            fn = opt(fn)
-        return fn
-
-    return deco
-
-
-def build(cls: type, kwargs: dict[str, Any]) -> Any:
-    for k, v in kwargs.items():
-        # a secret on the command line is visible to every local user (ps, /proc) and lands
-        # in shell history; the message never repeats the value
-        if v is not None and (C.is_secret(k) or C.redact(k, v) != v):
-            raise click.UsageError(f"--{k.replace('_', '-')}: secrets are not accepted on the command line; "
-                                   f"set {C.env_name(k)} or, better, {C.env_name(k)}_FILE (a file with it)")
-    try:
-        return C.resolve(cls, {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}})
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
 
 
 @click.group()
@@ -182,20 +154,6 @@ def import_cmd(path: Path, to_topic: str | None, **kw: Any) -> None:
     click.echo(json.dumps(import_parquet(build(C.BusConfig, kw), path, to_topic)))
 
 
-def start_service(cfg: C.BusConfig, service: str, health=None):
-    """Start the /metrics + /healthz endpoint; register it with an embedded Prometheus if one
-    runs under the same state directory (production scrapes via deploy/prometheus.yml)."""
-    from services import infra, metrics
-    from services.bus import native_crc32c
-
-    metrics.check_native_crc32c(service, native_crc32c())
-    server = metrics.serve(cfg.metrics_host, cfg.metrics_port, health)
-    if (cfg.state_dir / "prometheus" / "targets").is_dir():
-        infra.register_target(cfg.state_dir, service, f"127.0.0.1:{server.server_port}")
-    metrics.UP.labels(service).set(1)
-    return server
-
-
 def _ingest_cfg():
     from services.ingest import IngestConfig
 
@@ -222,29 +180,6 @@ def _producer_cfg():
     from services.producer import ProducerConfig
 
     return ProducerConfig
-
-
-def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None, idle_timeout_s: float | None) -> int:
-    """Run a Processor as a service: metrics endpoint, SIGTERM handling, a summary at the end."""
-    start_service(cfg, service, health=lambda: {"status": "ok", "service": service,
-                                                "processed": processor.processed})
-    processor.install_signal_handlers()
-    n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
-    click.echo(json.dumps({"service": service, "processed": n}))
-    return n
-
-
-LOOP_OPTIONS = [
-    click.option("--max-messages", type=int, default=None, help="Stop after this many input messages"),
-    click.option("--idle-timeout", "idle_timeout_s", type=float, default=None,
-                 help="Stop when nothing arrived for this many seconds (default: run forever)"),
-]
-
-
-def loop_options(fn):
-    for opt in reversed(LOOP_OPTIONS):
-        fn = opt(fn)
-    return fn
 
 
 @main.command("produce")

@@ -135,7 +135,7 @@ class Demo:
                 log.warning("the embedded broker was (re)started: its in-memory topics are gone, starting over")
             self.done = {}
             self.reset()
-        from services.cli import start_service
+        from services.runtime import start_service
 
         start_service(self.bus, "demo")
         return states

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for ``python -m services.trainer`` (torchrun) and ``apmae train``."""
     import click
 
-    from services.cli import build, config_options
+    from services.runtime import build, config_options
 
     @click.command()
     @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in this run")
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: t.stop.set())
         if t.rank == 0:
-            from services.cli import start_service
+            from services.runtime import start_service
 
             start_service(cfg, "trainer")
         try:
