@@ -21,11 +21,13 @@ ENV_PREFIX = "APMAE_"
 C = TypeVar("C")
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by ``--help`` next to its env variable)."""
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its help text (shown by ``--help`` next to its env variable);
+    ``choices``: the only values it accepts, from a flag, an env variable or a file."""
+    meta = {"help": help} | ({"choices": tuple(choices)} if choices else {})
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def env_name(field_name: str) -> str:
@@ -83,6 +85,9 @@ def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str
                 values[f.name] = parse_value(kind, env[env_name(f.name)])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{cls.__name__}.{f.name}: {e}") from e
+        choices = f.metadata.get("choices")
+        if choices and f.name in values and values[f.name] not in choices:
+            raise ValueError(f"{cls.__name__}.{f.name}: {values[f.name]!r} is not one of {', '.join(choices)}")
     return cls(**values)
 
 
@@ -144,9 +149,11 @@ class BusConfig:
     state_dir: Path = setting(Path(".apmae"), "Directory for infra state, artifacts and caches")
     topic_prefix: str = setting("", "Prefix for every topic name (isolates tenants and test runs)")
     compression: str = setting("auto", "Producer compression: auto (each topic's own codec, chosen from measurement: "
-                                       "zstd, none for embeddings), none, gzip, lz4, zstd")
-    security_protocol: str = setting("PLAINTEXT", "Kafka security protocol: PLAINTEXT, SSL, SASL_SSL")
-    sasl_mechanism: str = setting("", "SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512)")
+                                       "zstd, none for embeddings), none, gzip, lz4, zstd",
+                               choices=("auto", "none", "gzip", "lz4", "zstd"))
+    security_protocol: str = setting("PLAINTEXT", "Kafka security protocol", choices=("PLAINTEXT", "SSL", "SASL_SSL",
+                                                                                     "SASL_PLAINTEXT"))
+    sasl_mechanism: str = setting("", "SASL mechanism", choices=("", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
     sasl_username: str = setting("", "SASL user name")
     sasl_password: str = setting("", "SASL password")
     ssl_cafile: str = setting("", "CA bundle for TLS to the broker")

@@ -18,6 +18,7 @@ import click
 
 from apmae import config as C
 from services.runtime import (
+    ConfigGroup,
     build,
     config_options,
     loop_options,
@@ -28,7 +29,7 @@ from services.runtime import (
 log = logging.getLogger("apmae")
 
 
-@click.group()
+@click.group(cls=ConfigGroup)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)")
 def main(verbose: int) -> None:
     """apmae: mine the attention patterns of code LLMs at scale (AP-MAE), on Kafka."""
@@ -57,7 +58,7 @@ def _components(only: str | None) -> tuple[str, ...]:
 @click.option("--only", default=None, help="Comma-separated subset: broker,redis,prometheus")
 @click.option("--adopt-generation", is_flag=True,
               help="Record the running broker's generation in Redis (after resetting state of a lost log)")
-@config_options(__import__("services.infra", fromlist=["InfraConfig"]).InfraConfig)
+@config_options("services.infra:InfraConfig")
 def infra_up(only: str | None, adopt_generation: bool, **kw: Any) -> None:
     """Start the servers (idempotent) and wait until each is healthy."""
     from services import infra as I
@@ -75,7 +76,7 @@ def infra_up(only: str | None, adopt_generation: bool, **kw: Any) -> None:
 
 @infra.command("down")
 @click.option("--only", default=None, help="Comma-separated subset: broker,redis,prometheus")
-@config_options(__import__("services.infra", fromlist=["InfraConfig"]).InfraConfig)
+@config_options("services.infra:InfraConfig")
 def infra_down(only: str | None, **kw: Any) -> None:
     """Stop the servers (SIGTERM, then SIGKILL after a grace period)."""
     from services import infra as I
@@ -86,7 +87,7 @@ def infra_down(only: str | None, **kw: Any) -> None:
 
 @infra.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
-@config_options(__import__("services.infra", fromlist=["InfraConfig"]).InfraConfig)
+@config_options("services.infra:InfraConfig")
 def infra_status(as_json: bool, **kw: Any) -> None:
     """Report each server: pid, port, health, storage."""
     from services import infra as I
@@ -116,14 +117,9 @@ def topics_cmd(**kw: Any) -> None:
         click.echo(f"{bus.name(t):18s} {t.partitions:2d}p key={t.key:18s} {t.record.SCHEMA}/v{t.record.VERSION:<3} {mark}")
 
 
-def _replay_cfg():
-    from services.replay import ReplayConfig
-
-    return ReplayConfig
-
 
 @main.command("replay")
-@config_options(_replay_cfg())
+@config_options("services.replay:ReplayConfig")
 def replay_cmd(**kw: Any) -> None:
     """Re-read a topic from an offset or a time range into a topic and/or Parquet files."""
     from services.replay import ReplayConfig, replay
@@ -134,7 +130,7 @@ def replay_cmd(**kw: Any) -> None:
 
 @main.command("export")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@config_options(_replay_cfg())
+@config_options("services.replay:ReplayConfig")
 def export_cmd(out_dir: Path, **kw: Any) -> None:
     """Export a topic (or a range of it) to Parquet files in OUT_DIR."""
     from services.replay import ReplayConfig, replay
@@ -154,14 +150,9 @@ def import_cmd(path: Path, to_topic: str | None, **kw: Any) -> None:
     click.echo(json.dumps(import_parquet(build(C.BusConfig, kw), path, to_topic)))
 
 
-def _ingest_cfg():
-    from services.ingest import IngestConfig
-
-    return IngestConfig
-
 
 @main.command("ingest")
-@config_options(_ingest_cfg())
+@config_options("services.ingest:IngestConfig")
 def ingest_cmd(**kw: Any) -> None:
     """Publish a corpus's files to the files topic, de-duplicated by content hash (Redis)."""
     import signal
@@ -176,15 +167,10 @@ def ingest_cmd(**kw: Any) -> None:
     click.echo(json.dumps(job.run()))
 
 
-def _producer_cfg():
-    from services.producer import ProducerConfig
-
-    return ProducerConfig
-
 
 @main.command("produce")
 @loop_options
-@config_options(_producer_cfg())
+@config_options("services.producer:ProducerConfig")
 def produce_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     """Mine tasks from files, run the target LLM, publish samples and attention patterns."""
     from services.producer import Producer, ProducerConfig
@@ -226,21 +212,11 @@ def eval_cmd(checkpoints, source, limit, heads_per_sample, figure, json_out, **k
         Path(json_out).write_text(evaluate.dump(matrix))
 
 
-def _encoder_cfg():
-    from services.encoder import EncoderConfig
-
-    return EncoderConfig
-
-
-def _cluster_cfg():
-    from services.cluster import ClusterServiceConfig
-
-    return ClusterServiceConfig
 
 
 @main.command("encode")
 @loop_options
-@config_options(_encoder_cfg())
+@config_options("services.encoder:EncoderConfig")
 def encode_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     """Embed mining patterns with the current AP-MAE checkpoint (hot-swapped from the registry)."""
     from services.encoder import Encoder, EncoderConfig
@@ -255,7 +231,7 @@ def cluster() -> None:
 
 
 @cluster.command("plan")
-@config_options(_cluster_cfg())
+@config_options("services.cluster:ClusterServiceConfig")
 def cluster_plan_cmd(**kw: Any) -> None:
     """Snapshot a window of embeddings per head and enqueue one fit job per head."""
     from services.cluster import ClusterServiceConfig, plan
@@ -265,7 +241,7 @@ def cluster_plan_cmd(**kw: Any) -> None:
 
 @cluster.command("worker")
 @loop_options
-@config_options(_cluster_cfg())
+@config_options("services.cluster:ClusterServiceConfig")
 def cluster_worker_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     """Fit heads from the job queue (--processes N: one per core; start more on other machines)."""
     from services.cluster import ClusterServiceConfig, run_workers
@@ -276,7 +252,7 @@ def cluster_worker_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
 
 
 @cluster.command("fit")
-@config_options(_cluster_cfg())
+@config_options("services.cluster:ClusterServiceConfig")
 def cluster_fit_cmd(**kw: Any) -> None:
     """plan + workers until the queue is drained: the whole batch fit in one command."""
     from services.cluster import ClusterServiceConfig, plan, run_workers
@@ -289,7 +265,7 @@ def cluster_fit_cmd(**kw: Any) -> None:
 
 @main.command("assign")
 @loop_options
-@config_options(_cluster_cfg())
+@config_options("services.cluster:ClusterServiceConfig")
 def assign_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     """Assign new embeddings to their head's fitted clusters; track drift; trigger refits."""
     from services.cluster import Assigner, ClusterServiceConfig
@@ -298,11 +274,6 @@ def assign_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(Assigner(cfg).processor(), "assign", cfg, max_messages, idle_timeout_s)
 
 
-def _classify_cfg():
-    from services.classifier import ClassifyConfig
-
-    return ClassifyConfig
-
 
 @main.group("classify")
 def classify() -> None:
@@ -310,7 +281,7 @@ def classify() -> None:
 
 
 @classify.command("fit")
-@config_options(_classify_cfg())
+@config_options("services.classifier:ClassifyConfig")
 def classify_fit_cmd(**kw: Any) -> None:
     """Join samples with assignments, 10-fold CV per task vs baseline, SHAP per head, figures."""
     from services.classifier import ClassifyConfig, fit_all
@@ -329,7 +300,7 @@ def classify_fit_cmd(**kw: Any) -> None:
 
 @classify.command("serve")
 @loop_options
-@config_options(_classify_cfg())
+@config_options("services.classifier:ClassifyConfig")
 def classify_serve_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     """Score complete rows live; publish P(correct); export accuracy and calibration metrics."""
     from services.classifier import ClassifyConfig, Scorer
@@ -338,14 +309,9 @@ def classify_serve_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s)
 
 
-def _intervene_cfg():
-    from services.intervene import InterveneConfig
-
-    return InterveneConfig
-
 
 @main.command("intervene")
-@config_options(_intervene_cfg())
+@config_options("services.intervene:InterveneConfig")
 def intervene_cmd(**kw: Any) -> None:
     """Zero the top-SHAP / random / neutral heads of the target model; correctness change per task."""
     from services.intervene import InterveneConfig, run
@@ -358,14 +324,9 @@ def intervene_cmd(**kw: Any) -> None:
     click.echo(f"wrote {result['figure']}")
 
 
-def _demo_cfg():
-    from services.demo import DemoConfig
-
-    return DemoConfig
-
 
 @main.command("demo")
-@config_options(_demo_cfg())
+@config_options("services.demo:DemoConfig")
 def demo_cmd(**kw: Any) -> None:
     """The whole pipeline on the embedded default, with an HTML report (resumable)."""
     from services.demo import Demo, DemoConfig, summary
@@ -375,14 +336,9 @@ def demo_cmd(**kw: Any) -> None:
     click.echo(summary(done))
 
 
-def _study_cfg():
-    from services.study import StudyConfig
-
-    return StudyConfig
-
 
 @main.command("study")
-@config_options(_study_cfg())
+@config_options("services.study:StudyConfig")
 def study_cmd(**kw: Any) -> None:
     """The pipeline at statistical scale within --budget-minutes: docs/study/numbers.json and README.md
     (resumable; issue #15)."""

@@ -9,8 +9,10 @@ has no circle.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,25 +20,73 @@ import click
 from apmae import config as C
 
 
-def config_options(cls: type) -> Callable[[Callable], Callable]:
-    """Decorator: one click option per field of ``cls`` (defaults come from ``config.resolve``)."""
+def config_options(cls: type | str) -> Callable[[Callable], Callable]:
+    """Decorator: one typed click option per field of ``cls`` (defaults come from
+    ``config.resolve``, so an unset flag falls back to the env variable, then the default).
+
+    ``cls`` may be ``"module:Class"``: the options are then made when the command is used
+    (:class:`ConfigCommand`), so ``apmae --help`` lists commands without importing torch
+    and transformers (5 s) for the configs of services it does not run."""
 
     def deco(fn: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
-            kind = C.field_type(cls, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(f.name)}; default: {default}]"
-            flag = "--" + f.name.replace("_", "-")
-            if kind is bool:
-                opt = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=None, help=help_text)
-            elif C.is_secret(f.name):  # kept only to refuse it with a useful message (build)
-                opt = click.option(flag, f.name, default=None, type=str, hidden=True)
-            else:
-                opt = click.option(flag, f.name, default=None, type=str, help=help_text)
-            fn = opt(fn)
+        if isinstance(cls, str):
+            fn.__apmae_config__ = cls  # type: ignore[attr-defined]
+            return fn
+        for decls, attrs in reversed(option_specs(cls)):
+            fn = click.option(*decls, **attrs)(fn)
         return fn
 
     return deco
+
+
+def option_specs(cls: type) -> list[tuple[list[str], dict[str, Any]]]:
+    """(declarations, attributes) of the click option of each field of ``cls``, in order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = C.field_type(cls, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(f.name)}; default: {default}]"
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            out.append(([f"{flag}/--no-{f.name.replace('_', '-')}", f.name], {"default": None, "help": help_text}))
+        elif C.is_secret(f.name):  # kept only to refuse it with a useful message (build)
+            out.append(([flag, f.name], {"default": None, "type": str, "hidden": True}))
+        else:
+            out.append(([flag, f.name], {"default": None, "help": help_text,
+                                         "type": _click_type(kind, f.metadata.get("choices"))}))
+    return out
+
+
+def _click_type(kind: type, choices: tuple[str, ...] | None) -> click.ParamType:
+    if choices:
+        return click.Choice(choices)
+    if kind is int:
+        return click.INT
+    if kind is float:
+        return click.FLOAT
+    if kind is Path:
+        return click.Path(path_type=Path)
+    return click.STRING  # lists and dicts: parsed by config.resolve from their text
+
+
+class ConfigCommand(click.Command):
+    """A command whose config options are made on first use (see :func:`config_options`)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        path = getattr(self.callback, "__apmae_config__", None)
+        if path:
+            module, name = path.split(":")
+            cls = getattr(importlib.import_module(module), name)
+            self.params.extend(click.Option(decls, **attrs) for decls, attrs in option_specs(cls))
+            self.callback.__apmae_config__ = None  # type: ignore[union-attr]
+        return super().get_params(ctx)
+
+
+class ConfigGroup(click.Group):
+    """A group whose commands (and subgroups) are :class:`ConfigCommand` s."""
+
+    command_class = ConfigCommand
+    group_class = type  # subgroups are ConfigGroups too
 
 
 def build(cls: type, kwargs: dict[str, Any]) -> Any:

@@ -1,0 +1,40 @@
+"""The command line: `apmae --help` without importing the ML stack, typed options, choices
+validated from flags and environment alike."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from apmae.config import BusConfig, resolve
+from services.cli import main
+
+
+def test_top_level_help_imports_no_torch_or_transformers():
+    code = ("import sys; from click.testing import CliRunner; from services.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_command_shows_its_typed_options_on_first_use():
+    res = CliRunner().invoke(main, ["encode", "--help"])
+    assert res.exit_code == 0, res.output
+    assert "--batch-size INTEGER" in res.output and "[auto|none|gzip|lz4|zstd]" in res.output
+
+
+@pytest.mark.parametrize("argv", [["encode", "--batch-size", "many"], ["encode", "--compression", "snappyy"],
+                                  ["produce", "--security-protocol", "plaintext"]])
+def test_bad_values_are_refused_before_anything_starts(argv):
+    res = CliRunner().invoke(main, argv)
+    assert res.exit_code == 2 and "Invalid value" in res.output, res.output
+
+
+def test_choices_hold_for_environment_variables_too():
+    with pytest.raises(ValueError, match="compression: 'snappyy' is not one of"):
+        resolve(BusConfig, env={"APMAE_COMPRESSION": "snappyy"})
+    assert resolve(BusConfig, env={"APMAE_COMPRESSION": "lz4"}).compression == "lz4"
