@@ -23,6 +23,10 @@ import numpy as np
 import torch
 
 WIRE_DTYPES = ("bfloat16", "float32")
+# Byte order on the wire: little-endian, for both dtypes ("<f4", and bfloat16 as the upper
+# 16 bits of a float32 stored as "<i2"), written explicitly so a big-endian host reads and
+# writes the same bytes. (The envelope's header length is big-endian: apmae.messages.)
+BF16_BITS = np.dtype("<i2")
 
 
 class BadPattern(ValueError):
@@ -74,11 +78,12 @@ def unpack_lower(v: np.ndarray, n: int | None = None) -> np.ndarray:
 
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+    bits = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+    return bits.astype(BF16_BITS, copy=False)  # wire order, whatever the host's (no copy on x86/ARM)
 
 
 def _from_bf16_bits(b: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(b.copy()).view(torch.bfloat16).to(torch.float32).numpy()
+    return torch.from_numpy(b.astype(np.int16)).view(torch.bfloat16).to(torch.float32).numpy()  # host order, a copy
 
 
 def encode_pattern(a: np.ndarray, dtype: str = "bfloat16") -> bytes:
@@ -104,7 +109,7 @@ def decode_pattern(buf: bytes, n: int, dtype: str = "bfloat16") -> np.ndarray:
     if len(buf) != expected:
         raise BadPattern(f"pattern payload is {len(buf)} bytes, expected {expected} for n={n} {dtype}")
     if dtype == "bfloat16":
-        v = _from_bf16_bits(np.frombuffer(buf, dtype=np.int16))
+        v = _from_bf16_bits(np.frombuffer(buf, dtype=BF16_BITS))
     else:
         v = np.frombuffer(buf, dtype="<f4").astype(np.float32)
     if not np.isfinite(v).all():
@@ -116,7 +121,7 @@ def payload_is_finite(buf, dtype: str = "bfloat16") -> bool:
     """True when no value of a wire payload is NaN or Inf, read without decoding it (an
     all-ones exponent marks both); a payload of the wrong dtype or length is left to the decoder."""
     if dtype == "bfloat16" and len(buf) % 2 == 0:
-        return not bool(((np.frombuffer(buf, dtype=np.uint16) & 0x7F80) == 0x7F80).any())
+        return not bool(((np.frombuffer(buf, dtype="<u2") & 0x7F80) == 0x7F80).any())
     if dtype == "float32" and len(buf) % 4 == 0:
         return not bool(((np.frombuffer(buf, dtype="<u4") & 0x7F800000) == 0x7F800000).any())
     return True
@@ -142,11 +147,12 @@ def decode_many(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[torch.Tens
             bad[i] = f"pattern payload is {len(b)} bytes, expected {length * width} for n={n} {dtype}"
         else:
             kept.append(i)
-    raw = np.empty((len(kept), length), dtype=np.int16 if width == 2 else "<f4")
+    raw = np.empty((len(kept), length), dtype=np.int16 if width == 2 else np.float32)  # host order, for torch
+    wire = BF16_BITS if width == 2 else "<f4"
     for row, i in enumerate(kept):
-        raw[row] = np.frombuffer(bufs[i], dtype=raw.dtype)
+        raw[row] = np.frombuffer(bufs[i], dtype=wire)
     # NaN/Inf read off the raw bits (an all-ones exponent): cheaper than isfinite on floats
-    bits = raw.view(np.uint16) if width == 2 else raw.view("<u4")
+    bits = raw.view(np.uint16) if width == 2 else raw.view(np.uint32)
     mask = 0x7F80 if width == 2 else 0x7F800000
     finite = torch.from_numpy(~((bits & mask) == mask).any(axis=1))
     v = torch.from_numpy(raw)
@@ -196,7 +202,7 @@ def encode_many(probs: torch.Tensor, dtype: str = "bfloat16") -> tuple[list[memo
     flat = probs[:, rows, cols]  # (N, n (n + 1) / 2)
     finite = torch.isfinite(flat).all(dim=1).cpu().tolist()
     if dtype == "bfloat16":
-        arr = flat.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+        arr = flat.to(torch.bfloat16).view(torch.int16).cpu().numpy().astype(BF16_BITS, copy=False)
     elif dtype == "float32":
         arr = flat.float().cpu().numpy().astype("<f4")
     else:

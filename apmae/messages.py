@@ -4,12 +4,21 @@ A message value is::
 
     b"AP" | format u8 (=1) | header_len u32 big-endian | header (UTF-8 JSON) | payload bytes
 
-The JSON header holds ``schema`` (record name), ``v`` (schema version) and the record's
+The header length is big-endian (network order, ``>I``); the pattern and embedding payloads
+are little-endian (:mod:`apmae.codec`). The JSON header holds ``schema`` (record name), ``v``
+(the schema's major version), ``minor`` (its minor version, absent when 0) and the record's
 fields; the payload carries bulk binary data (a packed attention pattern, an embedding
 vector) so that large arrays never pass through JSON. Records are frozen dataclasses that
 subclass :class:`Record`; their type hints are the schema, checked field by field when a
 message is decoded. A decode failure raises :class:`InvalidMessage` with the reason, which
 the bus turns into a dead letter.
+
+Schemas evolve the way Avro and protobuf readers allow: a writer that adds an optional field
+(a default) bumps ``MINOR``; readers of an older minor ignore the fields they do not know, and
+readers of a newer minor fill the missing ones from their defaults. A change that old readers
+would misread (a renamed, retyped or removed field) bumps ``VERSION`` (major): readers reject
+other majors. Unknown fields in a message that claims the reader's own minor or an older one
+are malformed and rejected (no silent typo).
 """
 
 from __future__ import annotations
@@ -52,12 +61,14 @@ class Record:
     """
 
     SCHEMA: ClassVar[str] = "record"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 1  # major: readers reject other majors
+    MINOR: ClassVar[int] = 0  # bumped by adding optional fields: readable both ways
     id: str
 
     def header(self) -> dict[str, Any]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "payload"}
-        return {"schema": self.SCHEMA, "v": self.VERSION, **fields}
+        version = {"schema": self.SCHEMA, "v": self.VERSION} | ({"minor": self.MINOR} if self.MINOR else {})
+        return {**version, **fields}
 
 
 def encode(record: Record) -> bytes:
@@ -90,12 +101,6 @@ def _check_type(name: str, hint: Any, value: Any) -> Any:
     if not isinstance(value, base):
         raise InvalidMessage(f"field {name!r}: expected {getattr(base, '__name__', base)}, got {type(value).__name__}")
     return value
-
-
-def peek_schema(value: bytes) -> tuple[str, int]:
-    """(schema, version) of a message without validating its fields."""
-    head, _ = _split(value)
-    return head.get("schema", "?"), head.get("v", -1)
 
 
 def _reject_constant(name: str) -> Any:
@@ -149,7 +154,7 @@ def _schema(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field, ...], f
     """(type hints, fields, allowed header keys) of a record class, resolved once: resolving
     hints per message was 80% of decoding a small record."""
     fields = dataclasses.fields(cls)
-    return typing.get_type_hints(cls), fields, frozenset({f.name for f in fields} | {"schema", "v"})
+    return typing.get_type_hints(cls), fields, frozenset({f.name for f in fields} | {"schema", "v", "minor"})
 
 
 @functools.cache
@@ -214,7 +219,12 @@ def _decode(value: bytes, cls: type[R], max_bytes: int | None) -> R:
         kwargs[f.name] = v if type(v) in exact else _check_type(f.name, hints[f.name], v)
     extra = set(head) - names
     if extra:
-        raise InvalidMessage(f"{cls.SCHEMA}: unknown fields {sorted(extra)}")
+        minor = head.get("minor", 0)
+        if not isinstance(minor, int) or isinstance(minor, bool) or minor <= cls.MINOR:
+            raise InvalidMessage(f"{cls.SCHEMA}: unknown fields {_short(repr(sorted(extra)))} in a "
+                                 f"v{cls.VERSION}.{_short(repr(minor), 20)} message (this build reads "
+                                 f"v{cls.VERSION}.{cls.MINOR}; newer minors may add fields)")
+        # a newer minor's optional fields: this build does not know them and does not need them
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ checks

@@ -1,9 +1,10 @@
 """Topics, keys and record schemas: the contract between services, declared once.
 
-Every record is a frozen dataclass (see :mod:`apmae.messages` for the envelope). Bump a
-record's VERSION when its fields change (a new field with a default reads old messages
-unchanged and needs no bump); readers reject versions they do not know, and the
-message goes to the dead-letter topic with the reason instead of being misread.
+Every record is a frozen dataclass (see :mod:`apmae.messages` for the envelope and its
+byte order). Adding an optional field (with a default) bumps the record's ``MINOR``: older
+readers ignore it, newer readers fill it in for older messages. A change old readers would
+misread bumps ``VERSION``; readers reject majors they do not know, and the message goes to
+the dead-letter topic with the reason instead of being misread.
 
 ================  ========================  =====================================  =========
 topic             key                       value                                  retention

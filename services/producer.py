@@ -30,7 +30,7 @@ import redis
 import torch
 from prometheus_client import Counter
 
-from apmae.codec import encode_many, tril_indices
+from apmae.codec import BF16_BITS, encode_many, tril_indices
 from apmae.config import BusConfig, setting
 from apmae.inputs import InputBuilder, ModelInput, Rejected, Sentinels
 from apmae.messages import stable_id
@@ -268,7 +268,7 @@ class Producer:
         converted on the tensor's device (a CUDA tensor has no ``.numpy()``). Published with
         the batch's outputs, so it is flushed before the input is committed."""
         rows, cols = (torch.from_numpy(i).to(probs.device) for i in tril_indices(probs.shape[-1]))
-        payload = probs[rows, cols].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+        payload = probs[rows, cols].to(torch.bfloat16).view(torch.int16).cpu().numpy().astype(BF16_BITS).tobytes()
         metrics.DEADLETTERS.labels(self.bus.service, topic.name).inc()
         log.warning("dead letter for pattern %s: %s", pid, reason)
         rec = DeadLetterRecord(id=stable_id("dlq", pid), source_topic=self.bus.name(topic), partition=-1, offset=-1,

@@ -1,6 +1,9 @@
+import dataclasses
+from typing import ClassVar
+
 import pytest
 
-from apmae.messages import InvalidMessage, decode, encode, stable_id
+from apmae.messages import InvalidMessage, Record, decode, encode, stable_id
 from apmae.topics import ALL_TOPICS, FileRecord, PatternRecord, SampleRecord
 
 
@@ -59,3 +62,51 @@ def test_every_topic_declares_a_record_with_schema():
     names = {t.record.SCHEMA for t in ALL_TOPICS}
     assert len(ALL_TOPICS) == len({t.name for t in ALL_TOPICS})
     assert "pattern" in names and "deadletter" in names
+
+
+# -- schema evolution: two builds of one record, the newer adding an optional field ----------
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteV1_0(Record):
+    SCHEMA: ClassVar[str] = "note"
+    text: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class NoteV1_1(Record):
+    SCHEMA: ClassVar[str] = "note"
+    MINOR: ClassVar[int] = 1
+    text: str = ""
+    lang: str | None = None  # the optional field 1.1 added
+
+
+def test_an_older_reader_ignores_a_newer_minors_fields():
+    new = encode(NoteV1_1(id="n", text="hi", lang="en"))
+    assert decode(new, NoteV1_0) == NoteV1_0(id="n", text="hi")  # before: dead-lettered as unknown fields
+
+
+def test_a_newer_reader_fills_an_older_minors_missing_fields():
+    assert decode(encode(NoteV1_0(id="n", text="hi")), NoteV1_1) == NoteV1_1(id="n", text="hi", lang=None)
+
+
+def test_unknown_fields_at_the_readers_own_minor_or_another_major_are_rejected():
+    old = encode(NoteV1_0(id="n", text="hi"))
+    typo = old.replace(b'"text"', b'"txet"')
+    with pytest.raises(InvalidMessage, match=r"unknown fields \['txet'\] in a v1.0 message"):
+        decode(typo, NoteV1_1)  # claims minor 0: a field this build does not know is a malformed message
+    with pytest.raises(InvalidMessage, match="version 2 unsupported"):
+        decode(encode(NoteV1_1(id="n")).replace(b'"v":1', b'"v":2'), NoteV1_0)
+
+
+def test_the_header_length_is_big_endian_and_bf16_patterns_little_endian():
+    import numpy as np
+
+    from apmae.codec import encode_pattern
+
+    head = encode(NoteV1_0(id="n"))
+    n = int.from_bytes(head[3:7], "big")
+    assert head[7:7 + n].startswith(b'{"schema":"note"') and len(head) == 7 + n
+    a = np.zeros((2, 2), dtype=np.float32)
+    a[0, 0], a[1, 0], a[1, 1] = 1.0, 0.5, 0.5  # float32 0x3F800000 / 0x3F000000: exact in bfloat16
+    assert encode_pattern(a) == b"\x80\x3f" + b"\x00\x3f" * 2
