@@ -22,12 +22,12 @@ New embeddings are assigned river-style (``predict_one`` / ``predict_many``): UM
 
 * ``knn`` (default): the majority cluster of the 15 nearest fitted points in the 8-d space,
   membership strength = the share of neighbours that agree. It needs no HDBSCAN prediction
-  data, which at 110k points costs more than the clustering itself (FACTS: +127 s vs 74 s);
+  data, which at 110k points costs more than the clustering itself (measured: +127 s vs 74 s);
   ``benchmarks/cluster.py`` measures its agreement with HDBSCAN's own approximate_predict.
 * ``hdbscan``: ``hdbscan.approximate_predict`` (fit with ``prediction_data=True``).
 
-``learn_one`` buffers embeddings and refits when asked (``refit``): a drift detector on the
-assignment stream decides when (see :class:`DriftMonitor`).
+A drift detector on the assignment stream decides when a head is refitted (see
+:class:`DriftMonitor`; the assigner publishes the refit job).
 
 One embedding space per fit: embeddings made by different AP-MAE checkpoints are not
 comparable, so a cluster plan (:func:`plan_heads`) takes one checkpoint's embeddings, a
@@ -212,28 +212,6 @@ def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
     stages["hdbscan"] = time.perf_counter() - t0 - sum(stages.values())
     return HeadModel(cfg, reducer, clusterer, low, np.asarray(labels), pca, time.perf_counter() - t0, dups, explained,
                      stages, spread)
-
-
-class IncrementalClusterer:
-    """river-style wrapper of one head: ``learn_one`` buffers, ``predict_one`` assigns, ``refit``."""
-
-    def __init__(self, cfg: ClusterConfig = ClusterConfig(), min_fit: int = 50):
-        self.cfg, self.min_fit = cfg, min_fit
-        self.model: HeadModel | None = None
-        self.buffer: list[np.ndarray] = []
-
-    def learn_one(self, x: np.ndarray) -> IncrementalClusterer:
-        self.buffer.append(np.asarray(x, dtype=np.float32))
-        if self.model is None and len(self.buffer) >= self.min_fit:
-            self.refit()
-        return self
-
-    def refit(self) -> HeadModel:
-        self.model = fit_head(np.stack(self.buffer), self.cfg)
-        return self.model
-
-    def predict_one(self, x: np.ndarray) -> tuple[int, float] | None:
-        return None if self.model is None else self.model.predict_one(x)
 
 
 class DriftMonitor:

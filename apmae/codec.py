@@ -11,7 +11,7 @@ row-major, ``n (n + 1) / 2`` values (32,896 for n = 256), as raw probabilities i
   ``ln a`` and ``0.004 / |m|`` on the scaled value (``m`` ~ -10..-30): see the round-trip test.
 
 Batch-level compression (zstd) is applied by the Kafka producer; the codec itself stays a
-plain, zero-copy-friendly array. ``log_scale`` is the paper's scaling (REFERENCE-NOTES):
+plain, zero-copy-friendly array. ``log_scale`` is the paper's scaling (section 4, "Architecture"; the exact form is ours):
 ``s = (ln a - m) / (-m)`` with ``m`` the minimum of ``ln a`` over positive entries, zeros -> 0.
 """
 

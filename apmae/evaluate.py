@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apmae.mae import APMAE
+from apmae.mae import APMAE, masked_patch_loss
 
 
 def _batches(patterns: torch.Tensor, batch: int):
@@ -32,10 +32,7 @@ def reconstruction_losses(model: APMAE, patterns: torch.Tensor, seed: int = 0, b
     for _, x in _batches(patterns, batch):
         target = model.patchify(model.preprocess(x))
         latent, mask, ids = model.forward_encoder(target, model.cfg.mask_ratio, g)
-        pred = model.forward_decoder(latent, ids)
-        valid = model.pixel_valid
-        per_patch = ((pred - target) ** 2 * valid).sum(-1) / valid.sum(-1)
-        out.append((per_patch * mask).sum(1) / mask.sum(1))
+        out.append(masked_patch_loss(target, model.forward_decoder(latent, ids), mask, model.pixel_valid))
     return torch.cat(out)
 
 
@@ -49,9 +46,7 @@ def mean_patch_losses(model: APMAE, train: torch.Tensor, patterns: torch.Tensor,
     for _, x in _batches(patterns, batch):
         target = model.patchify(model.preprocess(x))
         _, mask, _ = model.random_masking(target, model.cfg.mask_ratio, g)
-        valid = model.pixel_valid
-        per_patch = ((mean - target) ** 2 * valid).sum(-1) / valid.sum(-1)
-        out.append((per_patch * mask).sum(1) / mask.sum(1))
+        out.append(masked_patch_loss(target, mean.expand_as(target), mask, model.pixel_valid))
     return torch.cat(out)
 
 

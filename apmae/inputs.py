@@ -153,7 +153,7 @@ class InputBuilder:
         """The random task: a uniform 3-10 token span at a position with enough context."""
         n = rng.randint(3, 10)
         lo = self.length if self.mode == "prefix" else 0
-        hi = len(tf.ids) - n if self.mode == "prefix" else len(tf.ids) - n
+        hi = len(tf.ids) - n
         if self.mode == "fim" and len(tf.ids) - n < self.length - 3:
             return self._reject("random", f"file too short for {self.length} tokens")
         if hi < lo:

@@ -2,10 +2,10 @@
 
 MAE (He et al.) with a few named differences, each a small piece below:
 
-* ``log_scale``          patterns are log-normalised first (apmae.codec.log_scale);
-* ``lower_patches``      only the lower-triangle patches exist: 36 of 64 for 256 / 32;
-* ``pad_diagonal``       the diagonal patches' upper halves are padded with zeros, and the
-                         loss ignores those padded pixels;
+* ``log_scale``          patterns are log-normalised first (:func:`apmae.codec.log_scale`);
+* :func:`lower_patches`  only the lower-triangle patches exist: 36 of 64 for 256 / 32;
+* :func:`pad_diagonal`   the diagonal patches' upper halves are padded with zeros, and
+  :func:`masked_patch_loss` (per sample) ignores those padded pixels;
 * the decoder receives the encoded visible tokens *at their own positions* and mask tokens
   elsewhere (the authors' code let mask tokens overwrite them, so the decoder saw the encoder
   only through CLS; ``test_decoder_uses_visible_encodings`` guards against that bug);
@@ -62,6 +62,44 @@ class APMAEConfig:
         return self.grid * (self.grid + 1) // 2
 
 
+# -- the paper's steps, as functions (section 4.1) --------------------------------------------
+def lower_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """x: (N, S, S) -> (N, P, p*p), the patches on or below the diagonal, row-major
+    (P = g (g + 1) / 2 for a g x g grid: 36 of 64 at S = 256, p = 32). The patches above the
+    diagonal are all zeros in a causal pattern and never exist for AP-MAE."""
+    n, s = x.shape[0], x.shape[-1]
+    g = s // patch_size
+    rows, cols = torch.tril_indices(g, g, device=x.device)
+    grid = x.reshape(n, g, patch_size, g, patch_size).permute(0, 1, 3, 2, 4)  # (N, g, g, p, p)
+    return grid[:, rows, cols].reshape(n, -1, patch_size * patch_size)
+
+
+def diagonal_valid(grid: int, patch_size: int) -> torch.Tensor:
+    """(P, p*p) 1 where a pixel of a lower patch is real, 0 on the diagonal patches' upper
+    halves (the pixels :func:`pad_diagonal` pads)."""
+    rows, cols = torch.tril_indices(grid, grid)
+    valid = torch.ones(len(rows), patch_size, patch_size)
+    valid[rows == cols] = torch.ones(patch_size, patch_size).tril()
+    return valid.flatten(1)
+
+
+def pad_diagonal(patches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """patches: (N, P, p*p) -> the same with the diagonal patches' upper halves set to zero.
+    valid: (P, p*p) from :func:`diagonal_valid`."""
+    return patches * valid
+
+
+def masked_patch_loss(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """The reconstruction loss per sample: MSE over the valid pixels of the masked patches.
+
+    target, pred: (N, P, p*p); mask: (N, P), 1 = masked; valid: (P, p*p). Returns (N,).
+    No per-patch target normalisation (unlike MAE's ``norm_pix_loss``): the log-scaled
+    pattern is already in [0, 1]."""
+    per_patch = ((pred - target) ** 2 * valid).sum(-1) / valid.sum(-1)  # (N, P)
+    return (per_patch * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 # Named sizes (timm-style registry): the paper's, and small ones that train on a CPU.
 VARIANTS: dict[str, APMAEConfig] = {
     "paper": APMAEConfig(),
@@ -107,9 +145,7 @@ class APMAE(nn.Module):
         rows, cols = torch.tril_indices(g, g)  # the 36 lower-triangle patch positions, row-major
         self.register_buffer("patch_rows", rows, persistent=False)
         self.register_buffer("patch_cols", cols, persistent=False)
-        pix = torch.ones(len(rows), p, p)
-        pix[rows == cols] = torch.ones(p, p).tril()  # diagonal patches: upper half is padding
-        self.register_buffer("pixel_valid", pix.flatten(1), persistent=False)  # (P, p*p)
+        self.register_buffer("pixel_valid", diagonal_valid(g, p), persistent=False)  # (P, p*p)
         n = cfg.num_patches
         # encoder
         self.patch_norm = nn.LayerNorm(p * p, eps=1e-6)
@@ -146,10 +182,7 @@ class APMAE(nn.Module):
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, S, S) -> (N, P, p*p): only the lower-triangle patches, diagonal ones padded."""
-        n, p, g = x.shape[0], self.cfg.patch_size, self.cfg.grid
-        grid = x.reshape(n, g, p, g, p).permute(0, 1, 3, 2, 4)  # (N, g, g, p, p)
-        patches = grid[:, self.patch_rows, self.patch_cols].reshape(n, -1, p * p)
-        return patches * self.pixel_valid  # pad_diagonal
+        return pad_diagonal(lower_patches(x, self.cfg.patch_size), self.pixel_valid)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, P, p*p) -> (N, S, S) with zeros in the upper-triangle patches."""
@@ -207,13 +240,12 @@ class APMAE(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def forward_loss(self, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE over the valid pixels of the masked patches only (no per-patch target normalisation).
+        """The batch's loss: the mean of :func:`masked_patch_loss` over its samples (every
+        sample has the same number of masked patches, so this is also the mean over them).
 
-        target, pred: (N, P, p*p); mask: (N, P), 1 = masked.
+        target, pred: (N, P, p*p); mask: (N, P), 1 = masked. Returns a scalar.
         """
-        valid = self.pixel_valid  # (P, p*p): the diagonal patches' padding does not count
-        per_patch = ((pred - target) ** 2 * valid).sum(-1) / valid.sum(-1)  # (N, P)
-        return (per_patch * mask).sum() / mask.sum().clamp_min(1)
+        return masked_patch_loss(target, pred, mask, self.pixel_valid).mean()
 
     def forward(self, patterns: torch.Tensor, mask_ratio: float | None = None,
                 generator: torch.Generator | None = None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -347,11 +346,6 @@ def study_cmd(**kw: Any) -> None:
     logging.getLogger("apmae").setLevel(logging.WARNING)
     study = Study(build(StudyConfig, kw))
     click.echo(launch_note(study.run(), study.cfg))
-
-
-def register(fn: Callable[[click.Group], None]) -> None:
-    """Service modules add their subcommands here (keeps this file free of their imports)."""
-    fn(main)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Each server gets a log file and a pid file under ``<state>/infra/``; ``up`` is i
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -464,10 +463,3 @@ def register_target(state_dir: Path, job: str, address: str, labels: dict[str, s
 
 def unregister_target(state_dir: Path, job: str) -> None:
     (state_dir / "prometheus" / "targets" / f"{job}.json").unlink(missing_ok=True)
-
-
-def as_dict(cfg: InfraConfig) -> dict[str, object]:
-    """For display: the Redis password is redacted."""
-    from apmae.config import redact
-
-    return {k: redact(k, str(v)) for k, v in dataclasses.asdict(cfg).items()}

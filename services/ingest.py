@@ -148,9 +148,3 @@ class Ingest:
 
     def summary(self) -> dict:
         return {"published": self.published, "duplicates": self.duplicates, **self.stats.as_dict()}
-
-
-def run(cfg: IngestConfig) -> dict:
-    return Ingest(cfg).run()
-
-

@@ -10,7 +10,6 @@ from apmae.cluster import (
     ClusterConfig,
     DriftMonitor,
     HeadModel,
-    IncrementalClusterer,
     fit_head,
     jitter_duplicates,
 )
@@ -68,13 +67,10 @@ def test_persisted_model_checks_its_checksum(fitted):
         HeadModel.from_bytes(data, "0" * 64)
 
 
-def test_river_style_api_and_drift():
+def test_river_style_predict_one_and_drift():
     x, _ = groups(20, k=3, seed=2)
-    inc = IncrementalClusterer(ClusterConfig(min_cluster_size=10, min_samples=5), min_fit=60)
-    assert inc.predict_one(x[0]) is None
-    for row in x:
-        inc.learn_one(row)
-    c, s = inc.predict_one(x[0])
+    model = fit_head(x, ClusterConfig(min_cluster_size=10, min_samples=5))
+    c, s = model.predict_one(x[0])
     assert isinstance(c, int) and 0 <= s <= 1
     mon = DriftMonitor()
     assert not any([mon.update(0) for _ in range(300)])

@@ -159,3 +159,36 @@ def test_evaluation_baseline_cross_table_and_figure(tmp_path):
     assert "trained \\ evaluated" in E.format_table(table)
     png = E.figure1(m, x[0], tmp_path / "fig1.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_papers_patching_steps_by_name():
+    """lower_patches keeps the g(g+1)/2 patches on or below the diagonal, pad_diagonal zeroes
+    the diagonal patches' upper halves, and the model's patchify is exactly the two."""
+    from apmae.mae import diagonal_valid, lower_patches, pad_diagonal
+
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 8, 8)
+    patches = lower_patches(x, 4)  # a 2 x 2 grid: (0,0), (1,0), (1,1)
+    assert patches.shape == (2, 3, 16)
+    assert torch.equal(patches[0, 1].reshape(4, 4), x[0, 4:, :4])  # row-major: (1, 0) second
+    padded = pad_diagonal(patches, diagonal_valid(2, 4))
+    assert torch.equal(padded[0, 2].reshape(4, 4), x[0, 4:, 4:].tril()) and torch.equal(padded[:, 1], patches[:, 1])
+    m = APMAE(variant("tiny", pattern_size=8, patch_size=4))
+    assert torch.equal(m.patchify(x), padded)
+
+
+def test_the_loss_per_sample_averages_to_the_batch_loss():
+    from apmae.mae import masked_patch_loss
+
+    m = APMAE(variant("tiny", pattern_size=64, patch_size=16))
+    x = causal_patterns(3)
+    target = m.patchify(m.preprocess(x))
+    latent, mask, ids = m.forward_encoder(target, 0.5, torch.Generator().manual_seed(0))
+    pred = m.forward_decoder(latent, ids)
+    per_sample = masked_patch_loss(target, pred, mask, m.pixel_valid)
+    assert per_sample.shape == (3,) and (per_sample > 0).all()
+    assert torch.allclose(per_sample.mean(), m.forward_loss(target, pred, mask))
+    # a perfect reconstruction of one sample's masked patches: that sample's loss alone is 0
+    fixed = pred.clone()
+    fixed[1] = target[1]
+    assert masked_patch_loss(target, fixed, mask, m.pixel_valid)[1] == 0 and masked_patch_loss(target, fixed, mask,
+                                                                                               m.pixel_valid)[0] > 0
