@@ -88,17 +88,19 @@ def infra_down(only: str | None, **kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
 @config_options("services.infra:InfraConfig")
 def infra_status(as_json: bool, **kw: Any) -> None:
-    """Report each server: pid, port, health, storage."""
+    """Report each server: pid, port, health, storage; exit status 1 when one is down."""
     from services import infra as I
 
     rows = I.status(_infra_cfg(kw))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        extra = f"  storage: {r['storage']}  generation: {r['generation']}" if "storage" in r else ""
-        click.echo(f"{r['name']:11s} port {r['port']:<6} pid {r['pid'] or '-':<8} "
-                   f"{'healthy' if r['healthy'] else 'DOWN'}{extra}")
+    else:
+        for r in rows:
+            extra = f"  storage: {r['storage']}  generation: {r['generation']}" if "storage" in r else ""
+            click.echo(f"{r['name']:11s} port {r['port']:<6} pid {r['pid'] or '-':<8} "
+                       f"{'healthy' if r['healthy'] else 'DOWN'}{extra}")
+    if not all(r["healthy"] for r in rows):  # scripts and health checks read the exit status
+        raise SystemExit(1)
 
 
 # -- topics / replay ---------------------------------------------------------------------------

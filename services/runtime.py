@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,27 @@ def build(cls: type, kwargs: dict[str, Any]) -> Any:
             raise click.UsageError(f"--{k.replace('_', '-')}: secrets are not accepted on the command line; "
                                    f"set {C.env_name(k)} or, better, {C.env_name(k)}_FILE (a file with it)")
     try:
-        return C.resolve(cls, {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        cfg = C.resolve(cls, {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}})
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    if isinstance(cfg, C.BusConfig):
+        require_broker(cfg.bootstrap_servers)
+    return cfg
+
+
+def require_broker(bootstrap_servers: str, timeout_s: float = 2.0) -> None:
+    """Fail fast, in one line, when no bootstrap server accepts a connection: the Kafka
+    client would otherwise retry for ~35 s, logging an error per attempt, then raise."""
+    tried = []
+    for address in bootstrap_servers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+                return
+        except (OSError, ValueError) as e:
+            tried.append(f"{address.strip()} ({getattr(e, 'strerror', None) or e})")
+    raise click.ClickException(f"no Kafka broker reachable at {', '.join(tried)}: start the embedded one with "
+                               f"`apmae infra up`, or point --bootstrap-servers / APMAE_BOOTSTRAP_SERVERS at yours")
 
 
 def start_service(cfg: C.BusConfig, service: str, health=None):

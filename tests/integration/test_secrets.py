@@ -59,8 +59,9 @@ def test_a_generated_redis_password_is_required_private_and_never_printed(tmp_pa
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port).ping()  # no password, no access
         assert redis.Redis.from_url(url_file.read_text()).ping()
-        cli("infra", "status")
-        cli("infra", "status", "--json")
+        # only Redis is up: status says which servers are down and exits 1 (scripts read it)
+        assert "DOWN" in cli("infra", "status", ok=False)
+        cli("infra", "status", "--json", ok=False)
         cli("infra", "up", "--only", "redis")  # idempotent: the same password, still not shown
         assert pw_file.read_text().strip() == password
     finally:
@@ -81,8 +82,8 @@ def test_no_command_prints_or_logs_a_secret_and_none_takes_one_from_argv(tmp_pat
     svc = {"APMAE_REDIS_URL": url, "APMAE_BOOTSTRAP_SERVERS": bootstrap}
     try:
         cli("infra", "up", "--only", "broker,redis")
-        cli("infra", "status")
-        cli("infra", "status", "--json")
+        cli("infra", "status", ok=False)  # Prometheus is not up
+        cli("infra", "status", "--json", ok=False)
         cli("-v", "topics", **svc)
         cli("-v", "ingest", "--corpus", str(corpus), **svc)
         cli("-v", "export", str(tmp_path / "state" / "export"), "--topic", "files", **svc)

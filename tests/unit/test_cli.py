@@ -38,3 +38,12 @@ def test_choices_hold_for_environment_variables_too():
     with pytest.raises(ValueError, match="compression: 'snappyy' is not one of"):
         resolve(BusConfig, env={"APMAE_COMPRESSION": "snappyy"})
     assert resolve(BusConfig, env={"APMAE_COMPRESSION": "lz4"}).compression == "lz4"
+
+
+def test_an_unreachable_broker_fails_fast_in_one_line():
+    from services.infra import free_port
+
+    res = CliRunner().invoke(main, ["topics", "--bootstrap-servers", f"127.0.0.1:{free_port()}"])
+    assert res.exit_code == 1
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no Kafka broker reachable" in lines[0] and "apmae infra up" in lines[0], res.output
