@@ -26,7 +26,7 @@ from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, load
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
-from services.registry import apmae_key, sha256_file
+from services.registry import Registry, sha256_file
 
 log = logging.getLogger("apmae.encoder")
 EMBEDDED = PromCounter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
@@ -47,6 +47,7 @@ class Encoder:
         self.cfg = cfg
         self.bus = Bus(cfg, "encoder")
         self.redis = redis.Redis.from_url(cfg.redis_url)
+        self.registry = Registry(self.redis, cfg.topic_prefix)
         self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model: APMAE | None = None
         self.sha: str | None = None
@@ -58,11 +59,10 @@ class Encoder:
         p = Path(self.cfg.checkpoint)
         if (p / "model.safetensors").exists():
             return p, sha256_file(p / "model.safetensors"), p.name
-        h = self.redis.hgetall(apmae_key(self.cfg.topic_prefix, self.cfg.checkpoint))
-        if not h:
+        entry = self.registry.get("apmae", self.cfg.checkpoint)
+        if entry is None:
             return None
-        rel, sha, step = h[b"path"].decode(), h[b"sha256"].decode(), h[b"step"].decode()
-        return self.cfg.artifacts_dir / rel, sha, f"{self.cfg.checkpoint}@{step}"
+        return self.cfg.artifacts_dir / entry["path"], entry["sha256"], f"{self.cfg.checkpoint}@{entry['step']}"
 
     def ensure_model(self) -> None:
         now = time.monotonic()

@@ -64,7 +64,11 @@ def apmae_key(prefix: str, name: str) -> str:
 
 
 class Registry:
-    """Redis hashes: ``apmae:registry:<kind>:<name>`` -> {path, sha256, version, ...}."""
+    """Redis hashes: ``apmae:registry:<kind>:<prefix><name>`` -> {path, sha256, version, ...}.
+
+    The one way in and out for every artifact pointer: AP-MAE checkpoints (kind ``apmae``,
+    written by the trainer, followed by the encoder), per-head cluster fits (``cluster``) and
+    per-task classifiers (``classifier``). The key layout lives in :meth:`key` only."""
 
     def __init__(self, redis_client: Any, prefix: str = ""):
         self.r, self.prefix = redis_client, prefix

@@ -136,10 +136,8 @@ def write_report(demo) -> Path:
             break
     import redis
 
-    from services.registry import apmae_key
-
-    reg = redis.Redis.from_url(demo.bus.redis_url).hgetall(apmae_key(demo.bus.topic_prefix, "demo"))
-    model, meta = load(demo.bus.artifacts_dir / reg[b"path"].decode())
+    entry = Registry(redis.Redis.from_url(demo.bus.redis_url), demo.bus.topic_prefix).get("apmae", "demo")
+    model, meta = load(demo.bus.artifacts_dir / entry["path"])
     rng = np.random.default_rng(0)
     pick = rng.choice(len(patterns), min(400, len(patterns)), replace=False)
     x = torch.from_numpy(np.stack([decode_pattern(patterns[i].payload, patterns[i].size, patterns[i].dtype)

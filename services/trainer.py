@@ -200,11 +200,10 @@ class Trainer:
         try:
             import redis
 
-            from services.registry import apmae_key
+            from services.registry import Registry
 
-            redis.Redis.from_url(self.cfg.redis_url).hset(
-                apmae_key(self.cfg.topic_prefix, self.cfg.name),
-                mapping={"path": rel, "step": self.step, "sha256": digest, "loss": str(self.last_loss)})
+            Registry(redis.Redis.from_url(self.cfg.redis_url), self.cfg.topic_prefix).put(
+                "apmae", self.cfg.name, path=rel, step=self.step, sha256=digest, loss=str(self.last_loss))
         except Exception as e:  # the checkpoint is on disk; the pointer can be re-announced
             log.error("registry update failed: %s", e)
         self.bus.send(Output(CHECKPOINTS, rec, key=self.cfg.name))
