@@ -268,24 +268,103 @@ class APMAE(nn.Module):
         return sum(p.numel() for p in self.parameters()) - dec, dec
 
 
-def save(model: APMAE, directory: Path, extra: dict | None = None) -> Path:
-    """safetensors weights + config.json (model config and any resolved training config)."""
+# -- artifacts shaped like Hugging Face models ------------------------------------------------
+MODEL_TYPE = "apmae"
+WEIGHTS, CONFIG, TRAINER_STATE, CARD = "model.safetensors", "config.json", "trainer_state.json", "README.md"
+
+
+def save_pretrained(model: APMAE, directory: Path, trainer_state: dict | None = None) -> Path:
+    """Write a checkpoint the way Hugging Face models are laid out.
+
+    ``model.safetensors`` (weights), ``config.json`` (flat: ``model_type``, ``architectures``
+    and the :class:`APMAEConfig` fields, nothing else), ``trainer_state.json`` (how it was
+    trained: step, loss, the topic and the offsets it read, the resolved training config) and
+    ``README.md``, a model card generated from the two. ``huggingface_hub.upload_folder`` can
+    publish the directory as is; :func:`from_pretrained` reads it back from disk or the hub.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, directory / "model.safetensors")
-    meta = {"apmae": dataclasses.asdict(model.cfg), **(extra or {})}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
+    config = {"model_type": MODEL_TYPE, "architectures": ["APMAE"], **dataclasses.asdict(model.cfg)}
+    (directory / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    trainer_state = trainer_state or {}
+    (directory / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True, default=str))
+    (directory / CARD).write_text(model_card(model, trainer_state))
     return directory
 
 
-def load(directory: Path, device: str = "cpu") -> tuple[APMAE, dict]:
+def model_card(model: APMAE, trainer_state: dict) -> str:
+    """The checkpoint's README.md: what it is, what it was trained on, its loss."""
+    cfg, (enc, dec) = model.cfg, model.num_params()
+    offsets = trainer_state.get("offsets") or {}
+    train = trainer_state.get("train") or {}
+    loss = trainer_state.get("loss")
+    lines = [
+        "---", "library_name: apmae", "license: apache-2.0", "tags: [attention-patterns, masked-autoencoder, ap-mae]",
+        "---", "", f"# AP-MAE ({enc / 1e6:.1f}M encoder + {dec / 1e6:.1f}M decoder parameters)", "",
+        "A masked autoencoder for the attention patterns of code LLMs (AP-MAE, sections 4-4.2 of "
+        "*Attention Pattern Discovery at Scale*), trained by apmae on patterns streamed from "
+        "Kafka.", "",
+        f"- patterns: {cfg.pattern_size} x {cfg.pattern_size}, patches of {cfg.patch_size} "
+        f"({cfg.num_patches} lower-triangle patches), mask ratio {cfg.mask_ratio}, "
+        f"log scaling {'on' if cfg.log_scale else 'off (ablation)'}",
+        f"- encoder {cfg.enc_depth} x {cfg.enc_dim}, decoder {cfg.dec_depth} x {cfg.dec_dim}",
+        f"- trained for {trainer_state.get('step', '?')} steps of {train.get('batch_size', '?')} patterns, "
+        f"learning rate {train.get('lr', '?')}",
+        f"- data: topic `{trainer_state.get('topic', '?')}`, {len(offsets)} partitions, "
+        f"{sum(int(o) for o in offsets.values())} messages read (the offsets are in trainer_state.json)",
+        f"- last training loss (masked-patch MSE on log-scaled patterns): "
+        f"{'n/a' if loss is None else f'{float(loss):.4g}'}",
+        "", "Its reconstruction loss against the mean-patch baseline on held-out samples is what "
+        "`apmae eval` and `apmae study` report; the training loss above is in sample.", "",
+        "```python", "from apmae.mae import from_pretrained", "model, state = from_pretrained(\"<this directory or hub id>\")",
+        "embeddings = model.embed(patterns)  # (N, 256, 256) probabilities -> (N, 512) CLS", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def is_hub_id(name: str | Path) -> bool:
+    """``org/name`` (not an existing path): a model on the Hugging Face hub."""
+    return not Path(name).exists() and str(name).count("/") == 1 and not str(name).startswith((".", "/"))
+
+
+def resolve_pretrained(name_or_path: str | Path, revision: str | None = None, cache_dir: Path | None = None) -> Path:
+    """The local directory of a checkpoint: the directory itself, or a hub id's snapshot."""
+    directory = Path(name_or_path)
+    if (directory / WEIGHTS).exists():
+        return directory
+    if not is_hub_id(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: no {WEIGHTS} there, and not a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
+                                  allow_patterns=[WEIGHTS, CONFIG, TRAINER_STATE, CARD]))
+
+
+def from_pretrained(name_or_path: str | Path, device: str = "cpu", revision: str | None = None,
+                    cache_dir: Path | None = None) -> tuple[APMAE, dict]:
+    """(model in eval mode, its trainer state) from a checkpoint directory or a hub id.
+
+    A hub id (``org/name``) is fetched with ``huggingface_hub.snapshot_download`` (its four
+    files only); a directory written before this layout (``config.json`` holding
+    ``{"apmae": {...}, "step": ...}``) still loads.
+    """
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    meta = json.loads((directory / "config.json").read_text())
-    model = APMAE(APMAEConfig(**meta["apmae"]))
-    model.load_state_dict(load_file(directory / "model.safetensors", device=device))
-    return model.to(device).eval(), meta
+    directory = resolve_pretrained(name_or_path, revision, cache_dir)
+    config = json.loads((directory / CONFIG).read_text())
+    if "apmae" in config:  # the earlier layout: config and training state in one file
+        fields, state = config["apmae"], {k: v for k, v in config.items() if k != "apmae"}
+    else:
+        if config.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{directory}: model_type {config.get('model_type')!r} is not {MODEL_TYPE!r}")
+        known = {f.name for f in dataclasses.fields(APMAEConfig)}
+        fields = {k: v for k, v in config.items() if k in known}
+        path = directory / TRAINER_STATE
+        state = json.loads(path.read_text()) if path.exists() else {}
+    model = APMAE(APMAEConfig(**fields))
+    model.load_state_dict(load_file(directory / WEIGHTS, device=device))
+    return model.to(device).eval(), state

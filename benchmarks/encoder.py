@@ -28,13 +28,13 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
     import torch
 
     from apmae.codec import decode_many, decode_pattern
-    from apmae.mae import APMAE, save, variant
+    from apmae.mae import APMAE, save_pretrained, variant
     from apmae.topics import PATTERNS_MINE, PatternRecord
     from services.bus import Output
     from services.encoder import Encoder, EncoderConfig
 
     torch.manual_seed(0)
-    ckpt = save(APMAE(variant(variant_name)), Path(tempfile.mkdtemp(prefix="apmae-enc-")) / "ckpt")
+    ckpt = save_pretrained(APMAE(variant(variant_name)), Path(tempfile.mkdtemp(prefix="apmae-enc-")) / "ckpt")
     payloads = patterns(n)
     recs = [PatternRecord(id=f"p{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
                           head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]

@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from apmae.config import BusConfig
-    from apmae.mae import APMAE, save, variant
+    from apmae.mae import APMAE, save_pretrained, variant
     from apmae.tiny import SAMPLE_JAVA, save_tiny
     from apmae.topics import EMBEDDINGS, FILES, PATTERNS_MINE, SAMPLES
     from services.bus import Bus, Output, read_range
@@ -71,7 +71,7 @@ def main() -> None:
         bus.ensure_topics()
         model_dir = save_tiny(state / "tiny", [SAMPLE_JAVA] * 3)
         torch.manual_seed(0)
-        ck = save(APMAE(variant("small")), cfg.artifacts_dir / "soak-ck")
+        ck = save_pretrained(APMAE(variant("small")), cfg.artifacts_dir / "soak-ck")
         redis.Redis.from_url(cfg.redis_url).hset(apmae_key(cfg.topic_prefix, "soak"), mapping={
             "path": "soak-ck", "step": 1, "sha256": sha256_file(ck / "model.safetensors")})
         env = os.environ | {f"APMAE_{k.upper()}": str(v) for k, v in vars(cfg).items()}

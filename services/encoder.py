@@ -23,7 +23,7 @@ from prometheus_client import Gauge
 
 from apmae.codec import decode_many
 from apmae.config import BusConfig, setting
-from apmae.mae import APMAE, load
+from apmae.mae import APMAE, from_pretrained, is_hub_id, resolve_pretrained
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
 from services.registry import Registry, sha256_file
@@ -35,7 +35,8 @@ CHECKPOINT_STEP = Gauge("apmae_encoder_checkpoint_step", "Step of the AP-MAE che
 
 @dataclass(frozen=True)
 class EncoderConfig(BusConfig):
-    checkpoint: str = setting("apmae", "Registry name of the AP-MAE run to follow, or a checkpoint directory")
+    checkpoint: str = setting("apmae", "Registry name of the AP-MAE run to follow, a checkpoint directory, or a "
+                                       "Hugging Face hub id (org/name)")
     batch_size: int = setting(128, "Patterns per embedding batch")
     reload_check_s: float = setting(5.0, "Seconds between registry checks for a new checkpoint")
     device: str = setting("", "cpu or cuda (default: cuda when available)")
@@ -55,12 +56,16 @@ class Encoder:
         self.checked = 0.0
 
     def current(self) -> tuple[Path, str, str] | None:
-        """(checkpoint dir, sha256, tag) the registry points at, or a fixed directory."""
+        """(checkpoint dir, sha256, tag): a fixed directory, the run the registry points at, or
+        a hub id's snapshot (fetched once into the state directory's hub cache)."""
         p = Path(self.cfg.checkpoint)
         if (p / "model.safetensors").exists():
             return p, sha256_file(p / "model.safetensors"), p.name
         entry = self.registry.get("apmae", self.cfg.checkpoint)
         if entry is None:
+            if is_hub_id(self.cfg.checkpoint):
+                p = resolve_pretrained(self.cfg.checkpoint, cache_dir=self.cfg.state_dir / "hub")
+                return p, sha256_file(p / "model.safetensors"), self.cfg.checkpoint
             return None
         return self.cfg.artifacts_dir / entry["path"], entry["sha256"], f"{self.cfg.checkpoint}@{entry['step']}"
 
@@ -77,7 +82,7 @@ class Encoder:
             return
         if sha256_file(path / "model.safetensors") != sha:
             raise Retryable(f"checkpoint {path} does not match its registered SHA-256 (still being written?)")
-        self.model, meta = load(path, self.device)
+        self.model, meta = from_pretrained(path, self.device)
         self.sha, self.tag = sha, tag
         CHECKPOINT_STEP.set(meta.get("step", 0))
         log.info("embedding with %s (%s)", tag, path)

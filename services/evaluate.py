@@ -73,10 +73,10 @@ def run(cfg: BusConfig, checkpoints: list[Path], source: str, limit: int, figure
         per_sample: int = 0) -> dict:
     """Table 2 over ``limit`` samples per target model (``per_sample`` heads each; 0 = all)."""
     from apmae import evaluate as E
-    from apmae.mae import load
+    from apmae.mae import from_pretrained
 
     # rows named by run and step (".../trainer/<run>/step-N"); the full path is ambiguous when cut
-    models = {_label(c, checkpoints): load(c)[0] for c in checkpoints}
+    models = {_label(c, checkpoints): from_pretrained(c)[0] for c in checkpoints}
     size = next(iter(models.values())).cfg.pattern_size
     loaded = load_patterns(cfg, source, limit, size, per_sample, seed)
     if not loaded:

@@ -13,7 +13,7 @@ import torch
 from apmae import evaluate as E
 from apmae.codec import decode_pattern, log_scale
 from apmae.figures import calibration_plot, cluster_examples, cluster_scatter, layer_head_heatmap
-from apmae.mae import load
+from apmae.mae import from_pretrained
 from apmae.topics import ASSIGNMENTS, PATTERNS_MINE, SCORES, head_key
 from services.bus import Bus, Message, read_range
 from services.registry import Registry, safe_name
@@ -137,7 +137,7 @@ def write_report(demo) -> Path:
     import redis
 
     entry = Registry(redis.Redis.from_url(demo.bus.redis_url), demo.bus.topic_prefix).get("apmae", "demo")
-    model, meta = load(demo.bus.artifacts_dir / entry["path"])
+    model, meta = from_pretrained(demo.bus.artifacts_dir / entry["path"])
     rng = np.random.default_rng(0)
     pick = rng.choice(len(patterns), min(400, len(patterns)), replace=False)
     x = torch.from_numpy(np.stack([decode_pattern(patterns[i].payload, patterns[i].size, patterns[i].dtype)

@@ -314,7 +314,7 @@ class Study(Demo):
         """Reconstruction on mined samples (none trained AP-MAE: split by sample), the
         log-scaling ablation against each run's own baseline, and Table 2."""
         from apmae import evaluate as E
-        from apmae.mae import load
+        from apmae.mae import from_pretrained
         from apmae.split import is_held_out_file
         from apmae.topics import PATTERNS_MINE, SAMPLES
         from services.bus import Bus, Message, read_range
@@ -330,7 +330,7 @@ class Study(Demo):
         runs = {"main": self.name, **{f"ablation-{k}": v for k, v in self.ablation_names().items()}}
         models, steps = {}, {}
         for label, name in runs.items():
-            model, meta = load(self.checkpoint(name))
+            model, meta = from_pretrained(self.checkpoint(name))
             models[label], steps[label] = model, meta.get("step")
         res = {}
         with _bar("evaluate", len(models) + 1, "model") as bar:

@@ -40,7 +40,7 @@ from prometheus_client import Counter, Gauge
 
 from apmae import config as C
 from apmae.config import BusConfig, setting
-from apmae.mae import APMAE, save, variant
+from apmae.mae import APMAE, TRAINER_STATE, save_pretrained, variant
 from apmae.messages import stable_id
 from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord
 from apmae.train import NonFiniteLoss, Schedule, make_optimizer, scaled_lr, train_step
@@ -136,7 +136,8 @@ class Trainer:
             return
         from safetensors.torch import load_file
 
-        meta = json.loads((ckpt / "config.json").read_text())
+        legacy = not (ckpt / TRAINER_STATE).exists()  # before the Hugging Face layout: all in config.json
+        meta = json.loads((ckpt / ("config.json" if legacy else TRAINER_STATE)).read_text())
         self.model.load_state_dict(load_file(ckpt / "model.safetensors", device=self.device))
         state = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
@@ -172,7 +173,7 @@ class Trainer:
             name = f"step-{self.step:08d}"
             tmp = run / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save(self.model, tmp, {"train": C.to_dict(self.cfg), "step": self.step, "loss": self.last_loss,
+            save_pretrained(self.model, tmp, {"train": C.to_dict(self.cfg), "step": self.step, "loss": self.last_loss,
                                    "offsets": {str(p): o for p, o in sorted(merged.items())},
                                    "trained_above": {str(p): v for p, v in sorted(above.items())},
                                    "topic": self.bus.name(PATTERNS_TRAIN), "world_size": self.world})

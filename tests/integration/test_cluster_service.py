@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apmae.codec import encode_pattern
-from apmae.mae import APMAE, save, variant
+from apmae.mae import APMAE, save_pretrained, variant
 from apmae.topics import (
     ASSIGNMENTS,
     EMBEDDINGS,
@@ -116,7 +116,7 @@ def test_encoder_embeds_and_hot_swaps_checkpoints(bus_cfg, redis_client):
 
     def register(step: int, seed: int):
         torch.manual_seed(seed)
-        d = save(APMAE(variant("tiny", pattern_size=64, patch_size=16)), bus_cfg.artifacts_dir / f"ck{step}")
+        d = save_pretrained(APMAE(variant("tiny", pattern_size=64, patch_size=16)), bus_cfg.artifacts_dir / f"ck{step}")
         redis_client.hset(apmae_key(bus_cfg.topic_prefix, "enc"), mapping={"path": f"ck{step}", "step": step,
                                                              "sha256": sha256_file(d / "model.safetensors")})
 

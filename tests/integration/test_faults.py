@@ -230,11 +230,11 @@ def register_checkpoint(bus_cfg, redis_client, name: str) -> None:
     """A small random AP-MAE for 64 x 64 patterns, registered as ``name`` for the encoder."""
     import torch
 
-    from apmae.mae import APMAE, save, variant
+    from apmae.mae import APMAE, save_pretrained, variant
     from services.registry import apmae_key, sha256_file
 
     torch.manual_seed(0)
-    d = save(APMAE(variant("small", pattern_size=64, patch_size=16)), bus_cfg.artifacts_dir / name)
+    d = save_pretrained(APMAE(variant("small", pattern_size=64, patch_size=16)), bus_cfg.artifacts_dir / name)
     redis_client.hset(apmae_key(bus_cfg.topic_prefix, name), mapping={"path": name, "step": 1,
                                                              "sha256": sha256_file(d / "model.safetensors")})
 
@@ -331,7 +331,7 @@ def test_trainer_killed_mid_run_resumes_from_its_checkpointed_offsets(bus_cfg):
         p = run_dir / "LATEST"
         if not p.exists():
             return 0
-        cfg = run_dir / p.read_text().strip() / "config.json"
+        cfg = run_dir / p.read_text().strip() / "trainer_state.json"
         return json.loads(cfg.read_text())["step"] if cfg.exists() else 0
 
     wait_then(proc, lambda: step_of_latest() >= 10, lambda: sigkill(proc))
@@ -339,7 +339,7 @@ def test_trainer_killed_mid_run_resumes_from_its_checkpointed_offsets(bus_cfg):
     out = finish(start(args, bus_cfg, module="services.trainer"))
     result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     assert result["resumed_from"].endswith(f"{resumed_at:08d}") and result["step"] == 50
-    meta = json.loads((run_dir / (run_dir / "LATEST").read_text().strip() / "config.json").read_text())
+    meta = json.loads((run_dir / (run_dir / "LATEST").read_text().strip() / "trainer_state.json").read_text())
     # offsets: exactly the checkpointed patterns plus the resumed run's, none twice, none skipped
     assert sum(meta["offsets"].values()) == 50 * 8
     assert result["patterns"] == (50 - resumed_at) * 8

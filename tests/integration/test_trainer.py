@@ -65,7 +65,7 @@ def test_resume_from_checkpoint_consumes_exactly_the_remaining_messages(bus_cfg)
     with pytest.raises(Crash):
         Trainer(cfg(bus_cfg), on_batch=crash_at_7).run()
     ckpt = latest_checkpoint(cfg(bus_cfg).run_dir)
-    meta = json.loads((ckpt / "config.json").read_text())
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
     assert meta["step"] == 6
     trained_before_ckpt = first[:48]
 
@@ -118,7 +118,7 @@ def test_ddp_on_cpu_with_two_processes(bus_cfg, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert result["step"] == 5 and result["patterns"] == 20  # rank 0's share of the global batch of 8
-    meta = json.loads((latest_checkpoint(cfg(bus_cfg, name="ddp").run_dir) / "config.json").read_text())
+    meta = json.loads((latest_checkpoint(cfg(bus_cfg, name="ddp").run_dir) / "trainer_state.json").read_text())
     assert meta["world_size"] == 2
     # Batches are drawn from shuffled blocks, so a partition's progress is its watermark (every
     # offset below it trained) plus the offsets above it already trained. Both ranks' partitions:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apmae.mae import APMAE, VARIANTS, load, save, variant
+from apmae.mae import APMAE, VARIANTS, from_pretrained, save_pretrained, variant
 
 
 def causal_patterns(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -108,14 +108,40 @@ def test_log_scaling_ablation_switch():
     assert s.max() == 1.0 and s.min() == 0.0 and not torch.equal(s, x)
 
 
-def test_save_load_round_trip(tmp_path):
+def test_save_load_round_trip_in_the_hugging_face_layout(tmp_path):
+    import json
+
     m = small().eval()
-    save(m, tmp_path / "ckpt", {"train": {"lr": 1e-3}})
-    back, meta = load(tmp_path / "ckpt")
+    state = {"train": {"lr": 1e-3, "batch_size": 32}, "step": 7, "loss": 0.0123, "topic": "patterns.train",
+             "offsets": {"0": 40, "1": 2}}
+    save_pretrained(m, tmp_path / "ckpt", state)
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["README.md", "config.json", "model.safetensors", "trainer_state.json"]
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "apmae" and config["pattern_size"] == 64  # flat, no training state
+    assert "offsets" not in config and "train" not in config
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert "7 steps of 32 patterns" in card and "0.0123" in card and "42 messages read" in card
+    back, meta = from_pretrained(tmp_path / "ckpt")
     x = causal_patterns(2)
     assert torch.equal(back.embed(x), m.embed(x))
-    assert meta["train"]["lr"] == 1e-3 and meta["apmae"]["pattern_size"] == 64
-    assert (tmp_path / "ckpt" / "model.safetensors").exists()
+    assert meta == state
+    with pytest.raises(FileNotFoundError, match="not a hub id"):
+        from_pretrained(tmp_path / "nowhere" / "deeper")
+
+
+def test_checkpoints_of_the_earlier_layout_still_load(tmp_path):
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    m = small().eval()
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "old" / "model.safetensors")
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"apmae": dataclasses.asdict(m.cfg), "step": 3}))
+    back, meta = from_pretrained(tmp_path / "old")
+    assert meta["step"] == 3 and torch.equal(back.embed(causal_patterns(1)), m.embed(causal_patterns(1)))
 
 
 def test_sizes_not_divisible_are_rejected():
@@ -192,3 +218,26 @@ def test_the_loss_per_sample_averages_to_the_batch_loss():
     fixed[1] = target[1]
     assert masked_patch_loss(target, fixed, mask, m.pixel_valid)[1] == 0 and masked_patch_loss(target, fixed, mask,
                                                                                                m.pixel_valid)[0] > 0
+
+
+def test_a_hub_id_is_fetched_as_a_snapshot_of_the_four_files(tmp_path, monkeypatch):
+    """Nothing downloads in tests: snapshot_download is pointed at a local directory, and we
+    check what it was asked for."""
+    import huggingface_hub
+
+    from apmae.mae import is_hub_id
+
+    m = small().eval()
+    save_pretrained(m, tmp_path / "snap", {"step": 1})
+    asked = {}
+
+    def fake_snapshot(repo_id, **kw):
+        asked.update(kw, repo_id=repo_id)
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert is_hub_id("org/apmae-small") and not is_hub_id(str(tmp_path / "snap")) and not is_hub_id("demo")
+    back, state = from_pretrained("org/apmae-small", revision="v1", cache_dir=tmp_path / "hub")
+    assert asked["repo_id"] == "org/apmae-small" and asked["revision"] == "v1"
+    assert sorted(asked["allow_patterns"]) == ["README.md", "config.json", "model.safetensors", "trainer_state.json"]
+    assert state == {"step": 1} and torch.equal(back.embed(causal_patterns(1)), m.embed(causal_patterns(1)))

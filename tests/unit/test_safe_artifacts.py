@@ -27,12 +27,12 @@ def test_no_torch_load_without_weights_only_and_no_stray_unpickling():
 def test_model_checkpoints_are_safetensors(tmp_path):
     import torch
 
-    from apmae.mae import APMAE, load, save, variant
+    from apmae.mae import APMAE, from_pretrained, save_pretrained, variant
 
-    d = save(APMAE(variant("tiny", pattern_size=64, patch_size=16)), tmp_path / "ck")
+    d = save_pretrained(APMAE(variant("tiny", pattern_size=64, patch_size=16)), tmp_path / "ck")
     assert (d / "model.safetensors").read_bytes()[8:9] == b"{"  # safetensors: u64 header length, JSON header
     assert not list(d.glob("*.bin")) and not list(d.glob("*.pt"))
-    model, _ = load(d)
+    model, _ = from_pretrained(d)
     assert isinstance(model, torch.nn.Module)
 
 
