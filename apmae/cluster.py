@@ -47,23 +47,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from apmae.codec import BadPattern
+from apmae.config import setting
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    n_components: int = 8
-    n_neighbors: int = 20
-    min_dist: float = 0.05
-    metric: str = "cosine"
-    min_samples: int = 20
-    min_cluster_size: int = 25
-    allow_single_cluster: bool = True
-    assigner: str = "knn"  # or "hdbscan"
-    knn: int = 15
-    n_epochs: int | None = 100  # None = umap-learn's default (500 for <= 10k points, 200 above)
-    pca_components: int = 64  # 0 = UMAP straight on the raw embeddings with ``metric``
-    jitter: float = 1e-6
-    seed: int = 0
+    """One head's clustering (paper 5.1: UMAP to 8-d, HDBSCAN), and how new points are assigned."""
+
+    n_components: int = setting(8, "UMAP output dimensions")
+    n_neighbors: int = setting(20, "UMAP neighbours")
+    min_dist: float = setting(0.05, "UMAP min_dist")
+    metric: str = setting("cosine", "UMAP metric (cosine or euclidean with PCA)")
+    min_samples: int = setting(20, "HDBSCAN min_samples")
+    min_cluster_size: int = setting(25, "HDBSCAN min_cluster_size")
+    allow_single_cluster: bool = setting(True, "HDBSCAN may return one cluster")
+    assigner: str = setting("knn", "Assignment of new points: knn or hdbscan (approximate_predict)",
+                            choices=("knn", "hdbscan"))
+    knn: int = setting(15, "Neighbours of the knn assigner")
+    n_epochs: int | None = setting(100, "UMAP epochs (0 or None = umap-learn's default: 500 up to 10k points, "
+                                        "200 above)")
+    pca_components: int = setting(64, "PCA dims before UMAP, on unit vectors for cosine (0 = off, the paper's "
+                                      "exact pipeline)")
+    jitter: float = setting(1e-6, "Scale of the jitter that separates exact duplicate embeddings")
+    cluster_seed: int = setting(0, "Seed of PCA, UMAP and the jitter")
 
 
 def jitter_duplicates(x: np.ndarray, scale: float, seed: int = 0) -> tuple[np.ndarray, int]:
@@ -187,7 +193,7 @@ def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
     stages: dict[str, float] = {}
     x = np.asarray(x, dtype=np.float32)
     spread = mean_pairwise_cosine(x)
-    x, dups = jitter_duplicates(x, cfg.jitter, cfg.seed)
+    x, dups = jitter_duplicates(x, cfg.jitter, cfg.cluster_seed)
     pca, explained, metric = None, 1.0, cfg.metric
     if cfg.pca_components and cfg.pca_components < x.shape[1] and len(x) > cfg.pca_components:
         from sklearn.decomposition import PCA
@@ -195,14 +201,14 @@ def fit_head(x: np.ndarray, cfg: ClusterConfig = ClusterConfig()) -> HeadModel:
         if cfg.metric not in ("cosine", "euclidean"):
             raise ValueError(f"pca_components needs metric cosine or euclidean, not {cfg.metric!r}")
         cosine = cfg.metric == "cosine"
-        pca = PCA(cfg.pca_components, random_state=cfg.seed).fit(
+        pca = PCA(cfg.pca_components, random_state=cfg.cluster_seed).fit(
             x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12) if cosine else x)
         explained = float(pca.explained_variance_ratio_.sum())
         x, metric = _reduce(x, pca, cosine), "euclidean"
     stages["pca"] = time.perf_counter() - t0
     n_neighbors = min(cfg.n_neighbors, max(2, len(x) - 1))
     reducer = umap.UMAP(n_components=cfg.n_components, n_neighbors=n_neighbors, min_dist=cfg.min_dist,
-                        metric=metric, n_epochs=cfg.n_epochs, random_state=cfg.seed, n_jobs=1)
+                        metric=metric, n_epochs=cfg.n_epochs or None, random_state=cfg.cluster_seed, n_jobs=1)
     low = reducer.fit_transform(x)
     stages["umap"] = time.perf_counter() - t0 - sum(stages.values())
     clusterer = hdbscan.HDBSCAN(min_samples=min(cfg.min_samples, len(x) - 1), min_cluster_size=cfg.min_cluster_size,

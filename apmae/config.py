@@ -63,32 +63,124 @@ def parse_value(kind: type, raw: Any) -> Any:
     return kind(raw)
 
 
-def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> C:
-    """Build ``cls`` from its defaults, then ``APMAE_*`` environment variables, then overrides.
+def is_config(kind: Any) -> bool:
+    """A nested config: a field whose type is itself a dataclass (ClusterConfig in the cluster
+    service's config, ClassifierConfig in the classifier's)."""
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def flat_fields(cls: type) -> list[tuple[type, dataclasses.Field]]:
+    """Every setting of ``cls`` as (owning class, field), nested configs expanded in place.
+
+    Nested settings keep their own names on the command line and in the environment
+    (``--min-cluster-size``, ``APMAE_MIN_CLUSTER_SIZE``): the service's config holds the
+    library's config object, and a flag reaches it without a prefix. Two settings of one
+    name would be ambiguous, so that is an error here, at the first use of the class."""
+    out: list[tuple[type, dataclasses.Field]] = []
+    for f in dataclasses.fields(cls):
+        kind = field_type(cls, f.name)
+        out += flat_fields(kind) if is_config(kind) else [(cls, f)]
+    seen: dict[str, type] = {}
+    for owner, f in out:
+        if f.name in seen:
+            raise TypeError(f"{cls.__name__}: setting {f.name!r} is declared by both {seen[f.name].__name__} and "
+                            f"{owner.__name__}")
+        seen[f.name] = owner
+    return out
+
+
+def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+            base: dict[str, Any] | None = None) -> C:
+    """Build ``cls`` from its defaults, then ``base`` (a saved config, see :func:`load`), then
+    ``APMAE_*`` environment variables, then overrides.
 
     Overrides whose value is None are ignored (an unset flag). Unknown override keys raise.
+    Settings of nested configs are addressed by their own names (:func:`flat_fields`).
     """
     env = os.environ if env is None else env
     env = {**env, **_secret_files(cls, env)}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for _, f in flat_fields(cls)}
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} settings: {sorted(unknown)}; known: {sorted(names)}")
+    base = _flatten(cls, base or {})
+    if set(base) - names:
+        raise ValueError(f"unknown {cls.__name__} settings in the saved config: {sorted(set(base) - names)}")
+    return _build(cls, overrides, env, base)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def flat_defaults(cls: type) -> dict[str, Any]:
+    """Each setting's default as the class declares it, nested configs included: a nested
+    config's default object may differ from its class's defaults (the demo clusters with
+    min_cluster_size 10, the library default is the paper's 25)."""
+    out: dict[str, Any] = {}
+
+    def walk(owner: type, obj: Any | None) -> None:
+        for f in dataclasses.fields(owner):
+            v = getattr(obj, f.name) if obj is not None else field_default(f)
+            kind = field_type(owner, f.name)
+            if is_config(kind):
+                walk(kind, v)
+            else:
+                out[f.name] = v
+
+    walk(cls, None)
+    return out
+
+
+def _build(cls: type[C], overrides: dict[str, Any], env: typing.Mapping[str, str], base: dict[str, Any],
+           default: Any | None = None) -> C:
+    """``cls`` from its settings; ``default``: the object whose values unset settings keep
+    (a nested config's declared default), else the class's field defaults."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
+        if is_config(kind):
+            inner = getattr(default, f.name) if default is not None else field_default(f)
+            values[f.name] = _build(kind, overrides, env, base, inner)
+            continue
         try:
             if f.name in overrides:
                 values[f.name] = parse_value(kind, overrides[f.name])
             elif env_name(f.name) in env:
                 values[f.name] = parse_value(kind, env[env_name(f.name)])
+            elif f.name in base:
+                values[f.name] = parse_value(kind, base[f.name])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{cls.__name__}.{f.name}: {e}") from e
         choices = f.metadata.get("choices")
         if choices and f.name in values and values[f.name] not in choices:
             raise ValueError(f"{cls.__name__}.{f.name}: {values[f.name]!r} is not one of {', '.join(choices)}")
-    return cls(**values)
+    return dataclasses.replace(default, **values) if default is not None else cls(**values)
+
+
+def _flatten(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved (nested) config's values by setting name; secrets (saved redacted) are dropped."""
+    out: dict[str, Any] = {}
+    own = {f.name for f in dataclasses.fields(cls)}
+    for k, v in saved.items():
+        kind = field_type(cls, k) if k in own else None
+        if is_config(kind) and isinstance(v, dict):
+            out.update(_flatten(kind, v))
+        elif not (is_secret(k) and v == "***") and not (isinstance(v, str) and ":***@" in v):
+            out[k] = v  # (a redacted value was a secret: it comes from the environment again)
+    return out
+
+
+def load(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None,
+         env: dict[str, str] | None = None) -> C:
+    """The config a run saved (:func:`save`), to repeat it exactly; env and overrides still
+    apply on top (secrets were never saved: they come from the environment again)."""
+    payload = json.loads(Path(path).read_text())
+    saved = payload.get("config", payload)
+    if payload.get("config_class") not in (None, cls.__name__):
+        raise ValueError(f"{path} holds a {payload['config_class']}, not a {cls.__name__}")
+    return resolve(cls, overrides, env, base=saved)
 
 
 SECRET_FIELDS = ("password", "secret", "token")  # fields whose names contain these are secrets
@@ -102,7 +194,7 @@ def is_secret(name: str) -> bool:
 def _secret_files(cls: type, env: typing.Mapping[str, str]) -> dict[str, str]:
     """``APMAE_<FIELD>_FILE=/run/secrets/x`` sets the field from that file (Docker/K8s secrets)."""
     out = {}
-    for f in dataclasses.fields(cls):
+    for _, f in flat_fields(cls):
         path = env.get(env_name(f.name) + "_FILE")
         if path:
             try:
@@ -122,10 +214,12 @@ def redact(name: str, value: Any) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as JSON-able values, secrets redacted (this is what is saved and logged)."""
+    """The config as JSON-able values (nested configs as nested objects), secrets redacted:
+    this is what is saved and logged, and what ``--config FILE`` reads back."""
     out = {}
-    for k, v in dataclasses.asdict(cfg).items():
-        out[k] = redact(k, str(v) if isinstance(v, Path) else v)
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else redact(f.name, str(v) if isinstance(v, Path) else v)
     return out
 
 

@@ -78,7 +78,7 @@ def live_scoring(n_rows: int) -> dict:
     from services.registry import ArtifactStore, Registry, sha256_file
 
     x, y, _ = planted(2000 + n_rows, seed=1)
-    model = fit(x[:2000], y[:2000], ClassifierConfig(iterations=200, thread_count=2))
+    model = fit(x[:2000], y[:2000], ClassifierConfig(iterations=200, threads=2))
     with embedded_infra() as infra:
         state = Path(infra.state_dir)
         bus_cfg = BusConfig(bootstrap_servers=f"127.0.0.1:{infra.kafka_port}", redis_url=infra.redis_url,
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--live-rows", type=int, default=300)
     ap.add_argument("--skip-paper", action="store_true", help="skip CatBoost's default CTR setting (slow)")
     args = ap.parse_args()
-    ours = ClassifierConfig(thread_count=2)
+    ours = ClassifierConfig(threads=2)
     settings = {"ours": ours} if args.skip_paper else {"paper": replace(ours, max_ctr_complexity=4), "ours": ours}
     rows = fit_rows(args.rows, settings)
     print(table(rows, list(rows[0])))

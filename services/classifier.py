@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -62,25 +62,13 @@ CV_ACC = Gauge("apmae_classifier_cv_accuracy", "Mean CV accuracy of the current 
 
 @dataclass(frozen=True)
 class ClassifyConfig(BusConfig):
-    iterations: int = setting(1000, "CatBoost iterations")
-    depth: int = setting(6, "CatBoost depth")
-    learning_rate: float = setting(0.1, "CatBoost learning rate")
-    early_stopping_rounds: int = setting(25, "Early stopping rounds (10% of each training part held out)")
-    one_hot_max_size: int = setting(2, "CatBoost one_hot_max_size")
-    max_ctr_complexity: int = setting(1, "CatBoost max_ctr_complexity (its default, 4, is ~5x slower at 720 heads)")
-    folds: int = setting(10, "Cross-validation folds")
-    threads: int = setting(-1, "CatBoost threads (-1: all cores)")
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)  # its settings are flags of their own name
     min_rows: int = setting(20, "Tasks with fewer balanced rows are skipped (counted)")
     cluster_version: str = setting("", "Cluster version to use (default: the most common in the topic)")
     out_dir: Path = setting(Path(""), "Report and figures directory (default: <state>/artifacts/classifier)")
     row_ttl_s: int = setting(3600, "Seconds a partial row may wait for its remaining heads")
     max_partial_rows: int = setting(100_000, "Most partial rows held in Redis; the oldest beyond it are dropped (counted)")
     group: str = setting("classifier", "Consumer group of the live scorer")
-    seed: int = setting(0, "Seed for balancing and CV")
-
-    def classifier_config(self) -> ClassifierConfig:
-        return ClassifierConfig(self.iterations, self.depth, self.learning_rate, self.early_stopping_rounds,
-                                self.one_hot_max_size, self.max_ctr_complexity, self.folds, self.threads, self.seed)
 
     @property
     def report_dir(self) -> Path:
@@ -119,7 +107,7 @@ def fit_all(cfg: ClassifyConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     store = ArtifactStore(cfg.artifacts_dir)
     registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
-    ccfg = cfg.classifier_config()
+    ccfg = cfg.classifier
     report: dict = {"cluster_version": version, "models": {}}
     fit_files: set[str] = set()
     for model_name, per_sample in rows.items():

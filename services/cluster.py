@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis
@@ -58,15 +58,7 @@ ASSIGNED = Counter("apmae_cluster_assignments_total", "Embeddings assigned", ["m
 
 @dataclass(frozen=True)
 class ClusterServiceConfig(BusConfig):
-    n_components: int = setting(8, "UMAP output dimensions")
-    n_neighbors: int = setting(20, "UMAP neighbours")
-    min_dist: float = setting(0.05, "UMAP min_dist")
-    metric: str = setting("cosine", "UMAP metric")
-    min_samples: int = setting(20, "HDBSCAN min_samples")
-    min_cluster_size: int = setting(25, "HDBSCAN min_cluster_size")
-    assigner: str = setting("knn", "Assignment of new points: knn or hdbscan (approximate_predict)")
-    n_epochs: int = setting(100, "UMAP epochs (0 = umap-learn's default: 500 up to 10k points, 200 above)")
-    pca_components: int = setting(64, "PCA dims before UMAP, on unit vectors for cosine (0 = off, the paper's exact pipeline)")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # its settings are flags of their own name
     min_points: int = setting(30, "Heads with fewer embeddings are not fitted (counted)")
     checkpoint: str = setting("", "Only embeddings made by this checkpoint tag (default: the most common)")
     from_time: str | None = setting(None, "Window start (ISO 8601 or epoch ms); default: the whole topic")
@@ -77,12 +69,6 @@ class ClusterServiceConfig(BusConfig):
     auto_refit: bool = setting(True, "Publish a refit job when a head drifts")
     head_metrics: int = setting(100, "Heads that export per-head metric series (least recently updated dropped "
                                      "first; 0 = none)")
-
-    def cluster_config(self) -> ClusterConfig:
-        return ClusterConfig(n_components=self.n_components, n_neighbors=self.n_neighbors, min_dist=self.min_dist,
-                             metric=self.metric, min_samples=self.min_samples, min_cluster_size=self.min_cluster_size,
-                             assigner=self.assigner, n_epochs=self.n_epochs or None,
-                             pca_components=self.pca_components)
 
 
 def _npz(**arrays) -> bytes:
@@ -164,7 +150,7 @@ class FitWorker:
     def fit(self, job: FitJobRecord) -> list[Output]:
         key = head_key(job.model, job.layer, job.head)
         data = self.head_data(job, key)
-        model = fit_head(data["x"], self.cfg.cluster_config())
+        model = fit_head(data["x"], self.cfg.cluster)
         rel = f"clusters/{job.version}/models/{key}.joblib"
         sha = self.store.write(rel, model.to_bytes())
         self.registry.put("cluster", key, path=rel, sha256=sha, version=job.version, checkpoint=job.checkpoint,

@@ -29,9 +29,11 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from apmae.classify import ClassifierConfig
+from apmae.cluster import ClusterConfig
 from apmae.config import BusConfig, setting
 from services import infra
 
@@ -56,10 +58,10 @@ class DemoConfig:
     train_lr: float = setting(1e-3, "AP-MAE peak learning rate (a short demo run needs more than 1.5e-4 x 32/50)")
     pattern_size: int = setting(256, "Pattern size (256 for real models)")
     patch_size: int = setting(32, "AP-MAE patch size")
-    min_cluster_size: int = setting(10, "HDBSCAN min_cluster_size (the paper's 25 needs ~110k points per head)")
-    min_samples: int = setting(5, "HDBSCAN min_samples (paper: 20)")
-    folds: int = setting(10, "Classifier CV folds")
-    cb_iterations: int = setting(300, "CatBoost iterations")
+    # the clustering and the classifier: the library's own configs, at the demo's scale (the
+    # paper's min_cluster_size 25 / min_samples 20 need ~110k points per head)
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(min_cluster_size=10, min_samples=5))
+    classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(iterations=300))
     intervene_per_task: int = setting(12, "Held-out inputs per task for the head intervention (0 = skip it)")
     intervene_k: int = setting(5, "Heads zeroed per condition in the intervention")
     intervene_draws: int = setting(2, "Random-head draws in the intervention (the study uses 20+)")
@@ -200,8 +202,7 @@ class Demo:
 
         from services.cluster import ClusterServiceConfig
 
-        return self.common(ClusterServiceConfig, min_cluster_size=self.cfg.min_cluster_size,
-                           min_samples=self.cfg.min_samples, processes=max(1, min(2, os.cpu_count() or 1)))
+        return self.common(ClusterServiceConfig, cluster=self.cfg.cluster, processes=max(1, min(2, os.cpu_count() or 1)))
 
     def stage_cluster(self):
         from services.cluster import plan, run_workers
@@ -214,7 +215,7 @@ class Demo:
     def classify_cfg(self):
         from services.classifier import ClassifyConfig
 
-        return self.common(ClassifyConfig, iterations=self.cfg.cb_iterations, folds=self.cfg.folds, min_rows=10,
+        return self.common(ClassifyConfig, classifier=self.cfg.classifier, min_rows=10,
                            out_dir=self.dir / "report")
 
     def stage_classify(self):

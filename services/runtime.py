@@ -8,7 +8,6 @@ has no circle.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import socket
@@ -42,10 +41,14 @@ def config_options(cls: type | str) -> Callable[[Callable], Callable]:
 
 def option_specs(cls: type) -> list[tuple[list[str], dict[str, Any]]]:
     """(declarations, attributes) of the click option of each field of ``cls``, in order."""
-    out = []
-    for f in dataclasses.fields(cls):
-        kind = C.field_type(cls, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    out: list[tuple[list[str], dict[str, Any]]] = [
+        (["--config", "config_file"], {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path),
+                                       "help": "Repeat a run: the resolved config JSON it wrote (flags and env "
+                                               "variables still override it; secrets come from the environment)"})]
+    defaults = C.flat_defaults(cls)
+    for owner, f in C.flat_fields(cls):
+        kind = C.field_type(owner, f.name)
+        default = defaults[f.name]
         help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(f.name)}; default: {default}]"
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
@@ -97,8 +100,11 @@ def build(cls: type, kwargs: dict[str, Any]) -> Any:
         if v is not None and (C.is_secret(k) or C.redact(k, v) != v):
             raise click.UsageError(f"--{k.replace('_', '-')}: secrets are not accepted on the command line; "
                                    f"set {C.env_name(k)} or, better, {C.env_name(k)}_FILE (a file with it)")
+    names = {f.name for _, f in C.flat_fields(cls)}
+    overrides = {k: v for k, v in kwargs.items() if k in names}
     try:
-        cfg = C.resolve(cls, {k: v for k, v in kwargs.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        path = kwargs.get("config_file")
+        cfg = C.load(cls, path, overrides) if path else C.resolve(cls, overrides)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     if isinstance(cfg, C.BusConfig):

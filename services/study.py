@@ -39,11 +39,12 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from apmae.cluster import ClusterConfig
 from apmae.config import setting
 from services.demo import Demo, DemoConfig, _bar
 
@@ -71,8 +72,7 @@ class StudyConfig(DemoConfig):
     random_per_file: int = setting(4, "Random-span inputs per file (a train_share of them trains AP-MAE)")
     train_steps: int = setting(0, "AP-MAE steps (0 = as many as the budget and one pass over the data allow)")
     train_batch: int = setting(32, "AP-MAE batch size")
-    min_cluster_size: int = setting(15, "HDBSCAN min_cluster_size (the paper's 25 needs ~110k points per head)")
-    cb_iterations: int = setting(300, "CatBoost iterations")
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(min_cluster_size=15, min_samples=5))
     intervene_per_task: int = setting(60, "Most held-out inputs per task for the intervention (sized down by the "
                                           "budget)")
     intervene_draws: int = setting(20, "Random-head draws in the intervention (20+ for an empirical p-value)")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from apmae.classify import ClassifierConfig
+from apmae.cluster import ClusterConfig
 from apmae.topics import (
     ALL_TOPICS,
     ASSIGNMENTS,
@@ -54,7 +56,8 @@ def demo(tmp_path_factory):
             (corpus / f.path).write_text(f.content * 2)
     cfg = DemoConfig(state_dir=state, corpus=str(corpus), files=6, live_files=2, skip_files=40,
                      mine_layers="0,29", mine_per_task=40, spans_per_task=4, apmae_variant="tiny", train_steps=20,
-                     train_batch=16, min_cluster_size=5, min_samples=3, folds=5, cb_iterations=60,
+                     train_batch=16, cluster=ClusterConfig(min_cluster_size=5, min_samples=3),
+                     classifier=ClassifierConfig(iterations=60, folds=5),
                      intervene_per_task=4, intervene_k=3, redis_password=SECRET,
                      kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
     d = Demo(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from apmae.classify import ClassifierConfig
 from apmae.topics import ASSIGNMENTS, SAMPLES, SCORES, AssignmentRecord, SampleRecord
 from services.bus import Bus, Output, read_range
 from services.classifier import ClassifyConfig, Scorer, fit_all
@@ -42,7 +43,8 @@ def test_fit_then_live_scoring_with_out_of_order_and_duplicate_assignments(bus_c
     for i in range(500, 600):  # candidates the model got wrong that were never mined (no assignments)
         bus.send(Output(SAMPLES, sample(i, False)))
     bus.flush()
-    cfg = ClassifyConfig(**vars(bus_cfg), iterations=100, depth=4, folds=5, threads=2, out_dir=tmp_path / "rep")
+    cfg = ClassifyConfig(**vars(bus_cfg), classifier=ClassifierConfig(iterations=100, depth=4, folds=5, threads=2),
+                         out_dir=tmp_path / "rep")
     report = fit_all(cfg)
     task = report["models"]["m"]["tasks"][0]
     assert task["task"] == "identifier" and task["mean"] > 0.9 and task["chance_level"] == 0.5

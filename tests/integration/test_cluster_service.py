@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from apmae.cluster import ClusterConfig
 from apmae.codec import encode_pattern
 from apmae.mae import APMAE, save_pretrained, variant
 from apmae.topics import (
@@ -53,7 +54,7 @@ def test_fit_queue_fits_every_head_exactly_once_when_a_worker_dies(bus_cfg, redi
     bus.ensure_topics()
     truth = synthetic_embeddings(bus, 90)
     synthetic_embeddings(bus, 10, seed=7, tag="ck@0", offset=3000)  # an older checkpoint's embeddings
-    cfg = ClusterServiceConfig(**vars(bus_cfg), min_cluster_size=10, min_samples=5, version="v1")
+    cfg = ClusterServiceConfig(**vars(bus_cfg), cluster=ClusterConfig(min_cluster_size=10, min_samples=5), version="v1")
     p = plan(cfg)
     assert p["jobs"] == 3 and p["checkpoint"] == "ck@1" and p["other_checkpoints"] == 30  # one space per fit
 

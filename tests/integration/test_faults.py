@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apmae.classify import ClassifierConfig
 from apmae.codec import encode_pattern
 from apmae.messages import InvalidMessage, Record, decode
 from apmae.topics import (
@@ -361,7 +362,8 @@ def scorer_setup(bus_cfg, tmp_path, n_live: int):
         for a in assignments(i, i % 2 == 0, rng):
             bus.send(Output(ASSIGNMENTS, a))
     bus.flush()
-    fit_all(ClassifyConfig(**vars(bus_cfg), iterations=60, depth=4, folds=3, threads=2, out_dir=tmp_path / "rep"))
+    fit_all(ClassifyConfig(**vars(bus_cfg), classifier=ClassifierConfig(iterations=60, depth=4, folds=3, threads=2),
+                           out_dir=tmp_path / "rep"))
     live = []
     for i in range(1000, 1000 + n_live):
         live += assignments(i, i % 2 == 0, rng)

@@ -19,7 +19,7 @@ from apmae.classify import (
 )
 from apmae.stats import wilson_interval
 
-CFG = ClassifierConfig(iterations=150, depth=4, folds=5, thread_count=2)
+CFG = ClassifierConfig(iterations=150, depth=4, folds=5, threads=2)
 
 
 def planted(n: int = 400, heads: int = 30, seed: int = 0):
@@ -71,7 +71,7 @@ def test_baseline_on_balanced_data_is_chance_not_the_fold_majority():
     # majority (incorrect) scores 1/3 on it. The fold-majority "baseline" came out at 0.333.
     x, _ = planted(10)
     y = pd.Series([True, False] * 5)
-    res = cross_validate(x, y, ClassifierConfig(iterations=20, depth=2, folds=3, thread_count=1))
+    res = cross_validate(x, y, ClassifierConfig(iterations=20, depth=2, folds=3, threads=1))
     assert res["folds"] == 3 and res["n"] == 10
     assert res["chance_level"] == 0.5 and res["baseline"] == 0.5 and res["balanced"]
 
@@ -128,7 +128,7 @@ def test_cv_by_file_does_not_learn_a_file_from_its_other_samples():
     file_label = {f"f{i}": bool(i % 2) for i in range(40)}
     x = pd.DataFrame({"L0H0": files, "L0H1": rng.integers(0, 3, len(files)).astype(str)})
     y = pd.Series([file_label[f] for f in files])
-    cfg = ClassifierConfig(iterations=60, depth=3, folds=5, thread_count=2)
+    cfg = ClassifierConfig(iterations=60, depth=3, folds=5, threads=2)
     by_sample = cross_validate(x, y, cfg)
     by_file = cross_validate(x, y, cfg, groups=pd.Series(files))
     assert by_sample["cv_split"] == "by sample" and by_file["cv_split"] == "by file"

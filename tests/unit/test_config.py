@@ -46,3 +46,54 @@ def test_secrets_come_from_files_and_are_never_saved(tmp_path):
     assert saved["sasl_password"] == "***" and saved["redis_url"] == "redis://:***@127.0.0.1:6379/0"
     with pytest.raises(ValueError, match="cannot read"):
         resolve(BusConfig, env={"APMAE_SASL_PASSWORD_FILE": str(tmp_path / "missing")})
+
+
+# -- nested configs: the service holds the library's config, one source for each default -----
+def test_a_nested_config_is_set_by_its_own_flags_and_env_and_keeps_its_declared_defaults():
+    from apmae.cluster import ClusterConfig
+    from services.demo import DemoConfig
+
+    cfg = resolve(DemoConfig, {"min_samples": "3"}, env={"APMAE_ITERATIONS": "42"})
+    assert cfg.cluster == ClusterConfig(min_cluster_size=10, min_samples=3)  # the demo's 10 kept
+    assert cfg.classifier.iterations == 42 and cfg.classifier.folds == 10
+    assert ClusterConfig().min_cluster_size == 25  # the library's default (the paper's) is untouched
+
+
+def test_two_settings_of_one_name_are_refused():
+    from apmae.config import flat_fields, setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        depth: int = setting(1, "")
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        depth: int = setting(2, "")
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    with pytest.raises(TypeError, match="'depth' is declared by both Outer and Inner"):
+        flat_fields(Outer)
+
+
+def test_a_saved_config_repeats_the_run_and_flags_still_win(tmp_path):
+    from apmae.config import load
+    from services.cluster import ClusterServiceConfig
+
+    cfg = resolve(ClusterServiceConfig, {"min_cluster_size": "7", "n_epochs": "50", "redis_url":
+                                         "redis://:pw@127.0.0.1:1/0"}, env={})
+    path = save(cfg, tmp_path / "config.json")
+    again = load(ClusterServiceConfig, path, env={"APMAE_REDIS_URL": "redis://:pw@127.0.0.1:1/0"})
+    assert again == cfg  # the password was never saved: it came from the environment again
+    assert load(ClusterServiceConfig, path, {"min_cluster_size": "9"}, env={}).cluster.min_cluster_size == 9
+    with pytest.raises(ValueError, match="holds a ClusterServiceConfig"):
+        load(BusConfig, path, env={})
+
+
+def test_the_cli_reads_a_saved_config(tmp_path):
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    res = CliRunner().invoke(main, ["cluster", "plan", "--help"])
+    assert "--config FILE" in res.output and "--min-cluster-size INTEGER" in res.output
+    assert "default: 25" in res.output.split("--min-cluster-size")[1][:300]
