@@ -9,32 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from apmae import config as C
-from services.runtime import (
-    ConfigGroup,
-    build,
-    config_options,
-    loop_options,
-    run_loop,
-    start_service,
-)
+from services.runtime import loop_options, run_loop, setup_logging, start_service
+from services.settings import ConfigGroup, build, config_options
 
 log = logging.getLogger("apmae")
 
 
 @click.group(cls=ConfigGroup)
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug)")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More logging: -v apmae's debug lines, -vv everything (Kafka "
+                                                   "client included)")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", envvar="APMAE_LOG_FORMAT",
+              show_default=True, help="json: one object per line, for log shippers  [env: APMAE_LOG_FORMAT]")
+def main(verbose: int, log_format: str) -> None:
     """apmae: mine the attention patterns of code LLMs at scale (AP-MAE), on Kafka."""
-    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("kafka").setLevel(logging.WARNING if verbose < 2 else logging.INFO)
+    setup_logging(verbose, log_format == "json")
 
 
 # -- infra -------------------------------------------------------------------------------------

@@ -1,115 +1,49 @@
-"""The runtime every service shares: typed settings bound to flags and env variables, the
-metrics/health endpoint, and the processing loop run as a service.
+"""What every service process shares at run time: logging, the metrics and health endpoint,
+signal handling around the processing loop, and failing fast when the broker is not there.
 
-The CLI (:mod:`services.cli`) is a thin layer of commands over this module; services (the
-trainer's own entry point, the demo) import it directly, never the CLI, so the import graph
-has no circle.
+Settings and their command-line binding are :mod:`services.settings`; the CLI
+(:mod:`services.cli`) is a thin layer of commands over the two, and no service imports it.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 import socket
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import sys
 
 import click
 
 from apmae import config as C
 
-
-def config_options(cls: type | str) -> Callable[[Callable], Callable]:
-    """Decorator: one typed click option per field of ``cls`` (defaults come from
-    ``config.resolve``, so an unset flag falls back to the env variable, then the default).
-
-    ``cls`` may be ``"module:Class"``: the options are then made when the command is used
-    (:class:`ConfigCommand`), so ``apmae --help`` lists commands without importing torch
-    and transformers (5 s) for the configs of services it does not run."""
-
-    def deco(fn: Callable) -> Callable:
-        if isinstance(cls, str):
-            fn.__apmae_config__ = cls  # type: ignore[attr-defined]
-            return fn
-        for decls, attrs in reversed(option_specs(cls)):
-            fn = click.option(*decls, **attrs)(fn)
-        return fn
-
-    return deco
+_handler: logging.Handler | None = None
 
 
-def option_specs(cls: type) -> list[tuple[list[str], dict[str, Any]]]:
-    """(declarations, attributes) of the click option of each field of ``cls``, in order."""
-    out: list[tuple[list[str], dict[str, Any]]] = [
-        (["--config", "config_file"], {"default": None, "type": click.Path(exists=True, dir_okay=False, path_type=Path),
-                                       "help": "Repeat a run: the resolved config JSON it wrote (flags and env "
-                                               "variables still override it; secrets come from the environment)"})]
-    defaults = C.flat_defaults(cls)
-    for owner, f in C.flat_fields(cls):
-        kind = C.field_type(owner, f.name)
-        default = defaults[f.name]
-        help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(f.name)}; default: {default}]"
-        flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
-            out.append(([f"{flag}/--no-{f.name.replace('_', '-')}", f.name], {"default": None, "help": help_text}))
-        elif C.is_secret(f.name):  # kept only to refuse it with a useful message (build)
-            out.append(([flag, f.name], {"default": None, "type": str, "hidden": True}))
-        else:
-            out.append(([flag, f.name], {"default": None, "help": help_text,
-                                         "type": _click_type(kind, f.metadata.get("choices"))}))
-    return out
+def setup_logging(verbose: int = 0, json_format: bool = False) -> None:
+    """Levels: apmae's INFO and everyone's warnings by default; ``-v`` apmae's DEBUG too;
+    ``-vv`` everything at DEBUG, kafka-python's protocol chatter included.
+    ``json_format``: one JSON object per line (for log shippers), else one text line."""
+    global _handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_format else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    if _handler is not None:  # called again: replace our handler, leave anyone else's
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    _handler = handler
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    logging.getLogger("apmae").setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
-def _click_type(kind: type, choices: tuple[str, ...] | None) -> click.ParamType:
-    if choices:
-        return click.Choice(choices)
-    if kind is int:
-        return click.INT
-    if kind is float:
-        return click.FLOAT
-    if kind is Path:
-        return click.Path(path_type=Path)
-    return click.STRING  # lists and dicts: parsed by config.resolve from their text
-
-
-class ConfigCommand(click.Command):
-    """A command whose config options are made on first use (see :func:`config_options`)."""
-
-    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        path = getattr(self.callback, "__apmae_config__", None)
-        if path:
-            module, name = path.split(":")
-            cls = getattr(importlib.import_module(module), name)
-            self.params.extend(click.Option(decls, **attrs) for decls, attrs in option_specs(cls))
-            self.callback.__apmae_config__ = None  # type: ignore[union-attr]
-        return super().get_params(ctx)
-
-
-class ConfigGroup(click.Group):
-    """A group whose commands (and subgroups) are :class:`ConfigCommand` s."""
-
-    command_class = ConfigCommand
-    group_class = type  # subgroups are ConfigGroups too
-
-
-def build(cls: type, kwargs: dict[str, Any]) -> Any:
-    for k, v in kwargs.items():
-        # a secret on the command line is visible to every local user (ps, /proc) and lands
-        # in shell history; the message never repeats the value
-        if v is not None and (C.is_secret(k) or C.redact(k, v) != v):
-            raise click.UsageError(f"--{k.replace('_', '-')}: secrets are not accepted on the command line; "
-                                   f"set {C.env_name(k)} or, better, {C.env_name(k)}_FILE (a file with it)")
-    names = {f.name for _, f in C.flat_fields(cls)}
-    overrides = {k: v for k, v in kwargs.items() if k in names}
-    try:
-        path = kwargs.get("config_file")
-        cfg = C.load(cls, path, overrides) if path else C.resolve(cls, overrides)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    if isinstance(cfg, C.BusConfig):
-        require_broker(cfg.bootstrap_servers)
-    return cfg
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def require_broker(bootstrap_servers: str, timeout_s: float = 2.0) -> None:

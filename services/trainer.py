@@ -320,14 +320,14 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for ``python -m services.trainer`` (torchrun) and ``apmae train``."""
     import click
 
-    from services.runtime import build, config_options
+    from services.runtime import setup_logging
+    from services.settings import build, config_options
 
     @click.command()
     @click.option("--max-steps", type=int, default=None, help="Stop after this many steps in this run")
     @config_options(TrainerConfig)
     def cmd(max_steps, **kw):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("kafka").setLevel(logging.WARNING)
+        setup_logging()
         cfg = build(TrainerConfig, kw)
         t = Trainer(cfg)
         for sig in (signal.SIGTERM, signal.SIGINT):

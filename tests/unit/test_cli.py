@@ -47,3 +47,25 @@ def test_an_unreachable_broker_fails_fast_in_one_line():
     assert res.exit_code == 1
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "no Kafka broker reachable" in lines[0] and "apmae infra up" in lines[0], res.output
+
+
+def test_verbosity_levels_and_json_logs(capsys):
+    import json
+    import logging
+
+    from services.runtime import setup_logging
+
+    try:
+        setup_logging(0, json_format=True)
+        logging.getLogger("apmae.test").info("started %d", 3)
+        logging.getLogger("apmae.test").debug("hidden")
+        line = capsys.readouterr().err.strip()
+        assert json.loads(line) | {"ts": None} == {"ts": None, "level": "INFO", "logger": "apmae.test",
+                                                   "message": "started 3"}
+        setup_logging(1)  # -v: apmae's debug lines, not the Kafka client's
+        assert logging.getLogger("apmae.x").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("kafka.conn").isEnabledFor(logging.INFO)
+        setup_logging(2)
+        assert logging.getLogger("kafka.conn").isEnabledFor(logging.DEBUG)
+    finally:
+        setup_logging(0)
