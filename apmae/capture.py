@@ -73,15 +73,15 @@ def capture_attention_forward(module, query, key, value, attention_mask, scaling
     return out, None
 
 
-AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)
-
-
 def attention_modules(model) -> list:
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
 
 
 def install(model) -> AttentionCapture:
     """Switch ``model`` to the capturing attention and return its capture handle."""
+    # registered here, when a model is switched to it, not as a side effect of importing this
+    # module (transformers' registry is global: importing apmae must not change it)
+    AttentionInterface.register(IMPLEMENTATION, capture_attention_forward)  # idempotent
     cap = AttentionCapture()
     for m in attention_modules(model):
         m._apmae_capture = cap

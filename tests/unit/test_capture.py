@@ -101,3 +101,13 @@ def test_bf16_batched_capture_on_gpu(tiny):
     with torch.no_grad():
         model(ids)
     assert (cap.captured[0] - ref[0].float()).abs().max().item() < 2e-2  # bf16 logits, fp32 softmax
+
+
+def test_importing_apmae_leaves_transformers_attention_registry_alone():
+    import subprocess
+    import sys
+
+    code = ("from transformers import AttentionInterface; import apmae.capture, apmae.target; "
+            "print('apmae_capture' in AttentionInterface._global_mapping)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
