@@ -31,6 +31,10 @@ def main(verbose: int, log_format: str) -> None:
     setup_logging(verbose, log_format == "json")
 
 
+# every command that prints a result can print it as one JSON document instead
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+
+
 # -- infra -------------------------------------------------------------------------------------
 @main.group()
 def infra() -> None:
@@ -52,12 +56,19 @@ def _components(only: str | None) -> tuple[str, ...]:
 @click.option("--adopt-generation", is_flag=True,
               help="Record the running broker's generation in Redis (after resetting state of a lost log)")
 @config_options("services.infra:InfraConfig")
-def infra_up(only: str | None, adopt_generation: bool, **kw: Any) -> None:
+@JSON_OPTION
+def infra_up(only: str | None, adopt_generation: bool, as_json: bool, **kw: Any) -> None:
     """Start the servers (idempotent) and wait until each is healthy."""
     from services import infra as I
 
     cfg = _infra_cfg(kw)
-    for name, state in I.up(cfg, _components(only), adopt_generation).items():
+    states = I.up(cfg, _components(only), adopt_generation)
+    if as_json:
+        click.echo(json.dumps({"servers": states, "bootstrap_servers": cfg.bootstrap_servers,
+                               "redis_url": C.redact("redis_url", cfg.redis_url),
+                               "prometheus_url": cfg.prometheus_url, "ephemeral": cfg.ephemeral}))
+        return
+    for name, state in states.items():
         click.echo(f"{name:11s} {state}")
     click.echo(f"bootstrap servers {cfg.bootstrap_servers}  redis {C.redact('redis_url', cfg.redis_url)}  "
                f"prometheus {cfg.prometheus_url}")
@@ -70,16 +81,21 @@ def infra_up(only: str | None, adopt_generation: bool, **kw: Any) -> None:
 @infra.command("down")
 @click.option("--only", default=None, help="Comma-separated subset: broker,redis,prometheus")
 @config_options("services.infra:InfraConfig")
-def infra_down(only: str | None, **kw: Any) -> None:
+@JSON_OPTION
+def infra_down(only: str | None, as_json: bool, **kw: Any) -> None:
     """Stop the servers (SIGTERM, then SIGKILL after a grace period)."""
     from services import infra as I
 
-    for name, state in I.down(_infra_cfg(kw), _components(only)).items():
+    states = I.down(_infra_cfg(kw), _components(only))
+    if as_json:
+        click.echo(json.dumps({"servers": states}))
+        return
+    for name, state in states.items():
         click.echo(f"{name:11s} {state}")
 
 
 @infra.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output")
+@JSON_OPTION
 @config_options("services.infra:InfraConfig")
 def infra_status(as_json: bool, **kw: Any) -> None:
     """Report each server: pid, port, health, storage; exit status 1 when one is down."""
@@ -100,17 +116,22 @@ def infra_status(as_json: bool, **kw: Any) -> None:
 # -- topics / replay ---------------------------------------------------------------------------
 @main.command("topics")
 @config_options(C.BusConfig)
-def topics_cmd(**kw: Any) -> None:
+@JSON_OPTION
+def topics_cmd(as_json: bool, **kw: Any) -> None:
     """Create every declared topic that is missing, and list them with their contract."""
     from apmae.topics import ALL_TOPICS
     from services.bus import Bus
 
     bus = Bus(build(C.BusConfig, kw), "topics")
     created = set(bus.ensure_topics())
+    if as_json:
+        click.echo(json.dumps([{"topic": bus.name(t), "partitions": t.partitions, "key": t.key,
+                                "schema": t.record.SCHEMA, "version": t.record.VERSION, "minor": t.record.MINOR,
+                                "created": bus.name(t) in created} for t in ALL_TOPICS]))
+        return
     for t in ALL_TOPICS:
         mark = "created" if bus.name(t) in created else "exists"
         click.echo(f"{bus.name(t):18s} {t.partitions:2d}p key={t.key:18s} {t.record.SCHEMA}/v{t.record.VERSION:<3} {mark}")
-
 
 
 @main.command("replay")
@@ -145,7 +166,6 @@ def import_cmd(path: Path, to_topic: str | None, **kw: Any) -> None:
     click.echo(json.dumps(import_parquet(build(C.BusConfig, kw), path, to_topic)))
 
 
-
 @main.command("ingest")
 @config_options("services.ingest:IngestConfig")
 def ingest_cmd(**kw: Any) -> None:
@@ -160,7 +180,6 @@ def ingest_cmd(**kw: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: job.stop.set())
     click.echo(json.dumps(job.run()))
-
 
 
 @main.command("produce")
@@ -205,7 +224,6 @@ def eval_cmd(checkpoints, source, limit, heads_per_sample, figure, json_out, **k
                           per_sample=heads_per_sample)
     if json_out:
         Path(json_out).write_text(evaluate.dump(matrix))
-
 
 
 
@@ -269,7 +287,6 @@ def assign_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(Assigner(cfg).processor(), "assign", cfg, max_messages, idle_timeout_s)
 
 
-
 @main.group("classify")
 def classify() -> None:
     """Per-task CatBoost on per-head cluster ids: fit (CV, SHAP, figures) and live scoring."""
@@ -277,11 +294,15 @@ def classify() -> None:
 
 @classify.command("fit")
 @config_options("services.classifier:ClassifyConfig")
-def classify_fit_cmd(**kw: Any) -> None:
+@JSON_OPTION
+def classify_fit_cmd(as_json: bool, **kw: Any) -> None:
     """Join samples with assignments, 10-fold CV per task vs baseline, SHAP per head, figures."""
     from services.classifier import ClassifyConfig, fit_all
 
     report = fit_all(build(ClassifyConfig, kw))
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+        return
     for model, m in report["models"].items():
         click.echo(f"{model}: {m['rows']} complete rows x {m['heads']} heads (clusters {report['cluster_version']})")
         for t in m["tasks"]:
@@ -304,14 +325,17 @@ def classify_serve_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
     run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s)
 
 
-
 @main.command("intervene")
 @config_options("services.intervene:InterveneConfig")
-def intervene_cmd(**kw: Any) -> None:
+@JSON_OPTION
+def intervene_cmd(as_json: bool, **kw: Any) -> None:
     """Zero the top-SHAP / random / neutral heads of the target model; correctness change per task."""
     from services.intervene import InterveneConfig, run
 
     result = run(build(InterveneConfig, kw))
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+        return
     click.echo(f"{result['model']}: correctness change with {result['k']} heads zeroed (held-out inputs)")
     for s in result["summary"]:
         click.echo(f"  {s['task']:20s} n={s['n']:4d} correct {s['correct_rate']:.3f}  top {s['top']:+.3f}  "
@@ -319,29 +343,30 @@ def intervene_cmd(**kw: Any) -> None:
     click.echo(f"wrote {result['figure']}")
 
 
-
 @main.command("demo")
 @config_options("services.demo:DemoConfig")
-def demo_cmd(**kw: Any) -> None:
+@JSON_OPTION
+def demo_cmd(as_json: bool, **kw: Any) -> None:
     """The whole pipeline on the embedded default, with an HTML report (resumable)."""
     from services.demo import Demo, DemoConfig, summary
 
     logging.getLogger("apmae").setLevel(logging.WARNING)
     done = Demo(build(DemoConfig, kw)).run()
-    click.echo(summary(done))
-
+    click.echo(json.dumps(done, default=str) if as_json else summary(done))
 
 
 @main.command("study")
 @config_options("services.study:StudyConfig")
-def study_cmd(**kw: Any) -> None:
+@JSON_OPTION
+def study_cmd(as_json: bool, **kw: Any) -> None:
     """The pipeline at statistical scale within --budget-minutes: docs/study/numbers.json and README.md
     (resumable; issue #15)."""
     from services.study import Study, StudyConfig, launch_note
 
     logging.getLogger("apmae").setLevel(logging.WARNING)
     study = Study(build(StudyConfig, kw))
-    click.echo(launch_note(study.run(), study.cfg))
+    done = study.run()
+    click.echo(json.dumps(done, default=str) if as_json else launch_note(done, study.cfg))
 
 
 if __name__ == "__main__":

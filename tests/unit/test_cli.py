@@ -69,3 +69,11 @@ def test_verbosity_levels_and_json_logs(capsys):
         assert logging.getLogger("kafka.conn").isEnabledFor(logging.DEBUG)
     finally:
         setup_logging(0)
+
+
+def test_every_command_that_prints_a_result_offers_json():
+    """Commands whose output is text for people take --json; the service loops print JSON already."""
+    for argv in (["infra", "up"], ["infra", "down"], ["infra", "status"], ["topics"], ["classify", "fit"],
+                 ["intervene"], ["demo"], ["study"]):
+        res = CliRunner().invoke(main, [*argv, "--help"])
+        assert res.exit_code == 0 and "--json" in res.output, argv
