@@ -11,8 +11,8 @@ row-major, ``n (n + 1) / 2`` values (32,896 for n = 256), as raw probabilities i
   ``ln a`` and ``0.004 / |m|`` on the scaled value (``m`` ~ -10..-30): see the round-trip test.
 
 Batch-level compression (zstd) is applied by the Kafka producer; the codec itself stays a
-plain, zero-copy-friendly array. ``log_scale`` is the paper's scaling (section 4, "Architecture"; the exact form is ours):
-``s = (ln a - m) / (-m)`` with ``m`` the minimum of ``ln a`` over positive entries, zeros -> 0.
+plain, zero-copy-friendly array. The paper's log scaling is a modelling step, not a wire
+format: :mod:`apmae.scaling`.
 """
 
 from __future__ import annotations
@@ -166,23 +166,6 @@ def decode_many(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[torch.Tens
     out = torch.zeros(len(kept), n * n)
     out[:, torch.from_numpy(rows * n + cols)] = v
     return out.view(len(kept), n, n), kept, bad
-
-
-def log_scale(a: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """The paper's log normalisation, per pattern.
-
-    a: ``(..., n, n)`` probabilities. Returns the same shape, float32, in [0, 1]:
-    ``s = (ln a - m) / (-m)`` where ``m`` is the minimum of ``ln a`` over the positive
-    entries of that pattern; entries with ``a == 0`` (upper triangle, underflow) become 0.
-    """
-    a = torch.as_tensor(a, dtype=torch.float32)
-    pos = a > 0
-    la = torch.where(pos, torch.log(a.clamp_min(torch.finfo(torch.float32).tiny)), torch.zeros_like(a))
-    big = torch.finfo(torch.float32).max
-    m = torch.where(pos, la, torch.full_like(la, big)).amin(dim=(-2, -1), keepdim=True)
-    m = torch.where(m >= 0, torch.full_like(m, -1.0), m)  # a pattern of exact ones: avoid 0/0
-    s = (la - m) / (-m)
-    return torch.where(pos, s.clamp(0.0, 1.0), torch.zeros_like(s))
 
 
 def encode_many(probs: torch.Tensor, dtype: str = "bfloat16") -> tuple[list[memoryview | None], list[str]]:

@@ -2,7 +2,7 @@
 
 MAE (He et al.) with a few named differences, each a small piece below:
 
-* ``log_scale``          patterns are log-normalised first (:func:`apmae.codec.log_scale`);
+* ``log_scale``          patterns are log-normalised first (:func:`apmae.scaling.log_scale`);
 * :func:`lower_patches`  only the lower-triangle patches exist: 36 of 64 for 256 / 32;
 * :func:`pad_diagonal`   the diagonal patches' upper halves are padded with zeros, and
   :func:`masked_patch_loss` (per sample) ignores those padded pixels;
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apmae.codec import log_scale
+from apmae.scaling import log_scale
 
 
 @dataclass(frozen=True)

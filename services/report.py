@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from apmae import evaluate as E
-from apmae.codec import decode_pattern, log_scale
+from apmae.codec import decode_pattern
 from apmae.figures import calibration_plot, cluster_examples, cluster_scatter, layer_head_heatmap
 from apmae.mae import from_pretrained
+from apmae.scaling import log_scale
 from apmae.topics import ASSIGNMENTS, PATTERNS_MINE, SCORES, head_key
 from services.bus import Bus, Message, read_range
 from services.registry import Registry, safe_name

@@ -7,10 +7,10 @@ from apmae.codec import (
     decode_many,
     decode_pattern,
     encode_pattern,
-    log_scale,
     pack_lower,
     packed_length,
 )
+from apmae.scaling import log_scale
 
 
 def causal_softmax(n: int, seed: int = 0, sharp: float = 8.0) -> np.ndarray:
@@ -89,3 +89,14 @@ def test_decode_many_equals_decode_pattern_and_sorts_out_bad_payloads(dtype):
 def test_decode_many_rejects_unknown_dtype_for_every_item():
     x, kept, bad = decode_many([b"", b""], 8, "float16")
     assert kept == [] and sorted(bad) == [0, 1] and x.shape[0] == 0
+
+
+def test_unlog_inverts_the_log_scaling():
+    from apmae.scaling import pattern_log_min, unlog
+
+    a = torch.from_numpy(np.stack([causal_softmax(32, seed=s) for s in range(3)]))
+    s, m = log_scale(a), pattern_log_min(a)
+    back = unlog(s, m)
+    keep = s > 0  # the smallest probability of each pattern maps to 0, like the zeros
+    assert torch.allclose(back[keep], a[keep], rtol=1e-4, atol=1e-7)
+    assert (back[~keep] == 0).all() and (a[~keep] <= torch.exp(m).expand_as(a)[~keep] * (1 + 1e-5)).all()
