@@ -7,7 +7,9 @@ in bfloat16: the same arithmetic, hence the same speed, as the trained model. Pe
   sdpa      forward of a batch of 256-token inputs, no capture (the floor)
   capture   our capture of every head (apmae.capture), the patterns left on the GPU
   capture+encode  the same, plus the producer's encoding of every pattern to wire bytes
-            on the host (apmae.codec.encode_many): what a GPU producer does before publishing
+            on the host (apmae.codec.encode_many): what a GPU producer does before publishing;
+            with the reused pinned staging buffer (default) and, in the same run, the earlier
+            pageable copy (``pinned=False``)
 
 and for AP-MAE (the paper variant): embedding (the encoder service) and a training step.
 
@@ -73,23 +75,25 @@ def producer_rates(name: str, batch: int, iters: int) -> dict:
         cap.clear()
 
     @torch.inference_mode()
-    def capture_and_encode():
+    def capture_and_encode(pinned: bool = True):
         cap.clear()
         cap.select.update(every)
         model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.argmax(-1).cpu()
         nbytes = 0
         for layer in range(layers):  # what the producer does per layer: (B*H, n, n) -> wire bytes
-            payloads, _ = encode_many(cap.captured[layer].reshape(-1, 256, 256))
+            payloads, _ = encode_many(cap.captured[layer].reshape(-1, 256, 256), pinned=pinned)
             nbytes += sum(len(p) for p in payloads)
         cap.clear()
         return nbytes
 
     t_sdpa = timed(sdpa, iters)
     t_capture = timed(capture_only, iters)
+    t_pageable = timed(lambda: capture_and_encode(pinned=False), iters)  # the earlier host copy, same run
     t_cap = timed(capture_and_encode, iters)
     wire = capture_and_encode()
     return {"model": name, "heads": layers * heads, "batch": batch,
             "sdpa_samples_s": batch / t_sdpa, "capture_samples_s": batch / t_capture,
+            "capture_encode_pageable_samples_s": batch / t_pageable,
             "capture_encode_samples_s": batch / t_cap,
             "capture_vs_sdpa": t_cap / t_sdpa, "patterns_s": batch * layers * heads / t_cap,
             "wire_MB_per_sample": wire / batch / 1e6, "wire_MB_s": wire / t_cap / 1e6}

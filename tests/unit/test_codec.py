@@ -100,3 +100,21 @@ def test_unlog_inverts_the_log_scaling():
     keep = s > 0  # the smallest probability of each pattern maps to 0, like the zeros
     assert torch.allclose(back[keep], a[keep], rtol=1e-4, atol=1e-7)
     assert (back[~keep] == 0).all() and (a[~keep] <= torch.exp(m).expand_as(a)[~keep] * (1 + 1e-5)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the pinned staging buffer is the GPU path")
+def test_gpu_encode_through_the_pinned_buffer_gives_the_same_bytes():
+    from apmae.codec import encode_many
+
+    a = torch.from_numpy(np.stack([causal_softmax(64, seed=s) for s in range(5)])).cuda()
+    a[3, 10, 2] = float("nan")
+    for dtype in ("bfloat16", "float32"):
+        pinned, why = encode_many(a, dtype)
+        pageable, why2 = encode_many(a, dtype, pinned=False)
+        cpu, _ = encode_many(a.cpu(), dtype)
+        assert [None if p is None else bytes(p) for p in pinned] == [None if p is None else bytes(p) for p in cpu]
+        assert [None if p is None else bytes(p) for p in pageable] == [None if p is None else bytes(p) for p in cpu]
+        assert pinned[3] is None and why[3] == why2[3] != ""
+    big = torch.rand(40, 64, 64, device="cuda")  # a larger batch after a smaller one: the buffer grows
+    assert len(encode_many(big)[0]) == 40
