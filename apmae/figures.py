@@ -200,3 +200,22 @@ def intervention_bars(summary: list[dict], path: Path, title: str) -> Path:
         ("random heads (mean, std)", [s["random_mean"] for s in summary], [s["random_std"] for s in summary]),
         ("neutral heads", [s["neutral"] for s in summary], None),
     ], path, title, ylabel="change in correctness rate")
+
+
+def loss_curve(history: list[dict], path: Path, title: str = "AP-MAE training loss") -> Path:
+    """The training loss by step (``history``: trainer_state.json's ``log_history``), log scale."""
+    plt = _plt()
+    steps = [h["step"] for h in history]
+    loss = [h["loss"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(steps, loss, lw=1.2)
+    if len(loss) > 20:  # a running mean beside the noisy per-batch loss
+        k = max(5, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=2, label=f"mean of {k}")
+        ax.legend()
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked-patch MSE (in sample)")
+    ax.set_title(title)
+    return save_figure(fig, path)

@@ -126,6 +126,10 @@ class Trainer:
         self.stop = threading.Event()
         self.on_batch = on_batch
         self.last_loss: float | None = None
+        # the loss curve, kept in trainer_state.json as Hugging Face trainers keep theirs: at
+        # most ~1000 points whatever the run's length
+        self.log_history: list[dict] = []
+        self.log_every = max(1, cfg.steps // 1000)
         self.resumed_from: str | None = None
         self.resume()
 
@@ -146,6 +150,7 @@ class Trainer:
         self.step = meta["step"]
         self.all_offsets = {int(p): o for p, o in meta["offsets"].items()}
         self.trained_above = {int(p): v for p, v in meta.get("trained_above", {}).items()}
+        self.log_history = [h for h in meta.get("log_history", []) if h["step"] <= self.step]
         self.resumed_from = str(ckpt)
         log.info("resumed %s at step %d", ckpt, self.step)
 
@@ -176,7 +181,8 @@ class Trainer:
             save_pretrained(self.model, tmp, {"train": C.to_dict(self.cfg), "step": self.step, "loss": self.last_loss,
                                    "offsets": {str(p): o for p, o in sorted(merged.items())},
                                    "trained_above": {str(p): v for p, v in sorted(above.items())},
-                                   "topic": self.bus.name(PATTERNS_TRAIN), "world_size": self.world})
+                                   "topic": self.bus.name(PATTERNS_TRAIN), "world_size": self.world,
+                                   "log_history": self.log_history})
             torch.save({"optimizer": self.opt.state_dict(), "generators": gens}, tmp / "optimizer.pt")
             path = run / name
             shutil.rmtree(path, ignore_errors=True)
@@ -284,9 +290,12 @@ class Trainer:
                 if not self.all_ready(batch is not None):
                     break
                 x = batch.x.to(self.device)
-                self.last_loss = train_step(self.ddp, self.opt, x, self.schedule.at(self.step), self.gen)
+                lr = self.schedule.at(self.step)
+                self.last_loss = train_step(self.ddp, self.opt, x, lr, self.gen)
                 self.prefetch.progress.on_trained(batch.items)
                 self.step += 1
+                if self.step % self.log_every == 0 or self.step == end:
+                    self.log_history.append({"step": self.step, "loss": self.last_loss, "lr": lr})
                 trained += len(batch.items)
                 if self.on_batch:
                     self.on_batch([i.id for i in batch.items])

@@ -113,10 +113,16 @@ def test_every_topic_received_what_the_next_stage_consumed(demo):
 def test_report_was_written(demo):
     path = Path(demo.done["report"]["path"])
     page = path.read_text()
-    for img in ("figure1.png", "figure2.png", "figure3.png"):
+    for img in ("figure1.png", "figure2.png", "figure3.png", "loss.png"):
         assert img in page and (path.parent / img).read_bytes()[:4] == b"\x89PNG"
     numbers = json.loads((path.parent / "numbers.json").read_text())
     assert numbers["reconstruction"]["apmae"]["n"] > 0
+    # Table 2 with its baseline column, n in samples; the loss curve of every training step
+    (t2,) = numbers["table2"]
+    assert t2["n_samples"] == numbers["reconstruction"]["apmae"]["n"] and t2["baseline"] > 0
+    steps = demo.done["train"]["step"]
+    assert "Table 2" in page and numbers["training_loss"]["steps"] == steps
+    assert numbers["training_loss"]["points"] == steps  # short runs log every step
     # the head intervention ran on held-out inputs for every task with a classifier
     iv = numbers["intervene"]["summary"]
     assert iv and all(r["n"] > 0 and -1 <= r["top"] <= 1 for r in iv)

@@ -77,6 +77,9 @@ def test_resume_from_checkpoint_consumes_exactly_the_remaining_messages(bus_cfg)
     assert len(second) == 48 and out["step"] == 12  # 52 left: 6 full batches, 4 wait for more data
     assert set(trained_before_ckpt) | set(second) <= set(all_ids)
     assert len(set(trained_before_ckpt) | set(second)) == 96  # nothing skipped
+    # the loss curve survives the crash: steps 1-6 from the checkpoint, 7-12 from the resumed run
+    history = json.loads((latest_checkpoint(cfg(bus_cfg).run_dir) / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history] == list(range(1, 13)) and all(h["loss"] > 0 for h in history)
 
     dead = [m.record for m in read_range(Bus(bus_cfg), DEADLETTER)]
     # each bad pattern is dead-lettered (re-reading one after the resume repeats its

@@ -50,3 +50,11 @@ def test_figure3_draws_only_the_mined_layers_when_asked():
     ax = fig.axes[0]
     assert ax.images[0].get_array().shape == (2, 4)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "29"]
+
+
+def test_the_loss_curve_is_drawn_from_the_trainers_log_history(tmp_path):
+    from apmae.figures import loss_curve
+
+    history = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 61)]
+    path = loss_curve(history, tmp_path / "loss.png")
+    assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
