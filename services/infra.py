@@ -431,6 +431,28 @@ def check_generation(cfg: InfraConfig, adopt: bool = False) -> str:
     return f"{gen} (matches Redis)"
 
 
+def generation_mismatch(state_dir: Path, redis_url: str) -> str | None:
+    """What a service says at start when the embedded broker under ``state_dir`` holds another
+    log than the one Redis' state was built on (None when they agree, or when there is no
+    embedded broker there: a production broker has no generation file to compare)."""
+    import redis
+
+    cfg = InfraConfig(state_dir=state_dir)
+    files = [f for f in (cfg.dir / "broker.generation", cfg.s3_dir / "apmae-generation") if f.exists()]
+    if not files:
+        return None
+    gen = max(files, key=lambda f: f.stat().st_mtime).read_text().strip()
+    try:
+        known = redis.Redis.from_url(redis_url, socket_connect_timeout=2).get(GENERATION_KEY)
+    except redis.RedisError:
+        return None  # Redis not reachable: the service's own Redis calls will say so
+    if known is None or known.decode() == gen:
+        return None
+    return (f"the broker's log is generation {gen}, Redis remembers {known.decode()}: the done marks and seen sets "
+            "describe messages this log does not hold, so inputs may be skipped as done. Reset the affected "
+            "tenants, then `apmae infra up --adopt-generation`")
+
+
 def up(cfg: InfraConfig, which: tuple[str, ...] = ALL, adopt_generation: bool = False) -> dict[str, str]:
     out = {s.name: s.start() for s in servers(cfg, which)}
     if "broker" in out and "redis" in out:

@@ -37,6 +37,9 @@ PROCESSING_SECONDS = Histogram(
 PUBLISH_SECONDS = Counter("apmae_publish_seconds_total", "Seconds spent producing and flushing outputs", ["service"])
 CONSUMER_LAG = Gauge("apmae_consumer_lag_messages", "End offset minus position", ["service", "topic"])
 UP = Gauge("apmae_service_up", "1 while the service loop runs", ["service"])
+GENERATION_MISMATCH = Gauge("apmae_broker_generation_mismatch",
+                            "1 when the embedded broker's log is not the one Redis' state (done marks, seen sets) "
+                            "describes", ["service"])
 OFFSETS_RESET = Counter(
     "apmae_offsets_reset_total", "Times a consumer found its offsets beyond the topic end "
     "(topic recreated, e.g. the in-memory broker restarted)", ["service", "topic"],

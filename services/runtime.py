@@ -68,6 +68,10 @@ def start_service(cfg: C.BusConfig, service: str, health=None):
     from services.bus import native_crc32c
 
     metrics.check_native_crc32c(service, native_crc32c())
+    mismatch = infra.generation_mismatch(cfg.state_dir, cfg.redis_url)
+    metrics.GENERATION_MISMATCH.labels(service).set(mismatch is not None)
+    if mismatch:
+        logging.getLogger("apmae").error("%s: %s", service, mismatch)
     server = metrics.serve(cfg.metrics_host, cfg.metrics_port, health)
     if (cfg.state_dir / "prometheus" / "targets").is_dir():
         infra.register_target(cfg.state_dir, service, f"127.0.0.1:{server.server_port}")

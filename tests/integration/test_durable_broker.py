@@ -75,8 +75,21 @@ def test_a_lost_log_is_detected_by_its_generation(durable):
     shutil.rmtree(durable.s3_dir)  # the broker's data is gone; Redis (done marks, seen sets) is not
     states = up(durable, WHICH)
     assert states["generation"].startswith("MISMATCH"), states
+    # every service says so at its start too (an error line and a gauge), not only infra up
+    from services import metrics
+    from services.infra import generation_mismatch
+    from services.runtime import start_service
+
+    assert "Redis remembers" in generation_mismatch(durable.state_dir, durable.redis_url)
+    svc_cfg = BusConfig(bootstrap_servers=durable.bootstrap_servers, redis_url=durable.redis_url,
+                        state_dir=durable.state_dir)
+    start_service(svc_cfg, "gen-test").shutdown()
+    assert metrics.GENERATION_MISMATCH.labels("gen-test")._value.get() == 1
     assert up(durable, WHICH, adopt_generation=True)["generation"].endswith("(recorded in Redis)")
     assert up(durable, WHICH)["generation"].endswith("(matches Redis)")
+    assert generation_mismatch(durable.state_dir, durable.redis_url) is None
+    start_service(svc_cfg, "gen-test").shutdown()
+    assert metrics.GENERATION_MISMATCH.labels("gen-test")._value.get() == 0
 
 
 def test_ingest_after_a_restart_publishes_nothing_twice_and_loses_nothing(durable, tmp_path):
