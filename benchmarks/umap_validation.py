@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--version", default=None, help="Cluster plan version (default: the latest)")
     ap.add_argument("--heads", type=int, default=0, help="At most this many heads (0 = every head)")
     ap.add_argument("--min-cluster-size", type=int, default=15, help="As the study fits them")
-    ap.add_argument("--min-samples", type=int, default=20)
+    ap.add_argument("--min-samples", type=int, default=5, help="As the study fits them")
     args = ap.parse_args()
 
     version, heads = head_matrices(args.state_dir, args.version)
