@@ -136,3 +136,19 @@ def test_the_trainer_resumes_after_a_durable_broker_restart(durable, tmp_path):
     assert t.step == 4 and t.resumed_from is not None
     assert t.run()["step"] == 8
     assert not set(first) & set(second) and set(first) | set(second) == set(ids)  # none twice, none skipped
+
+
+def test_the_s3_server_can_continue_a_list_of_more_than_1000_objects(tmp_path):
+    """s3rver encrypts ListObjectsV2 continuation tokens with DES; Node's OpenSSL 3 refuses DES
+    unless the legacy provider is on, and every list past 1000 keys (one partition of more
+    than 1000 record batches) then failed with HTTP 500. The node our S3 server runs under
+    must be able to make such a token."""
+    import subprocess
+
+    from services.infra import S3, InfraConfig
+
+    cfg = InfraConfig(state_dir=tmp_path, s3_port=free_port())
+    node_and_flags = [a for a in S3("s3", cfg.s3_port, cfg).command() if not a.endswith(".js")][:2]
+    token = "require('crypto').createCipheriv('des', Buffer.alloc(8, 'S3RVER'), Buffer.alloc(8)); console.log('ok')"
+    out = subprocess.run([*node_and_flags, "-e", token], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-500:]
