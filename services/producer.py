@@ -296,8 +296,8 @@ class Producer:
         if not self.cfg.forward_full_tasks:
             # a full task's candidate that trains nothing would only add a prediction; a study
             # spends that forward on the tasks still short of samples. The predictions kept are
-            # those of earlier files, a sample independent of correctness: the correct rate over
-            # them stays an unbiased estimate of the model's.
+            # those of the files before the quota filled: the correct rate over them estimates
+            # the model's (consistently; the stop depends on the counts, so not exactly unbiased).
             split, kept = self.cfg.split, []
             for j in jobs:
                 if full[j.x.task] and not trains_apmae(j.x.task, j.sample_id, j.file_id, split):
