@@ -220,7 +220,8 @@ def eval_cmd(checkpoints, source, limit, heads_per_sample, figure, json_out, **k
     """Reconstruction loss (mean +- std) of checkpoints x target models (paper Table 2)."""
     from services import evaluate
 
-    matrix = evaluate.run(build(C.BusConfig, kw), list(checkpoints), source, limit, figure,
+    matrix = evaluate.run(build(C.BusConfig, kw, needs_broker=not source.startswith("parquet:")), list(checkpoints),
+                          source, limit, figure,
                           per_sample=heads_per_sample)
     if json_out:
         Path(json_out).write_text(evaluate.dump(matrix))

@@ -90,7 +90,10 @@ class ConfigGroup(click.Group):
     group_class = type  # subgroups are ConfigGroups too
 
 
-def build(cls: type, kwargs: dict[str, Any]) -> Any:
+def build(cls: type, kwargs: dict[str, Any], needs_broker: bool = True) -> Any:
+    """The config of ``cls`` from a command's options (see :func:`config_options`). A bus
+    config is checked for a reachable broker first, unless the command reads no topic
+    (``needs_broker=False``: ``eval`` on Parquet files)."""
     for k, v in kwargs.items():
         # a secret on the command line is visible to every local user (ps, /proc) and lands
         # in shell history; the message never repeats the value
@@ -104,6 +107,6 @@ def build(cls: type, kwargs: dict[str, Any]) -> Any:
         cfg = C.load(cls, path, overrides) if path else C.resolve(cls, overrides)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
-    if isinstance(cfg, C.BusConfig):
+    if needs_broker and isinstance(cfg, C.BusConfig):
         require_broker(cfg.bootstrap_servers)
     return cfg

@@ -77,3 +77,17 @@ def test_every_command_that_prints_a_result_offers_json():
                  ["intervene"], ["demo"], ["study"]):
         res = CliRunner().invoke(main, [*argv, "--help"])
         assert res.exit_code == 0 and "--json" in res.output, argv
+
+
+def test_eval_on_parquet_files_needs_no_broker(tmp_path):
+    from apmae.mae import APMAE, save_pretrained, variant
+    from services.infra import free_port
+
+    ck = save_pretrained(APMAE(variant("tiny", pattern_size=64, patch_size=16)), tmp_path / "ck")
+    (tmp_path / "pq").mkdir()
+    broker = ["--bootstrap-servers", f"127.0.0.1:{free_port()}"]
+    offline = CliRunner().invoke(main, ["eval", "--checkpoint", str(ck), "--source", f"parquet:{tmp_path / 'pq'}",
+                                        *broker])
+    assert "no Kafka broker reachable" not in offline.output, offline.output
+    online = CliRunner().invoke(main, ["eval", "--checkpoint", str(ck), *broker])  # the default source is a topic
+    assert online.exit_code == 1 and "no Kafka broker reachable" in online.output
