@@ -97,3 +97,12 @@ def test_the_cli_reads_a_saved_config(tmp_path):
     res = CliRunner().invoke(main, ["cluster", "plan", "--help"])
     assert "--config FILE" in res.output and "--min-cluster-size INTEGER" in res.output
     assert "default: 25" in res.output.split("--min-cluster-size")[1][:300]
+
+
+def test_the_demo_and_the_study_can_run_the_broker_in_memory(tmp_path):
+    from services.demo import Demo, DemoConfig
+    from services.study import Study, StudyConfig
+
+    assert Demo(DemoConfig(state_dir=tmp_path / "d")).infra.ephemeral is False  # durable by default
+    assert Demo(DemoConfig(state_dir=tmp_path / "d", ephemeral=True)).infra.ephemeral is True
+    assert Study(StudyConfig(state_dir=tmp_path / "s", ephemeral=True)).infra.ephemeral is True
