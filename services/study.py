@@ -272,6 +272,17 @@ class Study(Demo):
                 "mode": prod.mode, "model": prod.lm.name, "heads_per_sample": prod.lm.heads_per_sample,
                 "mined_heads": len(prod.mine_layers) * len(prod.mine_heads)}
 
+    def stage_encode(self):
+        """The demo's stage, refusing to record an empty result: the first study run's encode
+        read nothing (the broker failed every listing of patterns.mine), was recorded as done
+        with 0 embedded, and every later stage worked on nothing."""
+        out = super().stage_encode()
+        mined = sum(n for c in self.done.get("produce", {}).get("mined", {}).values() for n in c.values())
+        if out["embedded"] == 0 and mined > 0:
+            raise RuntimeError(f"encode embedded nothing although produce mined {mined} samples: the broker could "
+                               "not be read (see <state>/infra/broker.log); fix it and rerun to resume here")
+        return out
+
     def stage_train(self):
         from services.trainer import Trainer
 

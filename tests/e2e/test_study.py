@@ -140,3 +140,15 @@ def test_a_rerun_continues_instead_of_starting_over(study):
     assert time.perf_counter() - t0 < 30
     for stage in study.stages[1:]:
         assert done["_timings"][stage] == before["_timings"][stage], stage  # not run again
+
+
+def test_an_encode_stage_that_reads_nothing_fails_instead_of_recording_zero(tmp_path, monkeypatch):
+    from services.demo import Demo
+
+    s = Study(StudyConfig(state_dir=tmp_path, ephemeral=True))
+    s.done["produce"] = {"mined": {"identifier": {"correct": 3, "incorrect": 2}}}
+    monkeypatch.setattr(Demo, "stage_encode", lambda self: {"embedded": 0})
+    with pytest.raises(RuntimeError, match="encode embedded nothing although produce mined 5 samples"):
+        s.stage_encode()
+    monkeypatch.setattr(Demo, "stage_encode", lambda self: {"embedded": 7})
+    assert s.stage_encode() == {"embedded": 7}
