@@ -304,8 +304,7 @@ class Broker(Server):
 
     @property
     def generation_file(self) -> Path:
-        # durable: inside the broker's data (it goes when the data goes); in memory: beside it
-        return (self.cfg.dir / "broker.generation") if self.cfg.ephemeral else (self.cfg.s3_dir / "apmae-generation")
+        return generation_file(self.cfg, self.cfg.ephemeral)
 
     def started(self) -> None:
         if self.cfg.ephemeral or not self.generation_file.exists():  # a new, empty log
@@ -411,6 +410,12 @@ def servers(cfg: InfraConfig, which: tuple[str, ...] = ALL) -> list[Server]:
     return [table[w] for w in names]
 
 
+def generation_file(cfg: InfraConfig, ephemeral: bool) -> Path:
+    """Where the broker's generation id lives: durable, inside the broker's data (it goes
+    when the data goes); in memory, beside it."""
+    return (cfg.dir / "broker.generation") if ephemeral else (cfg.s3_dir / "apmae-generation")
+
+
 def check_generation(cfg: InfraConfig, adopt: bool = False) -> str:
     """Compare the broker's generation with the one Redis remembers (both must be running).
 
@@ -442,7 +447,7 @@ def generation_mismatch(state_dir: Path, redis_url: str) -> str | None:
     import redis
 
     cfg = InfraConfig(state_dir=state_dir)
-    files = [f for f in (cfg.dir / "broker.generation", cfg.s3_dir / "apmae-generation") if f.exists()]
+    files = [f for f in (generation_file(cfg, True), generation_file(cfg, False)) if f.exists()]
     if not files:
         return None
     gen = max(files, key=lambda f: f.stat().st_mtime).read_text().strip()

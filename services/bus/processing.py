@@ -258,25 +258,20 @@ class Processor:
         if positions:
             self._lag.observe(positions)
 
-    def _caught_up(self) -> bool:
-        """Every assigned partition read to its (confirmed) end."""
+    def _positions_and_ends(self) -> dict[TopicPartition, tuple[int, int | None]]:
+        """(position, confirmed end; None when the broker cannot say now) per assigned partition."""
         assigned = list(self.consumer.assignment())
-        if not assigned:
-            return False
         try:
             ends = true_end_offsets(self.bus, assigned)
-            return all(self.consumer.position(tp) >= ends.get(tp, 0) for tp in assigned)
         except TRANSIENT as e:
             log.debug("end offsets unavailable: %s", e)
-            return False
+            return {tp: (self.consumer.position(tp), None) for tp in assigned}
+        return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
 
-    def _positions_vs_ends(self) -> dict[str, tuple[int, int]]:
-        assigned = list(self.consumer.assignment())
-        try:
-            ends = true_end_offsets(self.bus, assigned)
-        except TRANSIENT:
-            ends = {}
-        return {f"{tp.topic}[{tp.partition}]": (self.consumer.position(tp), ends.get(tp, -1)) for tp in assigned}
+    def _caught_up(self) -> bool:
+        """Every assigned partition read to its (confirmed) end."""
+        state = self._positions_and_ends()
+        return bool(state) and all(end is not None and pos >= end for pos, end in state.values())
 
     def connect(self) -> KafkaConsumer:
         """The group consumer on the inputs (made once; ``run`` calls this)."""
@@ -328,7 +323,8 @@ class Processor:
                     if idle_timeout_s is not None and waited > idle_timeout_s * (1 if joined else 4):
                         if until_caught_up:  # timed out short of the end: say where it stopped
                             log.error("%s: stopped %.0f s idle before the end of its input: %s", svc, waited,
-                                      self._positions_vs_ends())
+                                      {f"{tp.topic}[{tp.partition}]": pe for tp, pe in
+                                       self._positions_and_ends().items()})
                         if not joined:
                             log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
                                         svc, self.group, waited)
