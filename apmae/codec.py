@@ -174,9 +174,10 @@ _staging = threading.local()  # per thread: a pinned host buffer reused by every
 
 def _pinned(nbytes: int) -> torch.Tensor:
     """A page-locked host buffer of at least ``nbytes``, allocated once per thread (grown when
-    needed). A fresh pageable tensor of more than glibc's 32 MB mmap threshold page-faults on
-    every copy: that bounded SC2-7B/15B's encode at ~1.2 GB/s (one layer of 16 samples is
-    38-61 MB) while SC2-3B (25 MB) reached 5.6 GB/s."""
+    needed). A fresh pageable tensor per call ran SC2-7B/15B's encode (38-61 MB per layer of
+    16 samples) at ~1.2 GB/s while SC2-3B (25 MB) reached 5.6 GB/s; page faults above glibc's
+    32 MB mmap threshold are our reading of that split (not profiled). This path: 4.8-5.7x on
+    7B/15B in the same H100 run (benchmarks/gpu.py)."""
     buf = getattr(_staging, "buf", None)
     if buf is None or buf.numel() < nbytes:
         buf = torch.empty(max(nbytes, 64 << 20), dtype=torch.uint8, pin_memory=True)
