@@ -15,11 +15,14 @@ an early stage does not use goes to the later ones):
                 balanced samples each), the budget share is spent or the corpus ends; the
                 forward rate is measured on the way (it sizes the intervention)
  4. train       AP-MAE on ``patterns.train`` (shuffle window), steps = min(time share x
-                measured step rate, one pass over the training patterns)
+                step rate, ``train_epochs`` passes over the training patterns); the rate is
+                measured by a 40-step probe on the real topic (the synthetic calibration ran
+                ~4x faster than the first study's training actually did)
  5. encode      CLS embeddings of every mined pattern (the demo's stage)
  6. cluster     per-head PCA/UMAP/HDBSCAN, every head of the mined layers (the demo's stage)
  7. classify    per task CatBoost, CV by file, Wilson CIs over pooled fold predictions
- 8. ablate      two more AP-MAE runs of equal steps, log scaling on and off (paper 4.2)
+ 8. ablate      log scaling off (paper 4.2) at the main run's steps, the main run being the
+                log arm; where the budget cannot afford that many, both arms anew at fewer
  9. evaluate    reconstruction vs the mean-patch baseline on mined (never trained) samples,
                 by sample; the log-scaling ablation each against its own baseline; Table 2
 10. intervene   top-SHAP vs >= 20 random head sets vs neutral heads on held-out files, McNemar
@@ -55,7 +58,8 @@ STAGES = ("infra", "calibrate", "produce", "train", "encode", "cluster", "classi
 # share of the budget per stage (infra, calibrate and numbers take seconds and are not budgeted)
 # Produce gets the most: measured on this 2-core machine (SmolLM2 ~2 samples/s, AP-MAE small 0.15 s/step),
 # training is limited by its data (one pass over patterns.train, ~a few hundred steps), not by time.
-SHARES = {"produce": 0.55, "train": 0.12, "encode": 0.06, "cluster": 0.06, "classify": 0.05, "ablate": 0.05,
+# The raw ablation arm repeats the main run's steps, so ablate's share is about train's.
+SHARES = {"produce": 0.55, "train": 0.11, "encode": 0.06, "cluster": 0.06, "classify": 0.05, "ablate": 0.09,
           "evaluate": 0.02, "intervene": 0.07, "live": 0.02}
 
 
@@ -70,7 +74,8 @@ class StudyConfig(DemoConfig):
     mine_per_task: int = setting(240, "Mining samples per task (balanced: half correct, half incorrect)")
     spans_per_task: int = setting(6, "Candidates per task per file")
     random_per_file: int = setting(4, "Random-span inputs per file (a train_share of them trains AP-MAE)")
-    train_steps: int = setting(0, "AP-MAE steps (0 = as many as the budget and one pass over the data allow)")
+    train_steps: int = setting(0, "AP-MAE steps (0 = as many as the budget and train_epochs passes allow)")
+    train_epochs: int = setting(8, "Most passes over patterns.train (the training set is fixed once produce ends)")
     train_batch: int = setting(32, "AP-MAE batch size")
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(min_cluster_size=15, min_samples=5))
     intervene_per_task: int = setting(60, "Most held-out inputs per task for the intervention (sized down by the "
@@ -128,23 +133,25 @@ class Study(Demo):
                                    train_share=self.cfg.train_share, batch_size=self.cfg.batch_size,
                                    forward_full_tasks=False)
 
-    def trainer_cfg(self, name: str, steps: int, log_scale: bool = True):
+    def trainer_cfg(self, name: str, steps: int, log_scale: bool = True, epochs: int = 1):
         from services.trainer import TrainerConfig
 
         return self.common(TrainerConfig, variant=self.cfg.apmae_variant, pattern_size=self.cfg.pattern_size,
                            patch_size=self.cfg.patch_size, batch_size=self.cfg.train_batch, steps=steps,
                            lr=self.cfg.train_lr, warmup_steps=max(1, steps // 20), log_scale=log_scale,
                            shuffle_window=self.cfg.shuffle_window, checkpoint_every=max(20, steps // 10),
-                           name=name, group=f"trainer-{name}", idle_timeout_s=20)
+                           epochs=epochs, name=name, group=f"trainer-{name}", idle_timeout_s=20)
 
     def ablation_names(self) -> dict[str, str]:
-        return {"log": f"{self.name}-ablation-log", "raw": f"{self.name}-ablation-raw"}
+        """The log arm is the main run when the raw arm can have its steps (see stage_ablate)."""
+        reuse = self.plan.get("ablation_steps") == self.plan.get("train_steps")
+        return {"log": self.name if reuse else f"{self.name}-ablation-log", "raw": f"{self.name}-ablation-raw"}
 
     def reset(self) -> None:
         import shutil
 
         super().reset()
-        for name in self.ablation_names().values():
+        for name in (f"{self.name}-ablation-log", f"{self.name}-ablation-raw", f"{self.name}-probe"):
             shutil.rmtree(self.trainer_cfg(name, 1).run_dir, ignore_errors=True)
 
     # -- the budget ---------------------------------------------------------------------------
@@ -283,35 +290,67 @@ class Study(Demo):
                                "not be read (see <state>/infra/broker.log); fix it and rerun to resume here")
         return out
 
+    def probe_step_s(self) -> float:
+        """Seconds per training step on the real pipeline (broker, prefetch, decode): a 40-step
+        run of its own. The synthetic calibration misses the input side; the first study's
+        training ran at ~0.36 s/step where it measured 0.084."""
+        from services.trainer import Trainer
+
+        if "train_step_s_probe" not in self.plan:
+            out = Trainer(self.trainer_cfg(f"{self.name}-probe", 40)).run()
+            self.plan["train_step_s_probe"] = out["loop_seconds"] / max(1, out["step"])
+            self.save_plan()
+        return self.plan["train_step_s_probe"]
+
     def stage_train(self):
         from services.trainer import Trainer
 
         if "train_steps" not in self.plan:
-            allot, step_s = self.allot("train"), self.done["calibrate"]["train_step_s"]
-            by_time = max(1, int(allot * 0.85 / step_s))  # idle wait, checkpoints
-            by_data = max(1, self.train_patterns() // self.cfg.train_batch)
-            self.plan.update(train_steps=self.cfg.train_steps or min(by_time, by_data), train_steps_by_time=by_time,
-                             train_steps_by_data=by_data, train_allot_s=allot)
+            allot, step_s = self.allot("train"), self.probe_step_s()
+            by_time = max(1, int(allot * 0.9 / step_s))  # checkpoints, the idle wait at the end
+            per_pass = max(1, self.train_patterns() // self.cfg.train_batch)
+            by_data = per_pass * self.cfg.train_epochs
+            steps = self.cfg.train_steps or min(by_time, by_data)
+            self.plan.update(train_steps=steps, train_steps_by_time=by_time, train_steps_by_data=by_data,
+                             train_steps_per_pass=per_pass, train_allot_s=allot,
+                             # one pass more than the steps need: a pass drops its last partial batch
+                             train_epochs=math.ceil(steps / per_pass) + 1)
             self.save_plan()  # a rerun resumes with the same schedule
         steps = self.plan["train_steps"]
-        out = Trainer(self.trainer_cfg(self.name, steps)).run()
+        out = Trainer(self.trainer_cfg(self.name, steps, epochs=self.plan["train_epochs"])).run()
         limited = ("flag" if self.cfg.train_steps else
-                   "data (one pass over patterns.train)" if self.plan["train_steps_by_data"] < self.plan["train_steps_by_time"]
-                   else "time")
-        return {**out, "planned_steps": steps, "limited_by": limited, "shuffle_window": self.cfg.shuffle_window}
+                   f"data ({self.cfg.train_epochs} passes over patterns.train)"
+                   if self.plan["train_steps_by_data"] < self.plan["train_steps_by_time"] else "time")
+        return {**out, "planned_steps": steps, "passes": steps / self.plan["train_steps_per_pass"],
+                "limited_by": limited, "shuffle_window": self.cfg.shuffle_window}
 
     def stage_ablate(self):
-        """Log scaling on and off (paper 4.2), the same steps, data, batch and learning rate."""
+        """Log scaling on and off (paper 4.2): the same steps, data, batch and learning rate.
+
+        The main run is the log arm when the budget affords a raw run of its steps; otherwise
+        both arms are trained anew at the steps it affords."""
         from services.trainer import Trainer
 
         if "ablation_steps" not in self.plan:
-            allot, step_s = self.allot("ablate"), self.done["calibrate"]["train_step_s"]
-            by_data = max(1, self.train_patterns() // self.cfg.train_batch)
-            self.plan["ablation_steps"] = self.cfg.ablation_steps or max(1, min(by_data, int(allot * 0.8 / 2 / step_s)))
+            allot, step_s = self.allot("ablate"), self.probe_step_s()
+            main = self.plan["train_steps"]
+            if self.cfg.ablation_steps:
+                steps = self.cfg.ablation_steps
+            elif allot * 0.9 / step_s >= main:
+                steps = main
+            else:
+                steps = max(1, int(allot * 0.9 / 2 / step_s))
+            self.plan["ablation_steps"] = steps
             self.save_plan()
         steps = self.plan["ablation_steps"]
-        return {label: Trainer(self.trainer_cfg(name, steps, log_scale=label == "log")).run()
-                for label, name in self.ablation_names().items()}
+        epochs = math.ceil(steps / self.plan["train_steps_per_pass"]) + 1
+        out = {}
+        for label, name in self.ablation_names().items():
+            if name == self.name:
+                out[label] = {"same_run_as": "main", **self.done["train"]}
+                continue
+            out[label] = Trainer(self.trainer_cfg(name, steps, log_scale=label == "log", epochs=epochs)).run()
+        return out
 
     def checkpoint(self, name: str) -> Path:
         from services.trainer import latest_checkpoint
@@ -346,8 +385,10 @@ class Study(Demo):
         res = {}
         with _bar("evaluate", len(models) + 1, "model") as bar:
             for label, model in models.items():
-                res[label] = {**paired_reconstruction(model, pats, ids), "checkpoint_step": steps[label],
-                              "log_scale": bool(model.cfg.log_scale)}
+                same = next((k for k in res if runs[k] == runs[label]), None)  # the main run as the log arm
+                res[label] = (dict(res[same], same_run_as=same) if same else
+                              {**paired_reconstruction(model, pats, ids), "checkpoint_step": steps[label],
+                               "log_scale": bool(model.cfg.log_scale)})
                 bar.update()
             file_of = {m.record.id: m.record.file_id for m in read_range(Bus(self.bus, "study"), SAMPLES)
                        if isinstance(m, Message)}
@@ -356,7 +397,8 @@ class Study(Demo):
             by_file = (paired_reconstruction(models["main"], pats[keep], [ids[i] for i in keep])
                        if len({ids[i] for i in keep}) >= 10 else
                        {"skipped": f"{len({ids[i] for i in keep})} samples of held-out files (< 10)"})
-            table = E.cross_evaluation(models, {target: pats}, 0, {target: ids})
+            distinct = {k: m for k, m in models.items() if "same_run_as" not in res[k]}
+            table = E.cross_evaluation(distinct, {target: pats}, 0, {target: ids})
             bar.update()
         E.figure1(models["main"], pats[0], out / "figure1.png", title="AP-MAE (main run), a held-out pattern")
         return {"target_model": target, "heads_per_sample": self.cfg.eval_heads, "runs": res,

@@ -70,6 +70,8 @@ class TrainerConfig(BusConfig):
                                         "(partitions are keyed by head: no shuffle means one head per batch)")
     prefetch_batches: int = setting(2, "Batches decoded ahead of the training step (bounded)")
     steps: int = setting(1000, "Steps to train (the cosine schedule spans these)")
+    epochs: int = setting(1, "Passes over the topic: 1 = a live stream (wait for new patterns at its end); "
+                             "N > 1 = a fixed training set, read again from the beginning up to N times")
     warmup_steps: int = setting(0, "Linear warm-up steps")
     lr: float = setting(0.0, "Peak learning rate (0: 1.5e-4 x global batch / 50)")
     weight_decay: float = setting(0.05, "AdamW weight decay")
@@ -121,6 +123,7 @@ class Trainer:
         self.offsets: dict[int, int] = {}  # partition -> low watermark: next offset not yet trained (this rank's)
         self.all_offsets: dict[int, int] = {}
         self.trained_above: dict[int, list[int]] = {}  # partition -> offsets >= watermark already trained
+        self.epoch = 0  # passes completed before the current one (watermarks are per epoch)
         self.prefetch: Prefetcher | None = None
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.stop = threading.Event()
@@ -150,6 +153,8 @@ class Trainer:
         self.step = meta["step"]
         self.all_offsets = {int(p): o for p, o in meta["offsets"].items()}
         self.trained_above = {int(p): v for p, v in meta.get("trained_above", {}).items()}
+        by_rank = meta.get("epochs_by_rank") or []
+        self.epoch = int(by_rank[self.rank] if len(by_rank) == self.world else meta.get("epoch", 0))
         self.log_history = [h for h in meta.get("log_history", []) if h["step"] <= self.step]
         self.resumed_from = str(ckpt)
         log.info("resumed %s at step %d", ckpt, self.step)
@@ -157,19 +162,21 @@ class Trainer:
     def checkpoint(self) -> Path | None:
         gens = [self.gen.get_state()]
         if self.prefetch is not None:
-            self.offsets, above = self.prefetch.progress.state()
+            self.epoch, self.offsets, above = self.prefetch.progress.snapshot()
             self.trained_above = {**self.trained_above, **above}
             for p in self.offsets:
                 if p not in above:
                     self.trained_above.pop(p, None)
         offsets, above = dict(self.offsets), {p: v for p, v in self.trained_above.items() if p in self.offsets}
         self.bus.flush()  # this rank's dead letters are in the log before LATEST moves past them
+        epochs = [self.epoch]  # per rank: each reaches the end of its partitions on its own
         if self.world > 1:
             parts: list = [None] * self.world
-            torch.distributed.all_gather_object(parts, (offsets, above, self.gen.get_state()))
-            offsets = {p: o for off, _, _ in parts for p, o in off.items()}
-            above = {p: v for _, ab, _ in parts for p, v in ab.items()}
-            gens = [g for _, _, g in parts]
+            torch.distributed.all_gather_object(parts, (offsets, above, self.gen.get_state(), self.epoch))
+            offsets = {p: o for off, _, _, _ in parts for p, o in off.items()}
+            above = {p: v for _, ab, _, _ in parts for p, v in ab.items()}
+            gens = [g for _, _, g, _ in parts]
+            epochs = [e for _, _, _, e in parts]
         merged = {**self.all_offsets, **offsets}
         self.all_offsets = merged
         path = None
@@ -181,7 +188,9 @@ class Trainer:
             save_pretrained(self.model, tmp, {"train": C.to_dict(self.cfg), "step": self.step, "loss": self.last_loss,
                                    "offsets": {str(p): o for p, o in sorted(merged.items())},
                                    "trained_above": {str(p): v for p, v in sorted(above.items())},
-                                   "topic": self.bus.name(PATTERNS_TRAIN), "world_size": self.world,
+                                   "epoch": min(epochs), "epochs_by_rank": epochs,
+                                   "topic": self.bus.name(PATTERNS_TRAIN),
+                                   "world_size": self.world,
                                    "log_history": self.log_history})
             torch.save({"optimizer": self.opt.state_dict(), "generators": gens}, tmp / "optimizer.pt")
             path = run / name
@@ -245,6 +254,7 @@ class Trainer:
             batch_size=self.cfg.batch_size, pattern_size=self.cfg.pattern_size,
             shuffle_window=self.cfg.shuffle_window, seed=self.cfg.seed * 1000 + self.rank,
             depth=self.cfg.prefetch_batches, target_model=self.cfg.target_model,
+            epochs=self.cfg.epochs, epoch=self.epoch,
             max_bytes=self.cfg.max_message_bytes,
             dead_letter=lambda r, reason: self.bus.dead_letter(topic, r.partition, r.offset, r.value, reason),
             on_skipped=lambda: SKIPPED.labels(self.cfg.name).inc())
@@ -322,6 +332,7 @@ class Trainer:
         self.bus.close()
         return {"step": self.step, "patterns": trained, "seconds": seconds, "patterns_per_s": trained / max(seconds, 1e-9),
                 "loop_seconds": loop_seconds, "duplicates_dropped": self.prefetch.duplicates,
+                "epoch": self.prefetch.progress.epoch + 1, "dropped_last_partial_batch": self.prefetch.dropped_last,
                 "loss": self.last_loss, "resumed_from": self.resumed_from}
 
 

@@ -12,6 +12,13 @@ trained, or the read position when nothing is pending) and the offsets at or abo
 were already trained. A restart seeks to the low watermark and skips those offsets: nothing
 trained twice, nothing skipped. Inputs re-sent with an id already trained (a producer retry)
 are dropped by id.
+
+Epochs (``epochs`` > 1, for a fixed training set such as the study's): once every partition
+is read to its end and what was handed over has been trained, the reader drops the last
+partial batch (as a DataLoader's ``drop_last``), starts a new epoch at the partitions'
+beginnings and forgets the epoch's bookkeeping. Watermarks are per epoch, so a checkpoint
+stores the epoch beside them and a resume continues inside it. With ``epochs`` = 1 (the
+default, a live stream) the reader waits for new patterns at the end instead.
 """
 
 from __future__ import annotations
@@ -56,11 +63,25 @@ class Progress:
 
     Shared by the prefetch thread (reads) and the training thread (trains, checkpoints)."""
 
-    def __init__(self, start: dict[int, int], trained_above: dict[int, set[int]]):
+    def __init__(self, start: dict[int, int], trained_above: dict[int, set[int]], epoch: int = 0):
         self._lock = threading.Lock()
+        self.epoch = epoch  # passes over the partitions completed before this one
         self.read_to = dict(start)  # partition -> next offset to read
         self.pending: dict[int, set[int]] = {p: set() for p in start}
         self.trained: dict[int, set[int]] = {p: set(trained_above.get(p, ())) for p in start}
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return any(self.pending.values())
+
+    def new_epoch(self, start: dict[int, int]) -> None:
+        """The next pass, from ``start``; only once nothing of this one is pending."""
+        with self._lock:
+            if any(self.pending.values()):
+                raise RuntimeError("a new epoch with patterns of the last one still pending")
+            self.epoch += 1
+            self.read_to = dict(start)
+            self.trained = {p: set() for p in start}
 
     def on_read(self, partition: int, offset: int, trainable: bool) -> None:
         with self._lock:
@@ -76,11 +97,16 @@ class Progress:
 
     def state(self) -> tuple[dict[int, int], dict[int, list[int]]]:
         """(low watermark per partition, trained offsets at or above it): a resume point."""
+        return self.snapshot()[1:]
+
+    def snapshot(self) -> tuple[int, dict[int, int], dict[int, list[int]]]:
+        """(epoch, low watermarks, trained above them), read together: the epoch may turn
+        between two separate reads."""
         with self._lock:
             low = {p: min(self.pending[p]) if self.pending[p] else self.read_to[p] for p in self.read_to}
             for p, done in self.trained.items():  # forget what the watermark has passed
                 self.trained[p] = {o for o in done if o >= low[p]}
-            return low, {p: sorted(v) for p, v in self.trained.items() if v}
+            return self.epoch, low, {p: sorted(v) for p, v in self.trained.items() if v}
 
 
 class Prefetcher:
@@ -90,12 +116,14 @@ class Prefetcher:
                  trained_above: dict[int, set[int]], *, batch_size: int, pattern_size: int, shuffle_window: int,
                  seed: int, depth: int = 2, target_model: str = "", max_bytes: int | None = None,
                  dead_letter: Callable[[object, str], None], on_skipped: Callable[[], None] = lambda: None,
-                 remember_ids: int = 200_000):
+                 remember_ids: int = 200_000, epochs: int = 1, epoch: int = 0):
         self.consumer, self.topic = consumer, topic
         self.batch_size, self.pattern_size, self.window, self.seed = batch_size, pattern_size, shuffle_window, seed
         self.target_model, self.max_bytes = target_model, max_bytes
         self.dead_letter, self.on_skipped = dead_letter, on_skipped
-        self.progress = Progress(start, trained_above)
+        self.progress = Progress(start, trained_above, epoch)
+        self.epochs = epochs
+        self.dropped_last = 0  # patterns of an epoch's last partial batch, not trained in that epoch
         self._skip = {p: set(v) for p, v in trained_above.items()}  # trained before the restart
         self._seen_ids: OrderedDict[str, None] = OrderedDict()  # recently queued ids (duplicates)
         self._remember = remember_ids
@@ -136,6 +164,9 @@ class Prefetcher:
                 ahead += self._read(want - len(ahead))
                 block, ahead, want = ahead, [], self.window
                 if not block and len(leftovers) < self.batch_size:
+                    if self.progress.epoch + 1 < self.epochs and self._read_to_end():
+                        self._next_epoch(leftovers)
+                        leftovers, want = [], min(self.window, 4 * self.batch_size)
                     continue
                 order = shuffle_block(leftovers + block, self.seed, self._blocks)
                 self._blocks += 1
@@ -149,6 +180,30 @@ class Prefetcher:
             self._put(e)
         finally:
             self.consumer.close(autocommit=False)
+
+    def _read_to_end(self) -> bool:
+        """Is every partition read to its end (the end as of now)?"""
+        tps = [TopicPartition(self.topic, p) for p in self.progress.read_to]
+        ends = self.consumer.end_offsets(tps)
+        return all(self.consumer.position(tp) >= ends[tp] for tp in tps)
+
+    def _next_epoch(self, leftovers: list[Pending]) -> None:
+        """Drop the last partial batch, wait until the handed-over batches are trained (the
+        watermarks are per epoch), then start over at the partitions' beginnings."""
+        self.progress.on_trained(leftovers)  # done with for this epoch: must not hold the watermark
+        self.dropped_last += len(leftovers)
+        while self.progress.has_pending() and not self.stop.is_set():
+            time.sleep(0.02)
+        if self.stop.is_set():
+            return
+        tps = [TopicPartition(self.topic, p) for p in self.progress.read_to]
+        begin = {tp.partition: o for tp, o in self.consumer.beginning_offsets(tps).items()}
+        self.progress.new_epoch(begin)
+        self._skip, self._seen_ids = {}, OrderedDict()  # a new pass trains every pattern once more
+        for tp in tps:
+            self.consumer.seek(tp, begin[tp.partition])
+        log.info("epoch %d of %d: starting over at the partitions' beginnings", self.progress.epoch + 1,
+                 self.epochs)
 
     def _put(self, item) -> None:
         while not self.stop.is_set():

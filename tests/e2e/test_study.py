@@ -152,3 +152,13 @@ def test_an_encode_stage_that_reads_nothing_fails_instead_of_recording_zero(tmp_
         s.stage_encode()
     monkeypatch.setattr(Demo, "stage_encode", lambda self: {"embedded": 7})
     assert s.stage_encode() == {"embedded": 7}
+
+
+def test_the_main_run_is_the_log_arm_only_when_the_raw_arm_gets_its_steps(tmp_path):
+    """The log-scaling ablation at the main run's scale: the main run is its log arm when the
+    raw arm is trained for as many steps; at fewer steps both arms are trained anew."""
+    s = Study(StudyConfig(state_dir=tmp_path, ephemeral=True))
+    s.plan.update(train_steps=900, ablation_steps=900)
+    assert s.ablation_names() == {"log": "study", "raw": "study-ablation-raw"}
+    s.plan["ablation_steps"] = 300
+    assert s.ablation_names() == {"log": "study-ablation-log", "raw": "study-ablation-raw"}

@@ -154,3 +154,41 @@ def test_batches_are_shuffled_across_heads_and_a_resent_pattern_is_trained_once(
     for m in read_range(bus, PATTERNS_TRAIN):
         part_of.setdefault(m.record.id, m.partition)
     assert len({part_of[i] for i in batches[0]}) >= 3
+
+
+def test_epochs_train_every_pattern_once_per_pass_and_a_resume_continues_inside_the_pass(bus_cfg):
+    """A fixed training set read ``epochs`` times: every pattern exactly once per pass, and a
+    crash in the second pass resumes inside it (the watermarks are per epoch): still three
+    times each, nothing twice within a pass."""
+    from collections import Counter
+
+    ids = publish(bus_cfg, 40)  # 5 full batches of 8 per pass
+    run = dict(name="epochs", epochs=3, steps=15)
+    first: list[str] = []
+
+    def crash_at_8(batch):
+        first.extend(batch)
+        if len(first) >= 8 * 8:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Trainer(cfg(bus_cfg, **run), on_batch=crash_at_8).run()
+    meta = json.loads((latest_checkpoint(cfg(bus_cfg, **run).run_dir) / "trainer_state.json").read_text())
+    assert meta["step"] == 6 and meta["epoch"] == 1  # the checkpoint is one batch into the second pass
+
+    second: list[str] = []
+    out = Trainer(cfg(bus_cfg, **run), on_batch=second.extend).run()
+    assert out["step"] == 15 and out["epoch"] == 3
+    counts = Counter(first[:48] + second)
+    assert set(counts) == set(ids) and set(counts.values()) == {3}
+    # within each pass of the resumed run, no pattern twice (passes 2-rest, then 3)
+    assert len(set(second[:32])) == 32 and len(set(second[32:])) == 40
+
+
+def test_one_epoch_waits_at_the_end_of_the_stream(bus_cfg):
+    """The default is a live stream: at the end of the topic the trainer waits for new
+    patterns (and stops at its idle timeout) instead of reading the topic again."""
+    ids = publish(bus_cfg, 24)
+    seen: list[str] = []
+    out = Trainer(cfg(bus_cfg, name="once", idle_timeout_s=3.0), on_batch=seen.extend).run()
+    assert out["step"] == 3 and sorted(seen) == sorted(ids) and out["epoch"] == 1
