@@ -30,6 +30,23 @@ def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def nested(default: Any, prefix: str = "") -> Any:
+    """A nested config field. ``prefix``: its settings' names in the holder (flags, env
+    variables, overrides) start with it: the demo's ``train: TrainingConfig`` with prefix
+    ``train_`` is set by ``--train-steps``, ``APMAE_TRAIN_BATCH_SIZE``, while the trainer
+    holds the same config unprefixed (``--steps``). Saved configs stay nested objects."""
+    return dataclasses.field(default_factory=lambda: default, metadata={"prefix": prefix})
+
+
+class Flat(typing.NamedTuple):
+    """One setting of a (nested) config: the class that declares it, its field, and its name
+    in the holder (the field's name behind the nesting prefixes)."""
+
+    owner: type
+    field: dataclasses.Field
+    name: str
+
+
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
@@ -69,23 +86,24 @@ def is_config(kind: Any) -> bool:
     return isinstance(kind, type) and dataclasses.is_dataclass(kind)
 
 
-def flat_fields(cls: type) -> list[tuple[type, dataclasses.Field]]:
-    """Every setting of ``cls`` as (owning class, field), nested configs expanded in place.
+def flat_fields(cls: type, prefix: str = "") -> list[Flat]:
+    """Every setting of ``cls``, nested configs expanded in place.
 
     Nested settings keep their own names on the command line and in the environment
-    (``--min-cluster-size``, ``APMAE_MIN_CLUSTER_SIZE``): the service's config holds the
-    library's config object, and a flag reaches it without a prefix. Two settings of one
-    name would be ambiguous, so that is an error here, at the first use of the class."""
-    out: list[tuple[type, dataclasses.Field]] = []
+    (``--min-cluster-size``, ``APMAE_MIN_CLUSTER_SIZE``), behind the nesting's prefix if it
+    declares one (:func:`nested`). Two settings of one name would be ambiguous, so that is an
+    error here, at the first use of the class."""
+    out: list[Flat] = []
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
-        out += flat_fields(kind) if is_config(kind) else [(cls, f)]
+        out += (flat_fields(kind, prefix + f.metadata.get("prefix", "")) if is_config(kind)
+                else [Flat(cls, f, prefix + f.name)])
     seen: dict[str, type] = {}
-    for owner, f in out:
-        if f.name in seen:
-            raise TypeError(f"{cls.__name__}: setting {f.name!r} is declared by both {seen[f.name].__name__} and "
-                            f"{owner.__name__}")
-        seen[f.name] = owner
+    for s in out:
+        if s.name in seen:
+            raise TypeError(f"{cls.__name__}: setting {s.name!r} is declared by both {seen[s.name].__name__} and "
+                            f"{s.owner.__name__}")
+        seen[s.name] = s.owner
     return out
 
 
@@ -100,7 +118,7 @@ def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str
     env = os.environ if env is None else env
     env = {**env, **_secret_files(cls, env)}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    names = {f.name for _, f in flat_fields(cls)}
+    names = {s.name for s in flat_fields(cls)}
     unknown = set(overrides) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} settings: {sorted(unknown)}; known: {sorted(names)}")
@@ -120,37 +138,39 @@ def flat_defaults(cls: type) -> dict[str, Any]:
     min_cluster_size 10, the library default is the paper's 25)."""
     out: dict[str, Any] = {}
 
-    def walk(owner: type, obj: Any | None) -> None:
+    def walk(owner: type, obj: Any | None, prefix: str) -> None:
         for f in dataclasses.fields(owner):
             v = getattr(obj, f.name) if obj is not None else field_default(f)
             kind = field_type(owner, f.name)
             if is_config(kind):
-                walk(kind, v)
+                walk(kind, v, prefix + f.metadata.get("prefix", ""))
             else:
-                out[f.name] = v
+                out[prefix + f.name] = v
 
-    walk(cls, None)
+    walk(cls, None, "")
     return out
 
 
 def _build(cls: type[C], overrides: dict[str, Any], env: typing.Mapping[str, str], base: dict[str, Any],
-           default: Any | None = None) -> C:
+           default: Any | None = None, prefix: str = "") -> C:
     """``cls`` from its settings; ``default``: the object whose values unset settings keep
-    (a nested config's declared default), else the class's field defaults."""
+    (a nested config's declared default), else the class's field defaults; ``prefix``: its
+    settings' names in the holder."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         kind = field_type(cls, f.name)
         if is_config(kind):
             inner = getattr(default, f.name) if default is not None else field_default(f)
-            values[f.name] = _build(kind, overrides, env, base, inner)
+            values[f.name] = _build(kind, overrides, env, base, inner, prefix + f.metadata.get("prefix", ""))
             continue
+        name = prefix + f.name
         try:
-            if f.name in overrides:
-                values[f.name] = parse_value(kind, overrides[f.name])
-            elif env_name(f.name) in env:
-                values[f.name] = parse_value(kind, env[env_name(f.name)])
-            elif f.name in base:
-                values[f.name] = parse_value(kind, base[f.name])
+            if name in overrides:
+                values[f.name] = parse_value(kind, overrides[name])
+            elif env_name(name) in env:
+                values[f.name] = parse_value(kind, env[env_name(name)])
+            elif name in base:
+                values[f.name] = parse_value(kind, base[name])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{cls.__name__}.{f.name}: {e}") from e
         choices = f.metadata.get("choices")
@@ -159,16 +179,16 @@ def _build(cls: type[C], overrides: dict[str, Any], env: typing.Mapping[str, str
     return dataclasses.replace(default, **values) if default is not None else cls(**values)
 
 
-def _flatten(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
+def _flatten(cls: type, saved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A saved (nested) config's values by setting name; secrets (saved redacted) are dropped."""
     out: dict[str, Any] = {}
-    own = {f.name for f in dataclasses.fields(cls)}
+    own = {f.name: f for f in dataclasses.fields(cls)}
     for k, v in saved.items():
         kind = field_type(cls, k) if k in own else None
         if is_config(kind) and isinstance(v, dict):
-            out.update(_flatten(kind, v))
+            out.update(_flatten(kind, v, prefix + own[k].metadata.get("prefix", "")))
         elif not (is_secret(k) and v == "***") and not (isinstance(v, str) and ":***@" in v):
-            out[k] = v  # (a redacted value was a secret: it comes from the environment again)
+            out[prefix + k] = v  # (a redacted value was a secret: it comes from the environment again)
     return out
 
 
@@ -194,13 +214,13 @@ def is_secret(name: str) -> bool:
 def _secret_files(cls: type, env: typing.Mapping[str, str]) -> dict[str, str]:
     """``APMAE_<FIELD>_FILE=/run/secrets/x`` sets the field from that file (Docker/K8s secrets)."""
     out = {}
-    for _, f in flat_fields(cls):
-        path = env.get(env_name(f.name) + "_FILE")
+    for s in flat_fields(cls):
+        path = env.get(env_name(s.name) + "_FILE")
         if path:
             try:
-                out[env_name(f.name)] = Path(path).read_text().strip()
+                out[env_name(s.name)] = Path(path).read_text().strip()
             except OSError as e:
-                raise ValueError(f"{cls.__name__}.{f.name}: cannot read {env_name(f.name)}_FILE={path}: {e}") from e
+                raise ValueError(f"{cls.__name__}.{s.name}: cannot read {env_name(s.name)}_FILE={path}: {e}") from e
     return out
 
 

@@ -301,6 +301,7 @@ def model_card(model: APMAE, trainer_state: dict) -> str:
     cfg, (enc, dec) = model.cfg, model.num_params()
     offsets = trainer_state.get("offsets") or {}
     train = trainer_state.get("train") or {}
+    train = train.get("train", train)  # the recipe, nested in the trainer's config (flat before)
     loss = trainer_state.get("loss")
     lines = [
         "---", "library_name: apmae", "license: apache-2.0", "tags: [attention-patterns, masked-autoencoder, ap-mae]",

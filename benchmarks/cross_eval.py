@@ -31,6 +31,7 @@ from benchmarks._common import RESULTS, write_result  # noqa: E402
 def main() -> None:
     from apmae.config import BusConfig
     from apmae.corpus import CorpusStats, default_jdk_corpus, open_corpus
+    from apmae.recipe import TrainingConfig
     from apmae.tiny import SAMPLE_JAVA, save_tiny
     from apmae.topics import FILES, PATTERNS_MINE, PATTERNS_TRAIN, FileRecord
     from services import evaluate
@@ -67,8 +68,9 @@ def main() -> None:
     # 3. one AP-MAE per target model
     checkpoints = {}
     for name, model in (("smollm2", "local:smollm2"), ("tiny-sc2", tiny)):
-        cfg = TrainerConfig(**vars(xeval), variant="small", batch_size=32, steps=args.steps, lr=1e-3, warmup_steps=30,
-                            checkpoint_every=args.steps, name=f"xeval-{name}", target_model=model, idle_timeout_s=30)
+        recipe = TrainingConfig(variant="small", batch_size=32, steps=args.steps, lr=1e-3, warmup_steps=30)
+        cfg = TrainerConfig(**vars(xeval), train=recipe, checkpoint_every=args.steps, name=f"xeval-{name}",
+                            target_model=model, idle_timeout_s=30)
         out = Trainer(cfg).run()
         checkpoints[name] = latest_checkpoint(cfg.run_dir)
         print(name, out)

@@ -41,6 +41,7 @@ def run(variant: str, steps: int, batch: int, infra) -> dict:
     from apmae.codec import encode_pattern
     from apmae.mae import APMAE
     from apmae.mae import variant as make
+    from apmae.recipe import TrainingConfig
     from apmae.topics import PATTERNS_TRAIN, PatternRecord
     from apmae.train import Schedule, make_optimizer, scaled_lr, train_step
     from services.bus import Bus, Output
@@ -50,7 +51,7 @@ def run(variant: str, steps: int, batch: int, infra) -> dict:
     pats = patterns(n)
     state = Path(tempfile.mkdtemp(prefix="apmae-bench-train-"))
     cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url, state_dir=state,
-                        topic_prefix=f"{variant}.", variant=variant, batch_size=batch, steps=steps,
+                        topic_prefix=f"{variant}.", train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
                         checkpoint_every=10 ** 9, name=variant, idle_timeout_s=30)
     bus = Bus(cfg, "bench")
     bus.ensure_topics([PATTERNS_TRAIN])

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from apmae.classify import ClassifierConfig
 from apmae.cluster import ClusterConfig
-from apmae.config import BusConfig, setting
+from apmae.config import BusConfig, nested, setting
+from apmae.recipe import TrainingConfig
 from services import infra
 
 log = logging.getLogger("apmae.demo")
@@ -52,12 +53,10 @@ class DemoConfig:
     mine_per_task: int = setting(30, "Mining samples per task (balanced)")
     spans_per_task: int = setting(2, "Candidates per task per file")
     random_per_file: int = setting(6, "Random-span inputs per file (their correct ones feed AP-MAE training)")
-    apmae_variant: str = setting("small", "AP-MAE size")
-    train_steps: int = setting(100, "AP-MAE training steps")
-    train_batch: int = setting(32, "AP-MAE batch size")
-    train_lr: float = setting(1e-3, "AP-MAE peak learning rate (a short demo run needs more than 1.5e-4 x 32/50)")
-    pattern_size: int = setting(256, "Pattern size (256 for real models)")
-    patch_size: int = setting(32, "AP-MAE patch size")
+    # AP-MAE's training recipe, the library's own config behind --train-* flags (--train-steps,
+    # --train-batch-size, --train-variant, --train-pattern-size: also the mined patterns' size);
+    # a short demo run needs a higher rate than 1.5e-4 x 32/50
+    train: TrainingConfig = nested(TrainingConfig(steps=100, batch_size=32, lr=1e-3), prefix="train_")
     # the clustering and the classifier: the library's own configs, at the demo's scale (the
     # paper's min_cluster_size 25 / min_samples 20 need ~110k points per head)
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(min_cluster_size=10, min_samples=5))
@@ -167,7 +166,7 @@ class Demo:
         return self.common(ProducerConfig, model=self.cfg.model, mine_layers=self.cfg.mine_layers,
                            mine_per_task=self.cfg.mine_per_task, spans_per_task=self.cfg.spans_per_task,
                            random_per_file=self.cfg.random_per_file,
-                           files_per_batch=1, length=self.cfg.pattern_size)
+                           files_per_batch=1, length=self.cfg.train.pattern_size)
 
     def stage_produce(self, n: int | None = None):
         from services.producer import Producer
@@ -188,9 +187,7 @@ class Demo:
     def stage_train(self):
         from services.trainer import Trainer, TrainerConfig
 
-        cfg = self.common(TrainerConfig, variant=self.cfg.apmae_variant, pattern_size=self.cfg.pattern_size,
-                          patch_size=self.cfg.patch_size, batch_size=self.cfg.train_batch, steps=self.cfg.train_steps,
-                          lr=self.cfg.train_lr, checkpoint_every=40, name=self.name, idle_timeout_s=20)
+        cfg = self.common(TrainerConfig, train=self.cfg.train, checkpoint_every=40, name=self.name, idle_timeout_s=20)
         return Trainer(cfg).run()
 
     def stage_encode(self):

@@ -43,18 +43,17 @@ def option_specs(cls: type) -> list[tuple[list[str], dict[str, Any]]]:
                                        "help": "Repeat a run: the resolved config JSON it wrote (flags and env "
                                                "variables still override it; secrets come from the environment)"})]
     defaults = C.flat_defaults(cls)
-    for owner, f in C.flat_fields(cls):
+    for owner, f, name in C.flat_fields(cls):
         kind = C.field_type(owner, f.name)
-        default = defaults[f.name]
-        help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(f.name)}; default: {default}]"
-        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')}  [env: {C.env_name(name)}; default: {defaults[name]}]"
+        flag = "--" + name.replace("_", "-")
         if kind is bool:
-            out.append(([f"{flag}/--no-{f.name.replace('_', '-')}", f.name], {"default": None, "help": help_text}))
-        elif C.is_secret(f.name):  # kept only to refuse it with a useful message (build)
-            out.append(([flag, f.name], {"default": None, "type": str, "hidden": True}))
+            out.append(([f"{flag}/--no-{name.replace('_', '-')}", name], {"default": None, "help": help_text}))
+        elif C.is_secret(name):  # kept only to refuse it with a useful message (build)
+            out.append(([flag, name], {"default": None, "type": str, "hidden": True}))
         else:
-            out.append(([flag, f.name], {"default": None, "help": help_text,
-                                         "type": _click_type(kind, f.metadata.get("choices"))}))
+            out.append(([flag, name], {"default": None, "help": help_text,
+                                       "type": _click_type(kind, f.metadata.get("choices"))}))
     return out
 
 
@@ -100,7 +99,7 @@ def build(cls: type, kwargs: dict[str, Any], needs_broker: bool = True) -> Any:
         if v is not None and (C.is_secret(k) or C.redact(k, v) != v):
             raise click.UsageError(f"--{k.replace('_', '-')}: secrets are not accepted on the command line; "
                                    f"set {C.env_name(k)} or, better, {C.env_name(k)}_FILE (a file with it)")
-    names = {f.name for _, f in C.flat_fields(cls)}
+    names = {s.name for s in C.flat_fields(cls)}
     overrides = {k: v for k, v in kwargs.items() if k in names}
     try:
         path = kwargs.get("config_file")

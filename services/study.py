@@ -15,7 +15,7 @@ an early stage does not use goes to the later ones):
                 balanced samples each), the budget share is spent or the corpus ends; the
                 forward rate is measured on the way (it sizes the intervention)
  4. train       AP-MAE on ``patterns.train`` (shuffle window), steps = min(time share x
-                step rate, ``train_epochs`` passes over the training patterns); the rate is
+                step rate, ``--train-epochs`` passes over the training patterns); the rate is
                 measured by a 40-step probe on the real topic (the synthetic calibration ran
                 ~4x faster than the first study's training actually did)
  5. encode      CLS embeddings of every mined pattern (the demo's stage)
@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from apmae.cluster import ClusterConfig
-from apmae.config import setting
+from apmae.config import nested, setting
+from apmae.recipe import TrainingConfig
 from services.demo import Demo, DemoConfig, _bar
 
 log = logging.getLogger("apmae.study")
@@ -74,9 +75,10 @@ class StudyConfig(DemoConfig):
     mine_per_task: int = setting(240, "Mining samples per task (balanced: half correct, half incorrect)")
     spans_per_task: int = setting(6, "Candidates per task per file")
     random_per_file: int = setting(4, "Random-span inputs per file (a train_share of them trains AP-MAE)")
-    train_steps: int = setting(0, "AP-MAE steps (0 = as many as the budget and train_epochs passes allow)")
-    train_epochs: int = setting(8, "Most passes over patterns.train (the training set is fixed once produce ends)")
-    train_batch: int = setting(32, "AP-MAE batch size")
+    # the recipe at study scale: --train-steps 0 = as many as the budget and --train-epochs
+    # passes over patterns.train allow (the training set is fixed once produce ends)
+    train: TrainingConfig = nested(TrainingConfig(steps=0, epochs=8, batch_size=32, lr=1e-3, shuffle_window=4096),
+                                   prefix="train_")
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(min_cluster_size=15, min_samples=5))
     intervene_per_task: int = setting(60, "Most held-out inputs per task for the intervention (sized down by the "
                                           "budget)")
@@ -92,7 +94,6 @@ class StudyConfig(DemoConfig):
     min_tasks: int = setting(8, "Tasks that should reach mine_per_task balanced samples (the study's target)")
     target_balanced: int = setting(200, "Balanced samples per task the study aims at (100 correct + 100 incorrect)")
     ablation_steps: int = setting(0, "Steps of each log-scaling ablation run (0 = sized by the budget)")
-    shuffle_window: int = setting(4096, "AP-MAE training shuffle window (patterns)")
     eval_samples: int = setting(600, "Held-out samples for the reconstruction numbers")
     eval_heads: int = setting(8, "Heads per held-out sample in the reconstruction numbers")
     umap_heads: int = setting(4, "Heads drawn as a UMAP scatter")
@@ -134,13 +135,13 @@ class Study(Demo):
                                    forward_full_tasks=False)
 
     def trainer_cfg(self, name: str, steps: int, log_scale: bool = True, epochs: int = 1):
+        """The study's recipe at a planned size: ``steps``, ``epochs`` passes, warm-up 5%."""
         from services.trainer import TrainerConfig
 
-        return self.common(TrainerConfig, variant=self.cfg.apmae_variant, pattern_size=self.cfg.pattern_size,
-                           patch_size=self.cfg.patch_size, batch_size=self.cfg.train_batch, steps=steps,
-                           lr=self.cfg.train_lr, warmup_steps=max(1, steps // 20), log_scale=log_scale,
-                           shuffle_window=self.cfg.shuffle_window, checkpoint_every=max(20, steps // 10),
-                           epochs=epochs, name=name, group=f"trainer-{name}", idle_timeout_s=20)
+        recipe = dataclasses.replace(self.cfg.train, steps=steps, epochs=epochs, log_scale=log_scale,
+                                     warmup_steps=self.cfg.train.warmup_steps or max(1, steps // 20))
+        return self.common(TrainerConfig, train=recipe, checkpoint_every=max(20, steps // 10), name=name,
+                           group=f"trainer-{name}", idle_timeout_s=20)
 
     def ablation_names(self) -> dict[str, str]:
         """The log arm is the main run when the raw arm can have its steps (see stage_ablate)."""
@@ -169,13 +170,12 @@ class Study(Demo):
         attention patterns; the rates do not depend on the values)."""
         import torch
 
-        from apmae.mae import APMAE, variant
+        from apmae.mae import APMAE
         from apmae.train import make_optimizer, train_step
 
         torch.manual_seed(0)
-        model = APMAE(variant(self.cfg.apmae_variant, pattern_size=self.cfg.pattern_size,
-                              patch_size=self.cfg.patch_size))
-        x = synthetic_patterns(self.cfg.train_batch, self.cfg.pattern_size)
+        model = APMAE(self.cfg.train.model_config())
+        x = synthetic_patterns(self.cfg.train.batch_size, self.cfg.train.pattern_size)
         opt = make_optimizer(model, 1e-4)
         train_step(model, opt, x, 1e-4)  # first step allocates
         t0, n = time.perf_counter(), 3
@@ -254,7 +254,7 @@ class Study(Demo):
                     stop = "every task full"
                     break
                 # training data the train stage's time share could use (a rough forecast)
-                want_train = SHARES["train"] / SHARES["produce"] * allot / step_s * cfg.train_batch
+                want_train = SHARES["train"] / SHARES["produce"] * allot / step_s * cfg.train.batch_size
                 if len(full) >= cfg.min_tasks and self.train_patterns() >= want_train:
                     stop = f"{len(full)} tasks full and enough training patterns"
                     break
@@ -308,9 +308,9 @@ class Study(Demo):
         if "train_steps" not in self.plan:
             allot, step_s = self.allot("train"), self.probe_step_s()
             by_time = max(1, int(allot * 0.9 / step_s))  # checkpoints, the idle wait at the end
-            per_pass = max(1, self.train_patterns() // self.cfg.train_batch)
-            by_data = per_pass * self.cfg.train_epochs
-            steps = self.cfg.train_steps or min(by_time, by_data)
+            per_pass = max(1, self.train_patterns() // self.cfg.train.batch_size)
+            by_data = per_pass * self.cfg.train.epochs
+            steps = self.cfg.train.steps or min(by_time, by_data)
             self.plan.update(train_steps=steps, train_steps_by_time=by_time, train_steps_by_data=by_data,
                              train_steps_per_pass=per_pass, train_allot_s=allot,
                              # one pass more than the steps need: a pass drops its last partial batch
@@ -318,11 +318,11 @@ class Study(Demo):
             self.save_plan()  # a rerun resumes with the same schedule
         steps = self.plan["train_steps"]
         out = Trainer(self.trainer_cfg(self.name, steps, epochs=self.plan["train_epochs"])).run()
-        limited = ("flag" if self.cfg.train_steps else
-                   f"data ({self.cfg.train_epochs} passes over patterns.train)"
+        limited = ("flag" if self.cfg.train.steps else
+                   f"data ({self.cfg.train.epochs} passes over patterns.train)"
                    if self.plan["train_steps_by_data"] < self.plan["train_steps_by_time"] else "time")
         return {**out, "planned_steps": steps, "passes": steps / self.plan["train_steps_per_pass"],
-                "limited_by": limited, "shuffle_window": self.cfg.shuffle_window}
+                "limited_by": limited, "shuffle_window": self.cfg.train.shuffle_window}
 
     def stage_ablate(self):
         """Log scaling on and off (paper 4.2): the same steps, data, batch and learning rate.
@@ -373,7 +373,7 @@ class Study(Demo):
         out = self.cfg.out_dir
         out.mkdir(parents=True, exist_ok=True)
         loaded = load_patterns(self.bus, f"topic:{PATTERNS_MINE.name}", self.cfg.eval_samples,
-                               self.cfg.pattern_size, self.cfg.eval_heads, seed=0)
+                               self.cfg.train.pattern_size, self.cfg.eval_heads, seed=0)
         if not loaded:
             return {"skipped": "no mined patterns"}
         target, (pats, ids) = next(iter(loaded.items()))

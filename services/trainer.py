@@ -39,11 +39,12 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from apmae import config as C
-from apmae.config import BusConfig, setting
-from apmae.mae import APMAE, TRAINER_STATE, save_pretrained, variant
+from apmae.config import BusConfig, nested, setting
+from apmae.mae import APMAE, TRAINER_STATE, save_pretrained
 from apmae.messages import stable_id
+from apmae.recipe import TrainingConfig
 from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord
-from apmae.train import NonFiniteLoss, Schedule, make_optimizer, scaled_lr, train_step
+from apmae.train import NonFiniteLoss, make_optimizer, train_step
 from services.bus import Bus, LagProbe, Output
 from services.registry import sha256_file
 from services.trainer_input import Batch, Prefetcher, wait_for_batch
@@ -58,29 +59,15 @@ CHECKPOINTS_WRITTEN = Counter("apmae_trainer_checkpoints_total", "Checkpoints wr
 
 @dataclass(frozen=True)
 class TrainerConfig(BusConfig):
-    variant: str = setting("small", "AP-MAE size: paper, base, small, tiny")
-    pattern_size: int = setting(256, "Pattern size (the paper's 256; any multiple of the patch size)")
-    patch_size: int = setting(32, "Patch size")
-    mask_ratio: float = setting(0.5, "Share of patches masked")
-    log_scale: bool = setting(True, "Log-normalise patterns (off = the paper's ablation)")
+    train: TrainingConfig = nested(TrainingConfig())  # the recipe, set by its own flags (--steps)
     target_model: str = setting("", "Train only on this target model's patterns (the paper trains one AP-MAE per "
                                     "LLM); others are skipped, not dead-lettered (default: all)")
-    batch_size: int = setting(64, "Patterns per step per process")
-    shuffle_window: int = setting(2048, "Patterns read and shuffled together before batches are drawn "
-                                        "(partitions are keyed by head: no shuffle means one head per batch)")
     prefetch_batches: int = setting(2, "Batches decoded ahead of the training step (bounded)")
-    steps: int = setting(1000, "Steps to train (the cosine schedule spans these)")
-    epochs: int = setting(1, "Passes over the topic: 1 = a live stream (wait for new patterns at its end); "
-                             "N > 1 = a fixed training set, read again from the beginning up to N times")
-    warmup_steps: int = setting(0, "Linear warm-up steps")
-    lr: float = setting(0.0, "Peak learning rate (0: 1.5e-4 x global batch / 50)")
-    weight_decay: float = setting(0.05, "AdamW weight decay")
     checkpoint_every: int = setting(100, "Steps between checkpoints")
     keep_checkpoints: int = setting(3, "Checkpoints kept on disk")
     name: str = setting("apmae", "Run / registry name")
     idle_timeout_s: float = setting(0.0, "Stop (with a checkpoint) after this long without data (0: never)")
     device: str = setting("", "cpu or cuda (default: cuda when available)")
-    seed: int = setting(0, "Seed for initialisation and masking")
     group: str = setting("trainer", "Group offsets are committed under (for lag)")
 
     @property
@@ -112,27 +99,26 @@ class Trainer:
                 torch.cuda.set_device(self.device)
         self.bus = Bus(cfg, f"trainer-{self.rank}" if self.world > 1 else "trainer")
         self.lag = LagProbe(self.bus, self.bus.service, cfg.group)
-        torch.manual_seed(cfg.seed)
-        self.model = APMAE(variant(cfg.variant, pattern_size=cfg.pattern_size, patch_size=cfg.patch_size,
-                                   mask_ratio=cfg.mask_ratio, log_scale=cfg.log_scale)).to(self.device)
+        recipe = cfg.train
+        torch.manual_seed(recipe.seed)
+        self.model = APMAE(recipe.model_config()).to(self.device)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
-        global_batch = cfg.batch_size * self.world
-        self.schedule = Schedule(cfg.lr or scaled_lr(global_batch), cfg.steps, cfg.warmup_steps)
-        self.opt = make_optimizer(self.model, self.schedule.lr, cfg.weight_decay)
+        self.schedule = recipe.schedule(self.world)
+        self.opt = make_optimizer(self.model, self.schedule.lr, recipe.weight_decay)
         self.step = 0
         self.offsets: dict[int, int] = {}  # partition -> low watermark: next offset not yet trained (this rank's)
         self.all_offsets: dict[int, int] = {}
         self.trained_above: dict[int, list[int]] = {}  # partition -> offsets >= watermark already trained
         self.epoch = 0  # passes completed before the current one (watermarks are per epoch)
         self.prefetch: Prefetcher | None = None
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.gen = torch.Generator().manual_seed(recipe.seed * 1000 + self.rank)
         self.stop = threading.Event()
         self.on_batch = on_batch
         self.last_loss: float | None = None
         # the loss curve, kept in trainer_state.json as Hugging Face trainers keep theirs: at
         # most ~1000 points whatever the run's length
         self.log_history: list[dict] = []
-        self.log_every = max(1, cfg.steps // 1000)
+        self.log_every = max(1, recipe.steps // 1000)
         self.resumed_from: str | None = None
         self.resume()
 
@@ -251,10 +237,10 @@ class Trainer:
         self.committer = self.bus.consumer(self.cfg.group)
         self.prefetch = Prefetcher(
             consumer, topic, start, {p: set(self.trained_above.get(p, ())) for p in mine},
-            batch_size=self.cfg.batch_size, pattern_size=self.cfg.pattern_size,
-            shuffle_window=self.cfg.shuffle_window, seed=self.cfg.seed * 1000 + self.rank,
+            batch_size=self.cfg.train.batch_size, pattern_size=self.cfg.train.pattern_size,
+            shuffle_window=self.cfg.train.shuffle_window, seed=self.cfg.train.seed * 1000 + self.rank,
             depth=self.cfg.prefetch_batches, target_model=self.cfg.target_model,
-            epochs=self.cfg.epochs, epoch=self.epoch,
+            epochs=self.cfg.train.epochs, epoch=self.epoch,
             max_bytes=self.cfg.max_message_bytes,
             dead_letter=lambda r, reason: self.bus.dead_letter(topic, r.partition, r.offset, r.value, reason),
             on_skipped=lambda: SKIPPED.labels(self.cfg.name).inc())
@@ -289,7 +275,8 @@ class Trainer:
 
         self.open()
         t_start, trained = time.perf_counter(), 0
-        end = min(self.cfg.steps, self.step + max_steps) if max_steps else self.cfg.steps
+        steps = self.cfg.train.steps
+        end = min(steps, self.step + max_steps) if max_steps else steps
         self.model.train()
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step", leave=False, disable=self.rank != 0)
         batch: Batch | None = None

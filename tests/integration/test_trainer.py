@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from apmae.codec import encode_pattern, packed_length
+from apmae.recipe import TrainingConfig
 from apmae.topics import CHECKPOINTS, DEADLETTER, PATTERNS_TRAIN, PatternRecord
 from services.bus import Bus, Output, read_range
 from services.trainer import Trainer, TrainerConfig, latest_checkpoint
@@ -43,10 +45,15 @@ def publish(bus_cfg, n: int, bad: int = 0, model: str = "m") -> list[str]:
     return ids
 
 
+RECIPE = {f.name for f in dataclasses.fields(TrainingConfig)}
+
+
 def cfg(bus_cfg, **kw) -> TrainerConfig:
+    """The trainer's config; keyword arguments of the recipe (steps, epochs...) go into it."""
     base = dict(variant="tiny", pattern_size=SIZE, patch_size=16, batch_size=8, steps=100, checkpoint_every=3,
-                name="t", idle_timeout_s=8.0)
-    return TrainerConfig(**vars(bus_cfg), **(base | kw))
+                name="t", idle_timeout_s=8.0) | kw
+    recipe = TrainingConfig(**{k: v for k, v in base.items() if k in RECIPE})
+    return TrainerConfig(**vars(bus_cfg), train=recipe, **{k: v for k, v in base.items() if k not in RECIPE})
 
 
 class Crash(Exception):

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,35 @@ def test_the_demo_and_the_study_can_run_the_broker_in_memory(tmp_path):
     assert Demo(DemoConfig(state_dir=tmp_path / "d")).infra.ephemeral is False  # durable by default
     assert Demo(DemoConfig(state_dir=tmp_path / "d", ephemeral=True)).infra.ephemeral is True
     assert Study(StudyConfig(state_dir=tmp_path / "s", ephemeral=True)).infra.ephemeral is True
+
+
+def test_a_prefixed_nested_config_is_set_by_its_prefixed_names_and_saved_nested(tmp_path):
+    """The training recipe is one config: the trainer holds it unprefixed (--steps), the demo
+    as ``train`` behind ``train_`` (--train-steps); a saved demo config reads back the same."""
+    from apmae.config import load
+    from apmae.recipe import TrainingConfig
+    from services.demo import DemoConfig
+    from services.trainer import TrainerConfig
+
+    demo = resolve(DemoConfig, {"train_steps": "7"}, env={"APMAE_TRAIN_BATCH_SIZE": "5", "APMAE_SEED": "3"})
+    assert demo.train == TrainingConfig(steps=7, batch_size=5, lr=1e-3)  # the demo's declared lr kept
+    assert demo.classifier.seed == 3 and demo.train.seed == 0  # no collision: the recipe's is train_seed
+    assert TrainingConfig().lr == 0.0  # the library's default untouched
+    trainer = resolve(TrainerConfig, {"steps": "9", "epochs": "2"}, env={})
+    assert trainer.train.steps == 9 and trainer.train.epochs == 2
+    with pytest.raises(ValueError, match="unknown DemoConfig settings"):
+        resolve(DemoConfig, {"steps": "9"}, env={})  # in the demo the recipe's names are prefixed
+    saved = json.loads(save(demo, tmp_path / "demo.json").read_text())["config"]
+    assert saved["train"]["steps"] == 7 and "train_steps" not in saved
+    assert load(DemoConfig, tmp_path / "demo.json", env={}) == demo
+
+
+def test_the_cli_flags_of_the_recipe(tmp_path):
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    demo = CliRunner().invoke(main, ["demo", "--help"]).output
+    assert "--train-batch-size INTEGER" in demo and "--train-variant TEXT" in demo and "APMAE_TRAIN_STEPS" in demo
+    train = CliRunner().invoke(main, ["train", "--help"]).output
+    assert "--batch-size INTEGER" in train and "--train-batch-size" not in train
