@@ -180,7 +180,7 @@ class Scorer:
         """(CatBoost model, its feature columns, the sample ids it was fit on), parsed once per load."""
         from catboost import CatBoostClassifier
 
-        self.store.read(entry["path"], entry["sha256"])  # checksum before loading
+        self.registry.verify("classifier", None, self.store, entry)  # checksum before loading
         clf = CatBoostClassifier()
         clf.load_model(str(self.store.path(entry["path"])))
         fit_ids: frozenset[str] = frozenset()

@@ -245,7 +245,7 @@ class Assigner:
         self.store = ArtifactStore(cfg.artifacts_dir)
         self.registry = Registry(self.redis, cfg.topic_prefix)
         self.models = RegistryCache(self.registry, "cluster", version_field="version", load=lambda e: (
-            HeadModel.from_bytes(self.store.read(e["path"]), e["sha256"])))
+            HeadModel.from_bytes(self.registry.verify("cluster", None, self.store, e)[1], e["sha256"])))
         self.drift: dict[str, tuple[str, DriftMonitor]] = {}  # head -> (cluster version, its monitor)
         self.head_partition: dict[tuple[str, str, str], tuple[str, int]] = {}  # whose series this process exports
         HEAD_SERIES.limit = cfg.head_metrics

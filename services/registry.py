@@ -63,30 +63,73 @@ def apmae_key(prefix: str, name: str) -> str:
     return Registry(None, prefix).key("apmae", name)
 
 
+class RegistryError(LookupError):
+    """A name the registry does not hold, or an artifact that does not match its entry."""
+
+
 class Registry:
     """Redis hashes: ``apmae:registry:<kind>:<prefix><name>`` -> {path, sha256, version, ...}.
 
     The one way in and out for every artifact pointer: AP-MAE checkpoints (kind ``apmae``,
     written by the trainer, followed by the encoder), per-head cluster fits (``cluster``) and
-    per-task classifiers (``classifier``). The key layout lives in :meth:`key` only."""
+    per-task classifiers (``classifier``). The key layout lives in :meth:`key` only.
 
-    def __init__(self, redis_client: Any, prefix: str = ""):
-        self.r, self.prefix = redis_client, prefix
+    * :meth:`put` replaces the entry as a whole (a field of an older version never lingers)
+      and keeps the last ``keep`` entries in a history, in one transaction;
+    * :meth:`get` is the current entry or None, :meth:`latest` the same or a clear error;
+    * :meth:`history` lists earlier entries, newest first (what a checkpoint replaced);
+    * :meth:`verify` reads an entry's artifact from the store and checks its SHA-256: the one
+      place a pointer is turned into trusted bytes (pickles are loaded only after it)."""
+
+    def __init__(self, redis_client: Any, prefix: str = "", keep: int = 20):
+        self.r, self.prefix, self.keep = redis_client, prefix, keep
 
     def key(self, kind: str, name: str) -> str:
         return f"apmae:registry:{kind}:{self.prefix}{name}"
 
+    def _index(self, kind: str) -> str:
+        return f"apmae:registry:{kind}:{self.prefix}*index"
+
     def put(self, kind: str, name: str, **fields: Any) -> None:
-        self.r.hset(self.key(kind, name), mapping={k: json.dumps(v) if not isinstance(v, str) else v
-                                                   for k, v in fields.items()})
-        self.r.sadd(f"apmae:registry:{kind}:{self.prefix}*index", name)
+        mapping = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in fields.items()}
+        key = self.key(kind, name)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.hset(key, mapping=mapping)
+        pipe.lpush(key + ":history", json.dumps(mapping, sort_keys=True))
+        pipe.ltrim(key + ":history", 0, self.keep - 1)
+        pipe.sadd(self._index(kind), name)
+        pipe.execute()
 
     def get(self, kind: str, name: str) -> dict[str, str] | None:
         h = self.r.hgetall(self.key(kind, name))
         return {k.decode(): v.decode() for k, v in h.items()} if h else None
 
+    def latest(self, kind: str, name: str) -> dict[str, str]:
+        entry = self.get(kind, name)
+        if entry is None:
+            raise RegistryError(f"the registry holds no {kind} named {name!r} under topic prefix {self.prefix!r}")
+        return entry
+
+    def history(self, kind: str, name: str) -> list[dict[str, str]]:
+        """Every kept entry of ``name``, newest (the current one) first."""
+        return [json.loads(raw) for raw in self.r.lrange(self.key(kind, name) + ":history", 0, -1)]
+
     def names(self, kind: str) -> list[str]:
-        return sorted(n.decode() for n in self.r.smembers(f"apmae:registry:{kind}:{self.prefix}*index"))
+        return sorted(n.decode() for n in self.r.smembers(self._index(kind)))
+
+    def verify(self, kind: str, name: str | None, store: ArtifactStore,
+               entry: dict[str, str] | None = None) -> tuple[dict[str, str], bytes]:
+        """(entry, artifact bytes that hash to the entry's SHA-256), or RegistryError. An AP-MAE
+        entry points at a checkpoint directory: its weights file is what the hash covers."""
+        entry = entry if entry is not None else self.latest(kind, name or "")
+        rel = entry["path"] + ("/model.safetensors" if kind == "apmae" else "")
+        try:
+            return entry, store.read(rel, entry["sha256"])
+        except FileNotFoundError as e:
+            raise RegistryError(f"{kind} {name!r}: its artifact {rel} is missing") from e
+        except ValueError as e:
+            raise RegistryError(f"{kind} {name!r}: {e}") from e
 
 
 class RegistryCache:

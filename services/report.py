@@ -238,12 +238,12 @@ def write_report(demo) -> Path:
         sections.append(f"<img src='figure2.png' alt='Figure 2'><p>Head L{best[0]}H{best[1]} (most clusters), "
                         f"up to 5 example patterns per cluster from n = {sum(len(v) for v in examples.values())} "
                         "shown.</p>", f"Patterns per cluster, head L{best[0]}H{best[1]} (Figure 2)", "figure2")
-        entry = registry.get("cluster", head_key(model_name, *best))
         try:
             from apmae.cluster import HeadModel
             from services.registry import ArtifactStore
 
-            hm = HeadModel.from_bytes(ArtifactStore(demo.bus.artifacts_dir).read(entry["path"]), entry["sha256"])
+            entry, data = registry.verify("cluster", head_key(model_name, *best), ArtifactStore(demo.bus.artifacts_dir))
+            hm = HeadModel.from_bytes(data, entry["sha256"])
             pts = _umap_2d(np.asarray(hm.embedding))
             cluster_scatter(pts, np.asarray(hm.labels), out / "umap.png",
                             f"{head_key(model_name, *best)}: n = {len(pts)} points, 2-D UMAP of the fitted "

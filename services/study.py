@@ -785,8 +785,8 @@ def umap_panel(study: Study, heads: dict, path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(pick), figsize=(3.2 * len(pick), 3.2), squeeze=False)
     for ax, h in zip(axes[0], pick, strict=False):
-        e = registry.get("cluster", h["key"])
-        hm = HeadModel.from_bytes(store.read(e["path"]), e["sha256"])
+        e, data = registry.verify("cluster", h["key"], store)
+        hm = HeadModel.from_bytes(data, e["sha256"])
         pts = _umap_2d(np.asarray(hm.embedding))
         labels = np.asarray(hm.labels)
         ax.scatter(pts[:, 0], pts[:, 1], c=labels, s=5, cmap="tab10")
