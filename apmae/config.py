@@ -128,6 +128,13 @@ def resolve(cls: type[C], overrides: dict[str, Any] | None = None, env: dict[str
     return _build(cls, overrides, env, base)
 
 
+def from_flat(cls: type[C], **settings: Any) -> C:
+    """``cls`` from settings named as on the command line (nested configs' settings by their
+    flat names), typed values or strings, no environment: for code and tests that configure
+    a service the way a user would."""
+    return resolve(cls, settings, env={})
+
+
 def field_default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 

@@ -21,16 +21,21 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from apmae.config import setting
+
+if TYPE_CHECKING:  # torch is imported where heads are drawn: configs built from Split stay light
+    import torch
 
 
 @dataclass(frozen=True)
 class Split:
-    train_share: float = 0.75  # share of random-task samples (of non-held-out files) that train AP-MAE
-    held_out_files: float = 0.0  # share of files none of whose samples train AP-MAE
-    train_fraction: float = 0.25  # share of heads per layer kept for a training sample (the paper's 25%)
-    seed: int = 0
+    train_share: float = setting(0.75, "Share of random-task samples (of files not held out) that train AP-MAE "
+                                       "(never mined)")
+    held_out_files: float = setting(0.0, "Share of files (by id) none of whose samples train AP-MAE")
+    train_fraction: float = setting(0.25, "Share of heads per layer kept for a training sample (the paper's 25%)")
+    split_seed: int = setting(0, "Seed of the split (ids are hashed with it)")
 
     def __post_init__(self) -> None:
         for name in ("train_share", "held_out_files", "train_fraction"):
@@ -54,13 +59,13 @@ def unit(*parts: object) -> float:
 
 def is_held_out_file(file_id: str, split: Split) -> bool:
     """True for the files whose samples never train AP-MAE."""
-    return unit("held-out-file", split.seed, file_id) < split.held_out_files
+    return unit("held-out-file", split.split_seed, file_id) < split.held_out_files
 
 
 def trains_apmae(task: str, sample_id: str, file_id: str, split: Split) -> bool:
     """Is this sample in AP-MAE's training split (decided before its prediction is known)?"""
     return (task == "random" and not is_held_out_file(file_id, split)
-            and unit("train-sample", split.seed, sample_id) < split.train_share)
+            and unit("train-sample", split.split_seed, sample_id) < split.train_share)
 
 
 def route(task: str, correct: bool | None, sample_id: str, file_id: str, split: Split) -> Route:
@@ -86,6 +91,8 @@ def heads_to_capture(may_train: list[bool], may_mine: list[bool], n_layers: int,
     sample may be mined (training samples then take their 25% from it); else a fresh 25% per
     layer and sample if any may train; else nothing.
     """
+    import torch
+
     b = len(may_mine)
     if any(may_mine):
         return {layer: torch.arange(n_heads).expand(b, -1) for layer in range(n_layers)}

@@ -29,7 +29,7 @@ from benchmarks._common import RESULTS, write_result  # noqa: E402
 
 
 def main() -> None:
-    from apmae.config import BusConfig
+    from apmae.config import BusConfig, from_flat
     from apmae.corpus import CorpusStats, default_jdk_corpus, open_corpus
     from apmae.recipe import TrainingConfig
     from apmae.tiny import SAMPLE_JAVA, save_tiny
@@ -52,14 +52,15 @@ def main() -> None:
 
     # 1. the tiny model's patterns: evaluation set on the demo's files, training set on others
     common = dict(model=tiny, mine_per_task=100_000, balance_slack=100_000, noise_every=0, spans_per_task=2)
-    Producer(ProducerConfig(**vars(demo), group="producer-tiny", **common)).processor_for().run(idle_timeout_s=20)
+    Producer(from_flat(ProducerConfig, **vars(demo), group="producer-tiny", **common)).processor_for().run(
+        idle_timeout_s=20)
     bus = Bus(xeval, "cross-eval")
     bus.ensure_topics()
     files = (f for f in open_corpus(default_jdk_corpus(), CorpusStats()) if 4_000 < len(f.content) < 60_000)
     for f in itertools.islice(files, 2000, 2012):  # far from the demo's slice
         bus.send(Output(FILES, FileRecord(id=f.id, source=f.source, path=f.path, content=f.content)))
     bus.flush()
-    Producer(ProducerConfig(**vars(xeval), **common)).processor_for().run(idle_timeout_s=20)
+    Producer(from_flat(ProducerConfig, **vars(xeval), **common)).processor_for().run(idle_timeout_s=20)
 
     # 2. one training topic holding both models' training sets
     replay(ReplayConfig(**vars(demo), topic=PATTERNS_TRAIN.name, to_topic="xeval.patterns.train"), progress=False)

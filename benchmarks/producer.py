@@ -127,7 +127,7 @@ def part2(files: int, rounds: int) -> dict:
     import torch
     import zstandard
 
-    from apmae.config import BusConfig
+    from apmae.config import BusConfig, from_flat
     from apmae.corpus import CorpusStats, default_jdk_corpus, open_corpus
     from apmae.target import TargetModel
     from apmae.topics import FILES, PATTERNS_MINE, FileRecord
@@ -139,9 +139,9 @@ def part2(files: int, rounds: int) -> dict:
               for f in itertools.islice(open_corpus(default_jdk_corpus(), CorpusStats()), 500, 500 + files)]
     with embedded_infra(("broker", "redis")) as infra:
         def config(k: int) -> ProducerConfig:
-            return ProducerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                                  state_dir=ROOT / ".apmae", group_poll_interval_ms=10_000, topic_prefix=f"r{k}.",
-                                  mine_per_task=10**6, balance_slack=10**6)
+            return from_flat(ProducerConfig, bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
+                             state_dir=ROOT / ".apmae", group_poll_interval_ms=10_000, topic_prefix=f"r{k}.",
+                             mine_per_task=10**6, balance_slack=10**6)
 
         def loop_alone(k: int) -> tuple[float, int]:
             prod = Producer(config(k), model=lm)

@@ -35,6 +35,7 @@ from pathlib import Path
 from apmae.classify import ClassifierConfig
 from apmae.cluster import ClusterConfig
 from apmae.config import BusConfig, nested, setting
+from apmae.mining import MiningConfig
 from apmae.recipe import TrainingConfig
 from services import infra
 
@@ -49,10 +50,9 @@ class DemoConfig:
     live_files: int = setting(2, "Extra files streamed through the live path at the end")
     skip_files: int = setting(400, "Corpus files to skip first (the JDK zip starts with tiny package-info files)")
     model: str = setting("local:smollm2", "Target model (local:smollm2, a directory, or a hub id)")
-    mine_layers: str = setting("0,6,12,18,24,29", "Layers mined for clustering (every head of each); '' = all")
-    mine_per_task: int = setting(30, "Mining samples per task (balanced)")
-    spans_per_task: int = setting(2, "Candidates per task per file")
-    random_per_file: int = setting(6, "Random-span inputs per file (their correct ones feed AP-MAE training)")
+    # what is mined: the library's config, at the demo's size (--mine-layers, --mine-per-task...)
+    mining: MiningConfig = nested(MiningConfig(mine_layers="0,6,12,18,24,29", mine_per_task=30, spans_per_task=2,
+                                               random_per_file=6))
     # AP-MAE's training recipe, the library's own config behind --train-* flags (--train-steps,
     # --train-batch-size, --train-variant, --train-pattern-size: also the mined patterns' size);
     # a short demo run needs a higher rate than 1.5e-4 x 32/50
@@ -163,9 +163,7 @@ class Demo:
     def producer_cfg(self):
         from services.producer import ProducerConfig
 
-        return self.common(ProducerConfig, model=self.cfg.model, mine_layers=self.cfg.mine_layers,
-                           mine_per_task=self.cfg.mine_per_task, spans_per_task=self.cfg.spans_per_task,
-                           random_per_file=self.cfg.random_per_file,
+        return self.common(ProducerConfig, model=self.cfg.model, mining=self.cfg.mining,
                            files_per_batch=1, length=self.cfg.train.pattern_size)
 
     def stage_produce(self, n: int | None = None):

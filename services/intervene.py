@@ -69,7 +69,7 @@ def held_out_inputs(cfg: InterveneConfig, builder: InputBuilder, tasks: set[str]
             break
         tf = builder.tokenize(f.content)
         res = mine_spans(f.content.encode("utf-8"), include_plain_assign=cfg.include_plain_assign)
-        for span in sample_spans(res, cfg.spans_per_task, f"{cfg.seed}:held-out:{f.path}"):
+        for span in sample_spans(res, cfg.mining.spans_per_task, f"{cfg.seed}:held-out:{f.path}"):
             if span.task in tasks and len(out[span.task]) < cfg.per_task:
                 x = builder.build(tf, span)
                 if not isinstance(x, Rejected):

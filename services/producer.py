@@ -31,9 +31,10 @@ import torch
 from prometheus_client import Counter
 
 from apmae.codec import BF16_BITS, encode_many, tril_indices
-from apmae.config import BusConfig, setting
+from apmae.config import BusConfig, nested, setting
 from apmae.inputs import InputBuilder, ModelInput, Rejected, Sentinels
 from apmae.messages import stable_id
+from apmae.mining import MiningConfig
 from apmae.split import Split, heads_to_capture, route, training_heads, trains_apmae
 from apmae.target import LOCAL_DEFAULT, BatchResult, TargetModel, default_prompt_mode, is_correct
 from apmae.tasks import mine_spans, sample_spans
@@ -85,18 +86,7 @@ class ProducerConfig(BusConfig):
     batch_size: int = setting(8, "Inputs per forward pass")
     pipeline_depth: int = setting(1, "Forward chunks whose patterns may wait to be published while the next runs")
     files_per_batch: int = setting(2, "Files consumed per processing turn")
-    spans_per_task: int = setting(2, "Candidates sampled per tree-sitter task per file")
-    random_per_file: int = setting(2, "Random-span (3-10 token) inputs per file")
-    noise_every: int = setting(8, "One noise-task input every N files (0 = none)")
-    train_fraction: float = setting(0.25, "Share of heads per layer kept for training patterns")
-    train_share: float = setting(0.75, "Share of random-task samples that train AP-MAE (never mined; apmae.split)")
-    held_out_files: float = setting(0.0, "Share of files (by id) none of whose samples train AP-MAE")
-    mine_per_task: int = setting(10_000, "Mining samples per task and model (balanced correct/incorrect)")
-    balance_slack: int = setting(8, "How far one label may run ahead of the other while mining")
-    mine_layers: str = setting("", "Layers to mine, e.g. '0,4,8' or '0-29' (default: all)")
-    mine_heads: str = setting("", "Heads to mine in each mined layer, e.g. '0-3' (default: all)")
-    forward_full_tasks: bool = setting(True, "Run the model on candidates of tasks whose mining quota is full "
-                                             "(their prediction is still published; the study turns this off)")
+    mining: MiningConfig = nested(MiningConfig())  # what is mined and how much, set by its own flags
     generate_span: bool = setting(False, "Also greedy-generate the whole span (records exact_match)")
     include_plain_assign: bool = setting(False, "Count plain '=' as an assignment operator")
     pattern_dtype: str = setting("bfloat16", "Wire dtype of patterns: bfloat16 or float32")
@@ -109,7 +99,7 @@ class ProducerConfig(BusConfig):
 
     @property
     def split(self) -> Split:
-        return Split(self.train_share, self.held_out_files, self.train_fraction, self.seed)
+        return self.mining.split
 
     def input_builder(self, tokenizer) -> InputBuilder:
         """The 256-token input builder for this target model's tokenizer (fim when it has the sentinels)."""
@@ -150,8 +140,8 @@ class Producer:
         self.mode = self.builder.mode
         self.redis = redis_client or redis.Redis.from_url(cfg.redis_url)
         self.admit_script = self.redis.register_script(ADMIT_LUA)
-        self.mine_layers = parse_ranges(cfg.mine_layers, self.lm.n_layers)
-        self.mine_heads = parse_ranges(cfg.mine_heads, self.lm.n_heads)
+        self.mine_layers = parse_ranges(cfg.mining.mine_layers, self.lm.n_layers)
+        self.mine_heads = parse_ranges(cfg.mining.mine_heads, self.lm.n_heads)
         self.processor: Processor | None = None
         self.files_seen = 0
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
@@ -162,20 +152,20 @@ class Producer:
         jobs: list[Job] = []
         tf = self.builder.tokenize(f.content)
         res = mine_spans(f.content.encode("utf-8"), include_plain_assign=self.cfg.include_plain_assign)
-        for span in sample_spans(res, self.cfg.spans_per_task, f"{self.cfg.seed}:{f.id}"):
+        for span in sample_spans(res, self.cfg.mining.spans_per_task, f"{self.cfg.seed}:{f.id}"):
             x = self.builder.build(tf, span)
             if isinstance(x, Rejected):
                 REJECTED.labels(x.task, x.reason).inc()
                 continue
             jobs.append(Job(stable_id(self.lm.name, f.id, x.task, x.char_start, x.char_end), f.id, x))
         rng = random.Random(f"{self.cfg.seed}:{f.id}:random")
-        for k in range(self.cfg.random_per_file):
+        for k in range(self.cfg.mining.random_per_file):
             x = self.builder.random_span(tf, rng)
             if isinstance(x, Rejected):
                 REJECTED.labels(x.task, x.reason).inc()
                 continue
             jobs.append(Job(stable_id(self.lm.name, f.id, "random", k, self.cfg.seed), f.id, x))
-        noise_every = self.cfg.noise_every
+        noise_every = self.cfg.mining.noise_every
         if noise_every and int(f.id[:8], 16) % noise_every == 0:  # deterministic 1-in-N files
             x = self.builder.noise(random.Random(f"{self.cfg.seed}:{f.id}:noise"))
             jobs.append(Job(stable_id(self.lm.name, f.id, "noise", self.cfg.seed), f.id, x))
@@ -188,15 +178,15 @@ class Producer:
 
     def admit(self, sample_id: str, task: str, label: bool | None) -> bool:
         """Admit this sample's patterns to the mining topic? Balanced per task, capped, idempotent."""
-        cap = self.cfg.mine_per_task if label is None else self.cfg.mine_per_task // 2
+        cap = self.cfg.mining.mine_per_task if label is None else self.cfg.mining.mine_per_task // 2
         other = self._set(task, None if label is None else not label)
         return bool(self.admit_script(keys=[self._set(task, label), other],
-                                      args=[sample_id, cap, self.cfg.balance_slack]))
+                                      args=[sample_id, cap, self.cfg.mining.balance_slack]))
 
     def task_full(self, task: str) -> bool:
         if task == "noise":
-            return self.redis.scard(self._set(task, None)) >= self.cfg.mine_per_task
-        half = self.cfg.mine_per_task // 2
+            return self.redis.scard(self._set(task, None)) >= self.cfg.mining.mine_per_task
+        half = self.cfg.mining.mine_per_task // 2
         return all(self.redis.scard(self._set(task, lab)) >= half for lab in (True, False))
 
     # -- the processing turn --------------------------------------------------------------
@@ -293,7 +283,7 @@ class Producer:
                 out.append(DeadLetter(m, f"could not build inputs: {type(e).__name__}: {e}"))
             self.files_seen += 1
         full = {t: self.task_full(t) for t in {j.x.task for j in jobs}}
-        if not self.cfg.forward_full_tasks:
+        if not self.cfg.mining.forward_full_tasks:
             # a full task's candidate that trains nothing would only add a prediction; a study
             # spends that forward on the tasks still short of samples. The predictions kept are
             # those of the files before the quota filled: the correct rate over them estimates

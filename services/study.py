@@ -49,7 +49,9 @@ import numpy as np
 
 from apmae.cluster import ClusterConfig
 from apmae.config import nested, setting
+from apmae.mining import MiningConfig
 from apmae.recipe import TrainingConfig
+from apmae.split import Split
 from services.demo import Demo, DemoConfig, _bar
 
 log = logging.getLogger("apmae.study")
@@ -71,10 +73,12 @@ class StudyConfig(DemoConfig):
                                "budget share is spent)")
     live_files: int = setting(10, "Files streamed through the live path at the end (held out from the classifier; "
                                   "~20 s each on 2 cores)")
-    mine_layers: str = setting("0,10,20,29", "Layers mined (every head of each); '' = all")
-    mine_per_task: int = setting(240, "Mining samples per task (balanced: half correct, half incorrect)")
-    spans_per_task: int = setting(6, "Candidates per task per file")
-    random_per_file: int = setting(4, "Random-span inputs per file (a train_share of them trains AP-MAE)")
+    # every head of four layers, 240 balanced samples per task; 20% of files held out by file; no
+    # forward for a candidate of a full task (it would only add to the correct rate, which the
+    # earlier files estimate without bias)
+    mining: MiningConfig = nested(MiningConfig(mine_layers="0,10,20,29", mine_per_task=240, spans_per_task=6,
+                                               random_per_file=4, forward_full_tasks=False,
+                                               split=Split(train_share=0.75, held_out_files=0.2)))
     # the recipe at study scale: --train-steps 0 = as many as the budget and --train-epochs
     # passes over patterns.train allow (the training set is fixed once produce ends)
     train: TrainingConfig = nested(TrainingConfig(steps=0, epochs=8, batch_size=32, lr=1e-3, shuffle_window=4096),
@@ -87,8 +91,6 @@ class StudyConfig(DemoConfig):
     # the study's own
     budget_minutes: float = setting(120.0, "Time budget for the whole study; stages are sized from measured rates")
     out_dir: Path = setting(Path("docs/study"), "Where numbers.json, README.md and the figures go")
-    held_out_files: float = setting(0.2, "Share of files none of whose samples train AP-MAE (held out by file)")
-    train_share: float = setting(0.75, "Share of random-task samples (of other files) that train AP-MAE")
     batch_size: int = setting(8, "Target-model inputs per forward pass")
     chunk_files: int = setting(20, "Files ingested and mined per produce round (progress is checked between rounds)")
     min_tasks: int = setting(8, "Tasks that should reach mine_per_task balanced samples (the study's target)")
@@ -130,9 +132,7 @@ class Study(Demo):
         return states
 
     def producer_cfg(self):
-        return dataclasses.replace(super().producer_cfg(), held_out_files=self.cfg.held_out_files,
-                                   train_share=self.cfg.train_share, batch_size=self.cfg.batch_size,
-                                   forward_full_tasks=False)
+        return dataclasses.replace(super().producer_cfg(), batch_size=self.cfg.batch_size)
 
     def trainer_cfg(self, name: str, steps: int, log_scale: bool = True, epochs: int = 1):
         """The study's recipe at a planned size: ``steps``, ``epochs`` passes, warm-up 5%."""
@@ -220,7 +220,7 @@ class Study(Demo):
 
         allot = self.allot("produce")
         cfg = self.cfg
-        half = cfg.mine_per_task // 2
+        half = cfg.mining.mine_per_task // 2
         prod = Producer(self.producer_cfg())
         proc = prod.processor_for()
         t0 = time.monotonic()

@@ -15,6 +15,7 @@ import pytest
 
 from apmae.classify import ClassifierConfig
 from apmae.cluster import ClusterConfig
+from apmae.mining import MiningConfig
 from apmae.recipe import TrainingConfig
 from apmae.topics import (
     ALL_TOPICS,
@@ -56,7 +57,7 @@ def demo(tmp_path_factory):
         for f in java_files(12, "e2e"):
             (corpus / f.path).write_text(f.content * 2)
     cfg = DemoConfig(state_dir=state, corpus=str(corpus), files=6, live_files=2, skip_files=40,
-                     mine_layers="0,29", mine_per_task=40, spans_per_task=4,
+                     mining=MiningConfig(mine_layers="0,29", mine_per_task=40, spans_per_task=4, random_per_file=6),
                      train=TrainingConfig(variant="tiny", steps=20, batch_size=16, lr=1e-3),
                      cluster=ClusterConfig(min_cluster_size=5, min_samples=3),
                      classifier=ClassifierConfig(iterations=60, folds=5),

@@ -14,7 +14,9 @@ import torch
 
 from apmae.classify import ClassifierConfig
 from apmae.cluster import ClusterConfig
+from apmae.mining import MiningConfig
 from apmae.recipe import TrainingConfig
+from apmae.split import Split
 from services.study import SHARES, Study, StudyConfig, log_scaling_numbers, paired_reconstruction
 
 
@@ -64,8 +66,9 @@ def study(tmp_path_factory):
         pytest.skip("no JDK src.zip: the smoke run mines real Java files")
     state = tmp_path_factory.mktemp("study")
     cfg = StudyConfig(state_dir=state, out_dir=state / "out", budget_minutes=4, files=8, chunk_files=4,
-                      live_files=1, skip_files=40, mine_layers="29", mine_per_task=40, spans_per_task=4,
-                      random_per_file=6, ablation_steps=10,
+                      live_files=1, skip_files=40, ablation_steps=10,
+                      mining=MiningConfig(mine_layers="29", mine_per_task=40, spans_per_task=4, random_per_file=6,
+                                          forward_full_tasks=False, split=Split(held_out_files=0.2)),
                       train=TrainingConfig(variant="tiny", steps=0, epochs=8, batch_size=16, lr=1e-3),
                       cluster=ClusterConfig(min_cluster_size=5, min_samples=3),
                       classifier=ClassifierConfig(iterations=50, folds=3), eval_samples=60, eval_heads=4,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from apmae.codec import decode_pattern
+from apmae.config import from_flat
 from apmae.split import trains_apmae
 from apmae.target import TargetModel
 from apmae.topics import FILES, PATTERNS_MINE, PATTERNS_TRAIN, SAMPLES
@@ -18,7 +19,7 @@ from tests.conftest import java_files
 
 
 def make(bus_cfg, tiny_model_dir, **kw) -> Producer:
-    cfg = ProducerConfig(**vars(bus_cfg), model=str(tiny_model_dir), **({"noise_every": 1} | kw))
+    cfg = from_flat(ProducerConfig, **vars(bus_cfg), model=str(tiny_model_dir), **({"noise_every": 1} | kw))
     lm = TargetModel.load(cfg.model, cfg.model_cache, "cpu")
     return Producer(cfg, lm)
 

@@ -139,3 +139,16 @@ def test_the_cli_flags_of_the_recipe(tmp_path):
     assert "--train-batch-size INTEGER" in demo and "--train-variant TEXT" in demo and "APMAE_TRAIN_STEPS" in demo
     train = CliRunner().invoke(main, ["train", "--help"]).output
     assert "--batch-size INTEGER" in train and "--train-batch-size" not in train
+
+
+def test_the_mining_plan_is_one_config_held_by_the_producer_the_demo_and_the_study():
+    from apmae.mining import MiningConfig
+    from services.producer import ProducerConfig
+    from services.study import StudyConfig
+
+    study = resolve(StudyConfig, {"held_out_files": "0.1", "mine_per_task": "50"}, env={})
+    assert study.mining.split.held_out_files == 0.1 and study.mining.mine_per_task == 50
+    assert study.mining.forward_full_tasks is False and study.mining.mine_layers == "0,10,20,29"  # declared
+    producer = resolve(ProducerConfig, {"train_share": "0.5"}, env={})
+    assert producer.split.train_share == 0.5 and producer.mining.forward_full_tasks is True
+    assert MiningConfig().mine_per_task == 10_000  # the library's default, untouched by the study's
