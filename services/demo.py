@@ -44,7 +44,10 @@ log = logging.getLogger("apmae.demo")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    state_dir: Path = setting(Path(".apmae"), "State directory (infra, artifacts, report)")
+    # the embedded servers and the state directory (--state-dir, --kafka-port, --ephemeral...);
+    # the study at full size needs --ephemeral (the durable engine's listing made a read of
+    # ~8,000 record batches take 42 s)
+    infra: infra.InfraConfig = nested(infra.InfraConfig())
     corpus: str = setting("", "Corpus (default: the JDK's src.zip)")
     files: int = setting(10, "Files to mine")
     live_files: int = setting(2, "Extra files streamed through the live path at the end")
@@ -64,15 +67,12 @@ class DemoConfig:
     intervene_per_task: int = setting(12, "Held-out inputs per task for the head intervention (0 = skip it)")
     intervene_k: int = setting(5, "Heads zeroed per condition in the intervention")
     intervene_draws: int = setting(2, "Random-head draws in the intervention (the study uses 20+)")
-    kafka_port: int = setting(9092, "Embedded broker port")
-    redis_port: int = setting(6379, "Embedded Redis port")
-    prometheus_port: int = setting(9090, "Embedded Prometheus port")
-    redis_password: str = setting("", "Require this password on the embedded Redis (or APMAE_REDIS_PASSWORD_FILE)")
     fresh: bool = setting(False, "Forget finished stages and start over")
-    ephemeral: bool = setting(False, "Run the embedded broker in memory (its topics die with it) instead of "
-                                     "durably on disk; the study at full size needs it (the durable engine's "
-                                     "listing made a read of ~8,000 record batches take 42 s)")
     topic_prefix: str = setting("demo.", "Topic prefix of this demo run")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.infra.state_dir
 
 
 STAGES = ("infra", "ingest", "produce", "train", "encode", "cluster", "classify", "intervene", "live", "report")
@@ -88,9 +88,7 @@ class Demo:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stages_file = self.dir / "stages.json"
         self.done: dict = {} if cfg.fresh or not self.stages_file.exists() else json.loads(self.stages_file.read_text())
-        self.infra = infra.InfraConfig(state_dir=cfg.state_dir, kafka_port=cfg.kafka_port, redis_port=cfg.redis_port,
-                                       prometheus_port=cfg.prometheus_port, redis_password=cfg.redis_password,
-                                       ephemeral=cfg.ephemeral)
+        self.infra = cfg.infra
         self.bus = BusConfig(bootstrap_servers=self.infra.bootstrap_servers, redis_url=self.infra.redis_url,
                              state_dir=cfg.state_dir, topic_prefix=cfg.topic_prefix, group_poll_interval_ms=10_000)
         self.timings: dict[str, float] = dict(self.done.get("_timings", {}))

@@ -29,7 +29,7 @@ from apmae.topics import (
 )
 from services.bus import Bus, read_range
 from services.demo import Demo, DemoConfig
-from services.infra import down, free_port
+from services.infra import InfraConfig, down, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = f"pw-{uuid.uuid4().hex}"  # the demo's Redis requires it; it must never reach a log or a file
@@ -56,16 +56,16 @@ def demo(tmp_path_factory):
         corpus.mkdir()
         for f in java_files(12, "e2e"):
             (corpus / f.path).write_text(f.content * 2)
-    cfg = DemoConfig(state_dir=state, corpus=str(corpus), files=6, live_files=2, skip_files=40,
+    # every server on a free port, the durable broker's local S3 server too (4568 may be taken)
+    servers = InfraConfig(state_dir=state, kafka_port=free_port(), redis_port=free_port(),
+                          prometheus_port=free_port(), redis_password=SECRET, scrape_interval="1s", s3_port=free_port())
+    cfg = DemoConfig(infra=servers, corpus=str(corpus), files=6, live_files=2, skip_files=40,
                      mining=MiningConfig(mine_layers="0,29", mine_per_task=40, spans_per_task=4, random_per_file=6),
                      train=TrainingConfig(variant="tiny", steps=20, batch_size=16, lr=1e-3),
                      cluster=ClusterConfig(min_cluster_size=5, min_samples=3),
                      classifier=ClassifierConfig(iterations=60, folds=5),
-                     intervene_per_task=4, intervene_k=3, redis_password=SECRET,
-                     kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
+                     intervene_per_task=4, intervene_k=3)
     d = Demo(cfg)
-    # the local S3 server of the durable broker on a free port too (4568 may be taken)
-    d.infra = type(d.infra)(**{**vars(d.infra), "scrape_interval": "1s", "s3_port": free_port()})
     records = LogRecords()
     root = logging.getLogger()
     level, root.level = root.level, logging.INFO

@@ -4,7 +4,6 @@ verdict. The smoke run must write every key of numbers.json, labelled ``"smoke":
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -14,6 +13,7 @@ import torch
 
 from apmae.classify import ClassifierConfig
 from apmae.cluster import ClusterConfig
+from apmae.config import from_flat
 from apmae.mining import MiningConfig
 from apmae.recipe import TrainingConfig
 from apmae.split import Split
@@ -22,7 +22,7 @@ from services.study import SHARES, Study, StudyConfig, log_scaling_numbers, pair
 
 # -- pure pieces (no servers) ---------------------------------------------------------------------
 def test_each_stage_gets_its_share_of_what_is_left(tmp_path):
-    s = Study(StudyConfig(state_dir=tmp_path, budget_minutes=100))
+    s = Study(from_flat(StudyConfig, state_dir=tmp_path, budget_minutes=100))
     assert s.allot("produce") == pytest.approx(6000 * SHARES["produce"] / sum(SHARES.values()))
     # produce finished early: its unused time goes to the stages after it, in proportion
     s.done["produce"], s.timings["produce"] = {}, 600.0
@@ -60,25 +60,23 @@ def test_the_log_scaling_sentence_follows_the_intervals(log_ci, raw_ci, agrees):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     from apmae.corpus import default_jdk_corpus
-    from services.infra import down, free_port
+    from services.infra import InfraConfig, down, free_port
 
     if default_jdk_corpus() is None:
         pytest.skip("no JDK src.zip: the smoke run mines real Java files")
     state = tmp_path_factory.mktemp("study")
-    cfg = StudyConfig(state_dir=state, out_dir=state / "out", budget_minutes=4, files=8, chunk_files=4,
+    # the in-memory broker, on ports of its own (another engineer's durable broker may hold the S3 port)
+    servers = InfraConfig(state_dir=state, kafka_port=free_port(), redis_port=free_port(),
+                          prometheus_port=free_port(), ephemeral=True, s3_port=free_port())
+    cfg = StudyConfig(infra=servers, out_dir=state / "out", budget_minutes=4, files=8, chunk_files=4,
                       live_files=1, skip_files=40, ablation_steps=10,
                       mining=MiningConfig(mine_layers="29", mine_per_task=40, spans_per_task=4, random_per_file=6,
                                           forward_full_tasks=False, split=Split(held_out_files=0.2)),
                       train=TrainingConfig(variant="tiny", steps=0, epochs=8, batch_size=16, lr=1e-3),
                       cluster=ClusterConfig(min_cluster_size=5, min_samples=3),
                       classifier=ClassifierConfig(iterations=50, folds=3), eval_samples=60, eval_heads=4,
-                      intervene_per_task=2, intervene_k=3, intervene_draws=20, umap_heads=2,
-                      kafka_port=free_port(), redis_port=free_port(), prometheus_port=free_port())
+                      intervene_per_task=2, intervene_k=3, intervene_draws=20, umap_heads=2)
     s = Study(cfg)
-    # the in-memory broker, on ports of its own (another engineer's durable broker may hold the S3 port)
-    own = {"ephemeral": True, "s3_port": free_port()}
-    s.infra = dataclasses.replace(s.infra, **{k: v for k, v in own.items()
-                                              if k in {f.name for f in dataclasses.fields(s.infra)}})
     t0 = time.perf_counter()
     s.run()
     s.wall_s = time.perf_counter() - t0
@@ -150,7 +148,7 @@ def test_a_rerun_continues_instead_of_starting_over(study):
 def test_an_encode_stage_that_reads_nothing_fails_instead_of_recording_zero(tmp_path, monkeypatch):
     from services.demo import Demo
 
-    s = Study(StudyConfig(state_dir=tmp_path, ephemeral=True))
+    s = Study(from_flat(StudyConfig, state_dir=tmp_path, ephemeral=True))
     s.done["produce"] = {"mined": {"identifier": {"correct": 3, "incorrect": 2}}}
     monkeypatch.setattr(Demo, "stage_encode", lambda self: {"embedded": 0})
     with pytest.raises(RuntimeError, match="encode embedded nothing although produce mined 5 samples"):
@@ -162,7 +160,7 @@ def test_an_encode_stage_that_reads_nothing_fails_instead_of_recording_zero(tmp_
 def test_the_main_run_is_the_log_arm_only_when_the_raw_arm_gets_its_steps(tmp_path):
     """The log-scaling ablation at the main run's scale: the main run is its log arm when the
     raw arm is trained for as many steps; at fewer steps both arms are trained anew."""
-    s = Study(StudyConfig(state_dir=tmp_path, ephemeral=True))
+    s = Study(from_flat(StudyConfig, state_dir=tmp_path, ephemeral=True))
     s.plan.update(train_steps=900, ablation_steps=900)
     assert s.ablation_names() == {"log": "study", "raw": "study-ablation-raw"}
     s.plan["ablation_steps"] = 300

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from apmae.config import from_flat
 from services.demo import Demo, DemoConfig
 from services.encoder import Encoder, EncoderConfig
 from services.registry import apmae_key
@@ -24,9 +25,9 @@ def test_a_tenant_never_sees_another_tenants_checkpoint_or_run_dir(bus_cfg, redi
 
 
 def demo(infra_cfg, tmp_path, prefix: str) -> Demo:
-    return Demo(DemoConfig(state_dir=tmp_path, kafka_port=infra_cfg.kafka_port, redis_port=infra_cfg.redis_port,
-                           prometheus_port=infra_cfg.prometheus_port, redis_password=infra_cfg.redis_secret(),
-                           topic_prefix=prefix))
+    return Demo(from_flat(DemoConfig, state_dir=tmp_path, kafka_port=infra_cfg.kafka_port,
+                          redis_port=infra_cfg.redis_port, prometheus_port=infra_cfg.prometheus_port,
+                          redis_password=infra_cfg.redis_secret(), topic_prefix=prefix))
 
 
 def test_the_demo_reset_deletes_its_own_tenants_state_only(infra_cfg, redis_client, tmp_path):

@@ -104,9 +104,10 @@ def test_the_demo_and_the_study_can_run_the_broker_in_memory(tmp_path):
     from services.demo import Demo, DemoConfig
     from services.study import Study, StudyConfig
 
-    assert Demo(DemoConfig(state_dir=tmp_path / "d")).infra.ephemeral is False  # durable by default
-    assert Demo(DemoConfig(state_dir=tmp_path / "d", ephemeral=True)).infra.ephemeral is True
-    assert Study(StudyConfig(state_dir=tmp_path / "s", ephemeral=True)).infra.ephemeral is True
+    assert Demo(resolve(DemoConfig, {"state_dir": tmp_path / "d"}, env={})).infra.ephemeral is False  # durable
+    assert Demo(resolve(DemoConfig, {"state_dir": tmp_path / "d", "ephemeral": True}, env={})).infra.ephemeral
+    study = Study(resolve(StudyConfig, {"state_dir": tmp_path / "s", "ephemeral": "1"}, env={}))
+    assert study.infra.ephemeral is True and study.cfg.state_dir == tmp_path / "s"
 
 
 def test_a_prefixed_nested_config_is_set_by_its_prefixed_names_and_saved_nested(tmp_path):
