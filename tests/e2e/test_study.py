@@ -14,10 +14,12 @@ import torch
 from apmae.classify import ClassifierConfig
 from apmae.cluster import ClusterConfig
 from apmae.config import from_flat
+from apmae.evaluate import paired_reconstruction
 from apmae.mining import MiningConfig
 from apmae.recipe import TrainingConfig
 from apmae.split import Split
-from services.study import SHARES, Study, StudyConfig, log_scaling_numbers, paired_reconstruction
+from services.study import SHARES, Study, StudyConfig
+from services.study_numbers import log_scaling_numbers
 
 
 # -- pure pieces (no servers) ---------------------------------------------------------------------
