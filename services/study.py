@@ -28,7 +28,11 @@ an early stage does not use goes to the later ones):
 10. intervene   top-SHAP vs >= 20 random head sets vs neutral heads on held-out files, McNemar
 11. live        new files through produce -> encode -> assign -> score; accuracy only on
                 files no classifier saw
-12. numbers     ``<out>/numbers.json``, ``<out>/README.md`` and the PNG figures beside them
+12. diagnose    where the reconstruction target was missed: short runs that change one
+                thing each (learning rate / 3 and x 3, patches of 64, no shuffle) beside the
+                main recipe at the same steps, each against its own baseline; what is left
+                of the budget sizes them
+13. numbers     ``<out>/numbers.json``, ``<out>/README.md`` and the PNG figures beside them
 
 Splits (:mod:`apmae.split`): a random-task sample either trains AP-MAE or is mined, never
 both; a ``held_out_files`` share of files trains nothing, so their mined samples give a
@@ -55,13 +59,13 @@ from services.demo import Demo, DemoConfig, _bar
 log = logging.getLogger("apmae.study")
 
 STAGES = ("infra", "calibrate", "produce", "train", "encode", "cluster", "classify", "ablate", "evaluate",
-          "intervene", "live", "numbers")
+          "intervene", "live", "diagnose", "numbers")
 # share of the budget per stage (infra, calibrate and numbers take seconds and are not budgeted)
 # Produce gets the most: measured on this 2-core machine (SmolLM2 ~2 samples/s, AP-MAE small 0.15 s/step),
 # training is limited by its data (one pass over patterns.train, ~a few hundred steps), not by time.
 # The raw ablation arm repeats the main run's steps, so ablate's share is about train's.
 SHARES = {"produce": 0.55, "train": 0.11, "encode": 0.06, "cluster": 0.06, "classify": 0.05, "ablate": 0.09,
-          "evaluate": 0.02, "intervene": 0.07, "live": 0.02}
+          "evaluate": 0.02, "intervene": 0.07, "live": 0.02, "diagnose": 0.06}
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,8 @@ class Study(Demo):
         import shutil
 
         super().reset()
-        for name in (f"{self.name}-ablation-log", f"{self.name}-ablation-raw", f"{self.name}-probe"):
+        for name in (f"{self.name}-ablation-log", f"{self.name}-ablation-raw", f"{self.name}-probe",
+                     *(f"{self.name}-diag-{label}" for label in self.DIAGNOSES)):
             shutil.rmtree(self.trainer_cfg(name, 1).run_dir, ignore_errors=True)
 
     # -- the budget ---------------------------------------------------------------------------
@@ -358,23 +363,34 @@ class Study(Demo):
             raise RuntimeError(f"no AP-MAE checkpoint for run {name}")
         return path
 
+    def held_out_set(self):
+        """(target model, patterns (N, S, S), their sample ids) of ``eval_samples`` mined
+        samples, ``eval_heads`` heads each (none of them trained AP-MAE), or None."""
+        from apmae.topics import PATTERNS_MINE
+        from services.evaluate import load_patterns
+
+        loaded = load_patterns(self.bus, f"topic:{PATTERNS_MINE.name}", self.cfg.eval_samples,
+                               self.cfg.train.pattern_size, self.cfg.eval_heads, seed=0)
+        if not loaded:
+            return None
+        target, (pats, ids) = next(iter(loaded.items()))
+        return target, pats, ids
+
     def stage_evaluate(self):
         """Reconstruction on mined samples (none trained AP-MAE: split by sample), the
         log-scaling ablation against each run's own baseline, and Table 2."""
         from apmae import evaluate as E
         from apmae.mae import from_pretrained
         from apmae.split import is_held_out_file
-        from apmae.topics import PATTERNS_MINE, SAMPLES
+        from apmae.topics import SAMPLES
         from services.bus import Bus, Message, read_range
-        from services.evaluate import load_patterns
 
         out = self.cfg.out_dir
         out.mkdir(parents=True, exist_ok=True)
-        loaded = load_patterns(self.bus, f"topic:{PATTERNS_MINE.name}", self.cfg.eval_samples,
-                               self.cfg.train.pattern_size, self.cfg.eval_heads, seed=0)
-        if not loaded:
+        held = self.held_out_set()
+        if held is None:
             return {"skipped": "no mined patterns"}
-        target, (pats, ids) = next(iter(loaded.items()))
+        target, pats, ids = held
         runs = {"main": self.name, **{f"ablation-{k}": v for k, v in self.ablation_names().items()}}
         models, steps = {}, {}
         for label, name in runs.items():
@@ -401,6 +417,55 @@ class Study(Demo):
         E.figure1(models["main"], pats[0], out / "figure1.png", title="AP-MAE (main run), a held-out pattern")
         return {"target_model": target, "heads_per_sample": self.cfg.eval_heads, "runs": res,
                 "held_out_files": by_file, "cross_eval": table}
+
+    DIAGNOSES = {"reference": {}, "lr_x0.3": {"lr": 0.3}, "lr_x3": {"lr": 3.0}, "patch_64": {"patch_size": 64},
+                 "no_shuffle": {"shuffle_window": 0}}  # lr: a factor; shuffle_window 0: one batch (none)
+
+    def stage_diagnose(self):
+        """Why the reconstruction target (ratio <= 0.5) was missed, if it was: the main recipe
+        at fewer steps ("reference": the steps trend beside the main run) and one change at a
+        time at those steps, each against its own mean-patch baseline on the same held-out
+        samples. Patches of 64 rather than 16: a 16-patch run costs ~4x a step (136 patches
+        instead of 36), which the budget left here cannot pay."""
+        from apmae import evaluate as E
+        from apmae.mae import from_pretrained
+        from apmae.train import scaled_lr
+        from services.trainer import Trainer
+
+        main = self.done.get("evaluate", {}).get("runs", {}).get("main", {})
+        if "ratio_ci95" not in main:
+            return {"skipped": "no held-out reconstruction to diagnose"}
+        if main["ratio_ci95"][1] <= 0.5:
+            return {"skipped": "the target is reached: nothing to diagnose"}
+        if "diagnose_steps" not in self.plan:
+            allot, step_s = self.allot("diagnose"), self.probe_step_s()
+            self.plan["diagnose_steps"] = min(self.plan["train_steps"],
+                                              int(allot * 0.75 / len(self.DIAGNOSES) / step_s))
+            self.save_plan()
+        steps = self.plan["diagnose_steps"]
+        if steps < 50:
+            return {"skipped": f"the budget left affords {steps} steps per run (< 50)", "steps": steps}
+        held = self.held_out_set()
+        if held is None:
+            return {"skipped": "no mined patterns"}
+        _, pats, ids = held
+        epochs = math.ceil(steps / self.plan["train_steps_per_pass"]) + 1
+        recipe = self.cfg.train
+        out = {"steps": steps, "main_steps": self.plan["train_steps"], "runs": {}}
+        with _bar("diagnose", len(self.DIAGNOSES), "run") as bar:
+            for label, change in self.DIAGNOSES.items():
+                name = f"{self.name}-diag-{label}"
+                cfg = self.trainer_cfg(name, steps, epochs=epochs)
+                fields = {"lr": (recipe.lr or scaled_lr(recipe.batch_size)) * change["lr"]} if "lr" in change else dict(change)
+                if fields.get("shuffle_window") == 0:
+                    fields["shuffle_window"] = recipe.batch_size
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **fields))
+                trained = Trainer(cfg).run()
+                model, _ = from_pretrained(self.checkpoint(name))
+                out["runs"][label] = {**E.paired_reconstruction(model, pats, ids), "change": fields,
+                                      "train_seconds": trained["seconds"], "last_train_loss": trained["loss"]}
+                bar.update()
+        return out
 
     def intervene_cfg(self):
         """The demo's intervention with the study's draws; inputs per task sized from the

@@ -59,6 +59,36 @@ def reconstruction_numbers(ev: dict, train: dict) -> dict:
             "held_out_files": ev.get("held_out_files")}
 
 
+def diagnosis_numbers(dg: dict, main: dict) -> dict:
+    """Each diagnostic run's ratio beside the reference (the main recipe at the same steps):
+    a change helps only where its ratio's CI lies below the reference's."""
+    runs = dg.get("runs") or {}
+    ref = runs.get("reference", {})
+    if "ratio" not in ref:
+        return {"skipped": dg.get("skipped", "not run")}
+    rows = {}
+    for label, r in runs.items():
+        if "ratio" not in r:
+            rows[label] = {"skipped": r.get("skipped")}
+            continue
+        if label == "reference":
+            effect = "the main recipe at these steps"
+        elif r["ratio_ci95"][1] < ref["ratio_ci95"][0]:
+            effect = "better than the reference (CIs apart)"
+        elif r["ratio_ci95"][0] > ref["ratio_ci95"][1]:
+            effect = "worse than the reference (CIs apart)"
+        else:
+            effect = "no difference from the reference (CIs overlap)"
+        rows[label] = {"ratio": r["ratio"], "ratio_ci95": r["ratio_ci95"], "n_samples": r["n_samples"],
+                       "change": r.get("change"), "effect": effect}
+    steps_trend = None
+    if "ratio" in main:
+        steps_trend = (f"main recipe: ratio {_num(ref['ratio'])} {fmt_ci(ref['ratio_ci95'])} at {dg['steps']} steps, "
+                       f"{_num(main['ratio'])} {fmt_ci(main['ratio_ci95'])} at {dg['main_steps']} steps")
+    return {"steps": dg.get("steps"), "main_steps": dg.get("main_steps"), "runs": rows, "steps_trend": steps_trend,
+            "helps": [k for k, v in rows.items() if v.get("effect", "").startswith("better")]}
+
+
 def log_scaling_numbers(ev: dict, steps) -> dict:
     runs = ev.get("runs", {})
     lg, raw = runs.get("ablation-log", {}), runs.get("ablation-raw", {})
@@ -198,6 +228,7 @@ def write_numbers(study: Study) -> Path:
                     "met": len(reaching) >= cfg.min_tasks},
         "reconstruction": reconstruction_numbers(ev, done.get("train", {})),
         "log_scaling": log_scaling_numbers(ev, study.plan.get("ablation_steps")),
+        "diagnosis": diagnosis_numbers(done.get("diagnose", {}), ev.get("runs", {}).get("main", {})),
         "clusters_per_head": cluster_numbers(study),
         "tasks": tasks,
         "intervention": intervention_numbers(study),
@@ -260,6 +291,25 @@ def draw_figures(study: Study, numbers: dict, out: Path) -> list[str]:
 
     if runs:
         attempt("reconstruction.png", recon)
+    diag = {k: v for k, v in (numbers["diagnosis"].get("runs") or {}).items() if "ratio" in v}
+
+    def diagnosis(path: Path) -> None:
+        plt = _plt()
+        labels = list(diag)
+        vals = [diag[k]["ratio"] for k in labels]
+        err = [[v - diag[k]["ratio_ci95"][0] for k, v in zip(labels, vals, strict=True)],
+               [diag[k]["ratio_ci95"][1] - v for k, v in zip(labels, vals, strict=True)]]
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        ax.bar(labels, vals, yerr=err, capsize=4, color=["#2b6cb0"] + ["#a0aec0"] * (len(labels) - 1))
+        ax.axhline(1, color="black", lw=1, label="own mean-patch baseline (1.0)")
+        ax.axhline(0.5, color="gray", ls="--", lw=1, label="target 0.5")
+        ax.set_ylabel("AP-MAE loss / own baseline")
+        ax.set_title(f"one change at a time, {numbers['diagnosis']['steps']} steps each (95% CI)")
+        ax.legend(fontsize=8)
+        save_figure(fig, path)
+
+    if diag:
+        attempt("diagnosis.png", diagnosis)
     heads = numbers["clusters_per_head"].get("heads", {})
     if heads:
         per = {(h["layer"], h["head"]): h["n_clusters"] for h in heads.values()}
@@ -352,6 +402,22 @@ def readme(n: dict, figures: list[str]) -> str:
                      f"{hf['ratio']:.3f} {fmt_ci(hf['ratio_ci95'])}, n = {hf['n_samples']} samples.")
     else:
         L.append(f"Not measured: {r.get('skipped')}.")
+    L.append("")
+    dg = n["diagnosis"]
+    if dg.get("runs"):
+        L.append(f"**Why the target is missed** (each run {dg['steps']} steps, one change from the main recipe, "
+                 f"each against its own baseline on the same held-out samples): {dg['steps_trend']}.")
+        L.append("")
+        L.append("| run | change | ratio [95% CI] | n samples | effect |")
+        L.append("|---|---|---|---|---|")
+        for label, row in dg["runs"].items():
+            if "ratio" in row:
+                L.append(f"| {label} | {row['change'] or '-'} | {row['ratio']:.3f} {fmt_ci(row['ratio_ci95'])} | "
+                         f"{row['n_samples']} | {row['effect']} |")
+        L.append("")
+        L.append(f"Changes that help: {', '.join(dg['helps']) if dg['helps'] else 'none at these steps'}.")
+    elif r.get("target_reached") is False:
+        L.append(f"Why the target is missed: not diagnosed ({dg.get('skipped')}).")
     L.append("")
     ls = n["log_scaling"]
     L.append("## 2. Log-scaling ablation (paper 4.2)")
