@@ -90,8 +90,8 @@ def test_every_key_is_written_and_labelled_smoke(study):
     out = study.cfg.out_dir
     n = json.loads((out / "numbers.json").read_text())
     assert n["smoke"] is True and "SMOKE" in n["note"]
-    for key in ("reconstruction", "log_scaling", "clusters_per_head", "tasks", "intervention", "live", "cross_eval",
-                "timings_s", "targets"):
+    for key in ("reconstruction", "log_scaling", "diagnosis", "clusters_per_head", "tasks", "intervention", "live",
+                "cross_eval", "timings_s", "targets"):
         assert key in n, key
     r = n["reconstruction"]
     assert r["split"] == "by_sample" and r["n_samples"] > 0
@@ -167,3 +167,20 @@ def test_the_main_run_is_the_log_arm_only_when_the_raw_arm_gets_its_steps(tmp_pa
     assert s.ablation_names() == {"log": "study", "raw": "study-ablation-raw"}
     s.plan["ablation_steps"] = 300
     assert s.ablation_names() == {"log": "study-ablation-log", "raw": "study-ablation-raw"}
+
+
+def test_a_diagnosis_says_which_change_helps_only_where_the_cis_are_apart():
+    from services.study_numbers import diagnosis_numbers
+
+    def run(ci, change=None):
+        return {"ratio": sum(ci) / 2, "ratio_ci95": ci, "n_samples": 300, "change": change}
+
+    dg = {"steps": 200, "main_steps": 2000,
+          "runs": {"reference": run([0.80, 0.90]), "lr_x3": run([0.60, 0.70], {"lr": 3e-3}),
+                   "lr_x0.3": run([0.85, 0.95], {"lr": 3e-4}), "no_shuffle": run([0.95, 1.05], {"shuffle_window": 32})}}
+    out = diagnosis_numbers(dg, run([0.70, 0.80]))
+    assert out["helps"] == ["lr_x3"]
+    assert out["runs"]["lr_x0.3"]["effect"].startswith("no difference")
+    assert out["runs"]["no_shuffle"]["effect"].startswith("worse")
+    assert "at 200 steps" in out["steps_trend"] and "at 2000 steps" in out["steps_trend"]
+    assert diagnosis_numbers({"skipped": "the target is reached"}, {}) == {"skipped": "the target is reached"}
