@@ -274,42 +274,32 @@ def draw_figures(study: Study, numbers: dict, out: Path) -> list[str]:
         drawn.append("figure1.png")
     runs = study.done.get("evaluate", {}).get("runs", {})
 
-    def recon(path: Path) -> None:
+    def ratio_bars(rows: dict, colors: list[str], title: str, path: Path) -> None:
+        """Each run's loss over its own baseline with its 95% CI, against 1 and the 0.5 target."""
         plt = _plt()
-        labels = [k for k in ("main", "ablation-log", "ablation-raw") if "ratio" in runs.get(k, {})]
-        vals = [runs[k]["ratio"] for k in labels]
-        err = [[v - runs[k]["ratio_ci95"][0] for k, v in zip(labels, vals, strict=False)],
-               [runs[k]["ratio_ci95"][1] - v for k, v in zip(labels, vals, strict=False)]]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(labels, vals, yerr=err, capsize=4, color=["#2b6cb0", "#48bb78", "#ed8936"][:len(labels)])
-        ax.axhline(1, color="black", lw=1, label="mean-patch baseline (1.0)")
-        ax.axhline(0.5, color="gray", ls="--", lw=1, label="target 0.5")
-        ax.set_ylabel("AP-MAE loss / own baseline")
-        ax.set_title(f"reconstruction on held-out samples, n = {runs[labels[0]]['n_samples']} (95% CI)")
-        ax.legend(fontsize=8)
-        save_figure(fig, path)
-
-    if runs:
-        attempt("reconstruction.png", recon)
-    diag = {k: v for k, v in (numbers["diagnosis"].get("runs") or {}).items() if "ratio" in v}
-
-    def diagnosis(path: Path) -> None:
-        plt = _plt()
-        labels = list(diag)
-        vals = [diag[k]["ratio"] for k in labels]
-        err = [[v - diag[k]["ratio_ci95"][0] for k, v in zip(labels, vals, strict=True)],
-               [diag[k]["ratio_ci95"][1] - v for k, v in zip(labels, vals, strict=True)]]
+        labels = list(rows)
+        vals = [rows[k]["ratio"] for k in labels]
+        err = [[v - rows[k]["ratio_ci95"][0] for k, v in zip(labels, vals, strict=True)],
+               [rows[k]["ratio_ci95"][1] - v for k, v in zip(labels, vals, strict=True)]]
         fig, ax = plt.subplots(figsize=(6.5, 3.5))
-        ax.bar(labels, vals, yerr=err, capsize=4, color=["#2b6cb0"] + ["#a0aec0"] * (len(labels) - 1))
+        ax.bar(labels, vals, yerr=err, capsize=4, color=colors[:len(labels)])
         ax.axhline(1, color="black", lw=1, label="own mean-patch baseline (1.0)")
         ax.axhline(0.5, color="gray", ls="--", lw=1, label="target 0.5")
         ax.set_ylabel("AP-MAE loss / own baseline")
-        ax.set_title(f"one change at a time, {numbers['diagnosis']['steps']} steps each (95% CI)")
+        ax.set_title(title)
         ax.legend(fontsize=8)
         save_figure(fig, path)
 
+    recon = {k: runs[k] for k in ("main", "ablation-log", "ablation-raw") if "ratio" in runs.get(k, {})}
+    if recon:
+        attempt("reconstruction.png", lambda p: ratio_bars(
+            recon, ["#2b6cb0", "#48bb78", "#ed8936"],
+            f"reconstruction on held-out samples, n = {next(iter(recon.values()))['n_samples']} (95% CI)", p))
+    diag = {k: v for k, v in (numbers["diagnosis"].get("runs") or {}).items() if "ratio" in v}
     if diag:
-        attempt("diagnosis.png", diagnosis)
+        attempt("diagnosis.png", lambda p: ratio_bars(
+            diag, ["#2b6cb0"] + ["#a0aec0"] * len(diag),
+            f"one change at a time, {numbers['diagnosis']['steps']} steps each (95% CI)", p))
     heads = numbers["clusters_per_head"].get("heads", {})
     if heads:
         per = {(h["layer"], h["head"]): h["n_clusters"] for h in heads.values()}
