@@ -173,6 +173,13 @@ def task_numbers(study: Study) -> dict:
             out[task] = {"n_balanced": 0, "skipped": "no complete mined row", "chance_level": 0.5,
                          "mined": mined.get(task), "llm_correct_rate": None, "llm_correct_ci95": None,
                          "llm_candidates_n": 0}
+    from apmae.stats import holm
+
+    # ten tasks are ten tests against chance: the family-wise correction decides "signal"
+    adjusted = holm({t: r["p_value_vs_chance"] for t, r in out.items() if r.get("p_value_vs_chance") is not None})
+    for task, p in adjusted.items():
+        out[task]["p_value_holm"] = p
+        out[task]["signal_after_holm"] = bool(out[task]["signal"] and p < 0.05)
     return dict(sorted(out.items()))
 
 
@@ -424,18 +431,23 @@ def readme(n: dict, figures: list[str]) -> str:
     L.append("")
     L.append("## 4. Can the heads' clusters predict whether the model is right? (classifier, CV by file)")
     L.append("")
-    L.append("| task | n balanced | CV accuracy [95% CI] | chance | verdict | LLM correct rate, all candidates [95% CI] (n) |")
-    L.append("|---|---|---|---|---|---|")
+    L.append("| task | n balanced | CV accuracy [95% CI] | chance | p vs chance (Holm) | verdict | "
+             "LLM correct rate, all candidates [95% CI] (n) |")
+    L.append("|---|---|---|---|---|---|---|")
     for task, row in n["tasks"].items():
         llm = f"{_num(row['llm_correct_rate'])} {fmt_ci(row['llm_correct_ci95'])} ({row['llm_candidates_n']})"
         if "cv_accuracy" in row:
             L.append(f"| {task} | {row['n_balanced']} | {row['cv_accuracy']:.3f} {fmt_ci(row['ci95'])} | 0.5 | "
-                     f"{row['verdict']} | {llm} |")
+                     f"{_num(row.get('p_value_vs_chance'))} ({_num(row.get('p_value_holm'))}) | {row['verdict']} | "
+                     f"{llm} |")
         else:
-            L.append(f"| {task} | {row['n_balanced']} | skipped: {row['skipped']} | 0.5 | | {llm} |")
+            L.append(f"| {task} | {row['n_balanced']} | skipped: {row['skipped']} | 0.5 | | | {llm} |")
     sig = [t for t, row in n["tasks"].items() if row.get("signal")]
     L.append("")
     L.append(f"Tasks with a CI above chance: {', '.join(sig) if sig else '**none: no signal**'}.")
+    holm_sig = [t for t, row in n["tasks"].items() if row.get("signal_after_holm")]
+    L.append(f"Of these, with the Holm correction over the {sum('p_value_holm' in r for r in n['tasks'].values())} "
+             f"tasks tested (family-wise p < 0.05): {', '.join(holm_sig) if holm_sig else 'none'}.")
     L.append("")
     iv = n["intervention"]
     L.append("## 5. Do the top-SHAP heads matter to the model? (intervention on held-out files)")

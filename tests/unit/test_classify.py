@@ -134,3 +134,13 @@ def test_cv_by_file_does_not_learn_a_file_from_its_other_samples():
     assert by_sample["cv_split"] == "by sample" and by_file["cv_split"] == "by file"
     assert by_sample["mean"] > 0.9
     assert by_file["ci95"][0] < 0.5 < by_file["ci95"][1] or by_file["mean"] < 0.6
+
+
+def test_holm_adjusts_a_family_of_p_values_step_down_and_monotone():
+    from apmae.stats import holm
+
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5})
+    # sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1, then made monotone
+    assert adj == pytest.approx({"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert holm({"x": 0.6, "y": 0.6}) == {"x": 1.0, "y": 1.0}  # capped at 1
+    assert holm({}) == {}
