@@ -133,8 +133,16 @@ class Study(Demo):
             self.timings = {}
         return states
 
+    live_pass = False  # set while the live stage produces
+
     def producer_cfg(self):
-        return dataclasses.replace(super().producer_cfg(), batch_size=self.cfg.batch_size)
+        cfg = dataclasses.replace(super().producer_cfg(), batch_size=self.cfg.batch_size)
+        if self.live_pass:
+            # the live files are mined whatever the quotas: with the tasks full, a live file's
+            # candidates were neither run nor mined, and the first full study scored 3 live rows
+            cfg = dataclasses.replace(cfg, mining=dataclasses.replace(cfg.mining, mine_per_task=10**9,
+                                                                      forward_full_tasks=True))
+        return cfg
 
     def trainer_cfg(self, name: str, steps: int, log_scale: bool = True, epochs: int = 1):
         """The study's recipe at a planned size: ``steps``, ``epochs`` passes, warm-up 5%."""
@@ -491,10 +499,11 @@ class Study(Demo):
     def stage_live(self):
         saved = self.cfg
         self.cfg = dataclasses.replace(saved, files=self.plan.get("files_requested", saved.files))
+        self.live_pass = True
         try:
             return super().stage_live()
         finally:
-            self.cfg = saved
+            self.cfg, self.live_pass = saved, False
 
     def stage_numbers(self):
         from services.study_numbers import write_numbers

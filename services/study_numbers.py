@@ -413,6 +413,10 @@ def readme(n: dict, figures: list[str]) -> str:
                          f"{row['n_samples']} | {row['effect']} |")
         L.append("")
         L.append(f"Changes that help: {', '.join(dg['helps']) if dg['helps'] else 'none at these steps'}.")
+        if dg["steps"] and dg["main_steps"] and dg["steps"] * 5 <= dg["main_steps"]:
+            L.append(f"These runs are short ({dg['steps']} of the main run's {dg['main_steps']} steps, what the "
+                     "budget left): they say which changes speed up early training, not which would reach the "
+                     "target; the steps trend above is the strongest lead.")
     elif r.get("target_reached") is False:
         L.append(f"Why the target is missed: not diagnosed ({dg.get('skipped')}).")
     L.append("")
