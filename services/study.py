@@ -313,6 +313,11 @@ class Study(Demo):
             self.save_plan()
         return self.plan["train_step_s_probe"]
 
+    def passes_for(self, steps: int) -> int:
+        """Passes over patterns.train a run of ``steps`` may read: one more than the steps
+        need, since a pass drops its last partial batch."""
+        return math.ceil(steps / self.plan["train_steps_per_pass"]) + 1
+
     def stage_train(self):
         from services.trainer import Trainer
 
@@ -323,9 +328,8 @@ class Study(Demo):
             by_data = per_pass * self.cfg.train.epochs
             steps = self.cfg.train.steps or min(by_time, by_data)
             self.plan.update(train_steps=steps, train_steps_by_time=by_time, train_steps_by_data=by_data,
-                             train_steps_per_pass=per_pass, train_allot_s=allot,
-                             # one pass more than the steps need: a pass drops its last partial batch
-                             train_epochs=math.ceil(steps / per_pass) + 1)
+                             train_steps_per_pass=per_pass, train_allot_s=allot)
+            self.plan["train_epochs"] = self.passes_for(steps)
             self.save_plan()  # a rerun resumes with the same schedule
         steps = self.plan["train_steps"]
         out = Trainer(self.trainer_cfg(self.name, steps, epochs=self.plan["train_epochs"])).run()
@@ -354,7 +358,7 @@ class Study(Demo):
             self.plan["ablation_steps"] = steps
             self.save_plan()
         steps = self.plan["ablation_steps"]
-        epochs = math.ceil(steps / self.plan["train_steps_per_pass"]) + 1
+        epochs = self.passes_for(steps)
         out = {}
         for label, name in self.ablation_names().items():
             if name == self.name:
@@ -457,7 +461,7 @@ class Study(Demo):
         if held is None:
             return {"skipped": "no mined patterns"}
         _, pats, ids = held
-        epochs = math.ceil(steps / self.plan["train_steps_per_pass"]) + 1
+        epochs = self.passes_for(steps)
         recipe = self.cfg.train
         out = {"steps": steps, "main_steps": self.plan["train_steps"], "runs": {}}
         with _bar("diagnose", len(self.DIAGNOSES), "run") as bar:
