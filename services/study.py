@@ -430,8 +430,16 @@ class Study(Demo):
         return {"target_model": target, "heads_per_sample": self.cfg.eval_heads, "runs": res,
                 "held_out_files": by_file, "cross_eval": table}
 
-    DIAGNOSES = {"reference": {}, "lr_x0.3": {"lr": 0.3}, "lr_x3": {"lr": 3.0}, "patch_64": {"patch_size": 64},
-                 "no_shuffle": {"shuffle_window": 0}}  # lr: a factor; shuffle_window 0: one batch (none)
+    DIAGNOSES = ("reference", "lr_x0.3", "lr_x3", "patch_64", "no_shuffle")
+
+    @staticmethod
+    def diagnosis_change(label: str, recipe: TrainingConfig) -> dict:
+        """The recipe fields a diagnosis run changes (no shuffle: a window of one batch)."""
+        from apmae.train import scaled_lr
+
+        lr = recipe.lr or scaled_lr(recipe.batch_size)
+        return {"reference": {}, "lr_x0.3": {"lr": lr * 0.3}, "lr_x3": {"lr": lr * 3.0}, "patch_64": {"patch_size": 64},
+                "no_shuffle": {"shuffle_window": recipe.batch_size}}[label]
 
     def stage_diagnose(self):
         """Why the reconstruction target (ratio <= 0.5) was missed, if it was: the main recipe
@@ -441,7 +449,6 @@ class Study(Demo):
         instead of 36), which the budget left here cannot pay."""
         from apmae import evaluate as E
         from apmae.mae import from_pretrained
-        from apmae.train import scaled_lr
         from services.trainer import Trainer
 
         main = self.done.get("evaluate", {}).get("runs", {}).get("main", {})
@@ -465,12 +472,10 @@ class Study(Demo):
         recipe = self.cfg.train
         out = {"steps": steps, "main_steps": self.plan["train_steps"], "runs": {}}
         with _bar("diagnose", len(self.DIAGNOSES), "run") as bar:
-            for label, change in self.DIAGNOSES.items():
+            for label in self.DIAGNOSES:
                 name = f"{self.name}-diag-{label}"
                 cfg = self.trainer_cfg(name, steps, epochs=epochs)
-                fields = {"lr": (recipe.lr or scaled_lr(recipe.batch_size)) * change["lr"]} if "lr" in change else dict(change)
-                if fields.get("shuffle_window") == 0:
-                    fields["shuffle_window"] = recipe.batch_size
+                fields = self.diagnosis_change(label, recipe)
                 cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **fields))
                 trained = Trainer(cfg).run()
                 model, _ = from_pretrained(self.checkpoint(name))

@@ -184,3 +184,13 @@ def test_a_diagnosis_says_which_change_helps_only_where_the_cis_are_apart():
     assert out["runs"]["no_shuffle"]["effect"].startswith("worse")
     assert "at 200 steps" in out["steps_trend"] and "at 2000 steps" in out["steps_trend"]
     assert diagnosis_numbers({"skipped": "the target is reached"}, {}) == {"skipped": "the target is reached"}
+
+
+def test_each_diagnosis_run_changes_one_field_of_the_recipe():
+    recipe = TrainingConfig(lr=1e-3, batch_size=32, patch_size=32)
+    changes = {label: Study.diagnosis_change(label, recipe) for label in Study.DIAGNOSES}
+    assert changes["reference"] == {} and changes["patch_64"] == {"patch_size": 64}
+    assert changes["lr_x3"]["lr"] == pytest.approx(3e-3) and changes["lr_x0.3"]["lr"] == pytest.approx(3e-4)
+    assert changes["no_shuffle"] == {"shuffle_window": 32}  # a window of one batch: no mixing
+    scaled = Study.diagnosis_change("lr_x3", TrainingConfig(lr=0.0, batch_size=50))
+    assert scaled["lr"] == pytest.approx(3 * 1.5e-4)  # lr 0 means the scaled rate, then the factor
