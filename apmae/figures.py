@@ -102,9 +102,7 @@ def calibration_plot(prob: np.ndarray, actual: np.ndarray, path: Path, title: st
     if rows:
         x = [r["mean_prob"] for r in rows]
         y = [r["observed"] for r in rows]
-        err = [[v - r["ci95"][0] for v, r in zip(y, rows, strict=True)],
-               [r["ci95"][1] - v for v, r in zip(y, rows, strict=True)]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="observed correct rate (95% Wilson CI)")
+        ax.errorbar(x, y, yerr=interval_error_bars(y, [r["ci95"] for r in rows]), marker="o", capsize=3, label="observed correct rate (95% Wilson CI)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed correct rate")
@@ -157,6 +155,13 @@ def cluster_examples(examples: dict[int, list[np.ndarray]], title: str, path: Pa
     return save_figure(fig, path, dpi=80)
 
 
+def interval_error_bars(values: list[float], cis: list[tuple[float, float]]) -> list[list[float]]:
+    """Matplotlib's asymmetric ``yerr`` ([below], [above]) from intervals ``(low, high)`` that
+    hold their values."""
+    return [[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
+            [hi - v for v, (_, hi) in zip(values, cis, strict=True)]]
+
+
 def task_bars(tasks: list[str], series: list[tuple[str, list[float], list[float] | None]], path: Path,
               title: str, ylabel: str = "", ylim: tuple[float, float] | None = None) -> Path:
     """Grouped bars: one group per task, one bar per (label, values, error bars or None)."""
@@ -179,15 +184,11 @@ def task_bars(tasks: list[str], series: list[tuple[str, list[float], list[float]
 def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
     """Figure 4: per task, the LLM's correct rate over all candidates and the classifier's CV
     accuracy, each with its 95% interval ``[low, high]``, next to the 0.5 chance level."""
-    def err(values, cis):  # asymmetric error bars from intervals
-        return [[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
-                [hi - v for v, (_, hi) in zip(values, cis, strict=True)]]
-
     llm = [r["llm_correct"]["rate"] for r in rows]
     acc = [r["mean"] for r in rows]
     return task_bars([r["task"] for r in rows], [
-        ("LLM correct rate (all candidates, 95% CI)", llm, err(llm, [r["llm_correct"]["ci95"] for r in rows])),
-        ("classifier CV accuracy (95% CI)", acc, err(acc, [r["ci95"] for r in rows])),
+        ("LLM correct rate (all candidates, 95% CI)", llm, interval_error_bars(llm, [r["llm_correct"]["ci95"] for r in rows])),
+        ("classifier CV accuracy (95% CI)", acc, interval_error_bars(acc, [r["ci95"] for r in rows])),
         ("chance level (balanced data)", [r["chance_level"] for r in rows], None),
     ], path, title, ylim=(0, 1))
 

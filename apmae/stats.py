@@ -24,8 +24,10 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # clamp rounding only: the interval is inside [0, 1] by construction
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # By construction the interval holds p and lies inside [0, 1]; at k = 0 or k = n the bound
+    # meets p exactly, and rounding can put it a few ulp on the wrong side (e.g. k=0, n=6 gave
+    # low = 5.6e-17 > p, and matplotlib refused the negative error bar): clamp to p and [0, 1].
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def proportion(flags: Iterable[bool]) -> dict:

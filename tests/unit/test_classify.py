@@ -97,6 +97,14 @@ def test_wilson_interval_stays_in_the_unit_interval():
         assert 0 <= lo <= k / 20 <= hi <= 1
 
 
+def test_wilson_interval_holds_its_rate_at_every_n_despite_rounding():
+    # k = 0 at n = 6 gave low = 5.6e-17 > 0 = p: a negative error bar that matplotlib refuses
+    for n in range(1, 400):
+        for k in (0, 1, n - 1, n):
+            lo, hi = wilson_interval(k, n)
+            assert 0 <= lo <= k / n <= hi <= 1, (k, n, lo, hi)
+
+
 def test_model_correct_rate_is_over_every_candidate():
     # 30 of 100 candidates right: the balanced rows (30 + 30) would say 0.5
     rate = model_correct_rate([True] * 30 + [False] * 70 + [None] * 5)

@@ -58,3 +58,13 @@ def test_the_loss_curve_is_drawn_from_the_trainers_log_history(tmp_path):
     history = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 61)]
     path = loss_curve(history, tmp_path / "loss.png")
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
+
+
+def test_calibration_plot_draws_a_bin_where_every_prediction_was_wrong(tmp_path):
+    # The demo's CI run failed here: a bin of 6 all-wrong rows had a Wilson low of 5.6e-17 > 0,
+    # so its lower error bar was negative and matplotlib refused to draw it.
+    prob = np.array([0.62, 0.63, 0.64, 0.65, 0.66, 0.67, 0.25, 0.26])
+    actual = np.array([0, 0, 0, 0, 0, 0, 1, 0], dtype=float)
+    cal = figures.calibration_plot(prob, actual, tmp_path / "cal.png", "test")
+    zero = next(b for b in cal["bins"] if b["n"] == 6)
+    assert zero["observed"] == 0 and zero["ci95"][0] == 0
