@@ -270,8 +270,9 @@ class Assigner:
         for key, group in by_head.items():
             found = self.model_for(key)
             model_name = group[0].record.model
-            if found is None:
+            if found is None:  # nothing to assign it to yet: kept, with its bytes, not dropped
                 ASSIGNED.labels(model_name, "unfitted").inc(len(group))
+                out += [DeadLetter(m, f"no cluster fit for head {key} yet") for m in group]
                 continue
             version, fitted_on, model = found
             other = [m for m in group if not same_space(m.record.checkpoint, fitted_on)]

@@ -1,9 +1,10 @@
-"""The bus: apmae records over Kafka (kafka-python), in four rooms.
+"""The bus: apmae records over Kafka (kafka-python), in four rooms and a test hook.
 
 * :mod:`services.bus.client`     - :class:`Bus`: topic names, producer, consumers, dead letters
 * :mod:`services.bus.processing` - :class:`Processor`: the at-least-once processing loop
 * :mod:`services.bus.done`       - :class:`DoneStore`: marks of inputs whose outputs are durable
 * :mod:`services.bus.offsets`    - end offsets, ranged reads, and the consumer-lag probe
+* :mod:`services.bus.failpoints` - where fault tests make the loop fail on purpose
 
 Services import the public names from here.
 """

@@ -39,6 +39,7 @@ from apmae.messages import Record, decode
 from apmae.topics import Topic
 from services import metrics
 from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output, is_transient
+from services.bus import failpoints
 from services.bus.done import DoneStore
 from services.bus.offsets import LagProbe, true_end_offsets
 
@@ -198,6 +199,7 @@ class Processor:
         if fresh:
             verdicts.extend(self._handle(fresh))
         t_pub = time.perf_counter()
+        half = len(verdicts) // 2
         for i, v in enumerate(verdicts, 1):
             if isinstance(v, DeadLetter):
                 m = v.message
@@ -207,7 +209,11 @@ class Processor:
             if i % self.flush_every == 0:  # a big batch (all heads of many samples) takes a while
                 self.bus.flush()
                 self.heartbeat()
+            if i == half:
+                failpoints.hit("mid-publish", before=self.bus.flush)  # a batch partly durable
+        failpoints.hit("flush")
         self.bus.flush()  # raises on failure: no mark, no commit
+        failpoints.hit("after-flush")  # the window between a batch's outputs and its marks
         if self.on_flushed:
             self.on_flushed()
         self._publish_s.inc(time.perf_counter() - t_pub)
@@ -328,11 +334,6 @@ class Processor:
                         if not joined:
                             log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
                                         svc, self.group, waited)
-                        break
-                    continue
-                raws = [r for part in polled.values() for r in part]
-                if not raws:
-                    if idle_timeout_s is not None and time.monotonic() - last_data > idle_timeout_s:
                         break
                     continue
                 last_data = time.monotonic()
