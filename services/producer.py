@@ -50,7 +50,7 @@ from apmae.topics import (
     head_key,
 )
 from services import metrics
-from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor
+from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, failpoints
 
 log = logging.getLogger("apmae.producer")
 
@@ -343,6 +343,8 @@ class Producer:
         for o in outs:
             self.bus.send(o)
         SECONDS.labels("publish").inc(time.perf_counter() - t0)
+        # the producer publishes from its handler, chunk by chunk: a batch is partly durable here
+        failpoints.hit("mid-publish", before=self.bus.flush)
 
     def processor_for(self, done: DoneStore | None = None) -> Processor:
         self.bus.ensure_topics([FILES, SAMPLES, PATTERNS_TRAIN, PATTERNS_MINE])

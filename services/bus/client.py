@@ -188,6 +188,11 @@ class Bus:
             max_poll_interval_ms=self.cfg.group_poll_interval_ms,
             session_timeout_ms=min(10_000, self.cfg.group_poll_interval_ms),
             heartbeat_interval_ms=1_000,
+            # A group leader that fetched metadata while a restarted broker was still loading
+            # its topics assigns no partitions of them, and kafka-python only rejoins when the
+            # metadata changes, by default 5 min later: the member sat idle that long (the
+            # fault matrix's durable broker restart). Refresh every 10 s instead.
+            metadata_max_age_ms=10_000,
             max_partition_fetch_bytes=self.cfg.max_message_bytes + 64 * 1024,
             fetch_max_bytes=max(64 << 20, self.cfg.max_message_bytes * 4),
             **kafka_security(self.cfg),

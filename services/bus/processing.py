@@ -38,8 +38,8 @@ from kafka.structs import OffsetAndMetadata
 from apmae.messages import Record, decode
 from apmae.topics import Topic
 from services import metrics
-from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output, is_transient
 from services.bus import failpoints
+from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output, is_transient
 from services.bus.done import DoneStore
 from services.bus.offsets import LagProbe, true_end_offsets
 

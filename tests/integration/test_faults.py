@@ -135,14 +135,17 @@ def dead_lettered(bus, where: dict[Position, tuple[str, bytes]], key: Callable[[
     return credited, other
 
 
-def account(name: str, inputs: set[str], outputs: list[str], dead: list[str], *, fault: str, max_duplicates: int,
-            expect_dead: set[str] = frozenset(), **extra) -> dict:
+def account(name: str, inputs: set[str], outputs: list[str] | list[tuple[str, str]], dead: list[str], *, fault: str,
+            max_duplicates: int, expect_dead: set[str] = frozenset(), **extra) -> dict:
     """in = distinct outputs + dead letters, disjoint, none lost, nothing invented; exactly the
     expected inputs dead-lettered; raw repeats (outputs and dead letters) within the bound.
-    Prints the README row."""
-    got, dl = set(outputs), set(dead)
+    ``outputs``: the input id of each raw output message, or (output id, input id) pairs where
+    one input makes several outputs (a file, its samples). Prints the README row."""
+    pairs = [(o, o) if isinstance(o, str) else o for o in outputs]
+    got, dl = {i for _, i in pairs}, set(dead)
+    repeats = len(pairs) - len({o for o, _ in pairs}) + len(dead) - len(dl)
     row = {"service": name, "fault": fault, "in": len(inputs), "out": len(got & inputs), "dead_lettered": len(dl),
-           "raw_duplicates": len(outputs) - len(got) + len(dead) - len(dl), "lost": len(inputs - got - dl), **extra}
+           "raw_duplicates": repeats, "lost": len(inputs - got - dl), **extra}
     print("FAULT", json.dumps(row))
     assert row["lost"] == 0, sorted(inputs - got - dl)[:20]
     assert got <= inputs and dl <= inputs, sorted((got | dl) - inputs)[:20]  # nothing invented
