@@ -102,7 +102,8 @@ def calibration_plot(prob: np.ndarray, actual: np.ndarray, path: Path, title: st
     if rows:
         x = [r["mean_prob"] for r in rows]
         y = [r["observed"] for r in rows]
-        ax.errorbar(x, y, yerr=interval_error_bars(y, [r["ci95"] for r in rows]), marker="o", capsize=3, label="observed correct rate (95% Wilson CI)")
+        ax.errorbar(x, y, yerr=interval_error_bars(y, [r["ci95"] for r in rows]), marker="o", capsize=3,
+                    label="observed correct rate (95% Wilson CI)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("observed correct rate")
@@ -187,7 +188,8 @@ def accuracy_bars(rows: list[dict], path: Path, title: str = "") -> Path:
     llm = [r["llm_correct"]["rate"] for r in rows]
     acc = [r["mean"] for r in rows]
     return task_bars([r["task"] for r in rows], [
-        ("LLM correct rate (all candidates, 95% CI)", llm, interval_error_bars(llm, [r["llm_correct"]["ci95"] for r in rows])),
+        ("LLM correct rate (all candidates, 95% CI)", llm,
+         interval_error_bars(llm, [r["llm_correct"]["ci95"] for r in rows])),
         ("classifier CV accuracy (95% CI)", acc, interval_error_bars(acc, [r["ci95"] for r in rows])),
         ("chance level (balanced data)", [r["chance_level"] for r in rows], None),
     ], path, title, ylim=(0, 1))

@@ -10,8 +10,8 @@ passes or fails with the timing. A failpoint lands where the test says::
     APMAE_FAILPOINTS="flush=raise@2"        # 2nd batch: its flush fails (KafkaTimeoutError)
 
 ``mid-publish`` is reached after each half-batch in :class:`~services.bus.Processor` and after
-each chunk the producer publishes from its handler. ``point=action@n`` fires once, on the n-th time the point is reached (``@n`` omitted: the
-first). Actions: ``kill`` (SIGKILL this process: nothing runs after it, like a power cut) and
+each chunk the producer publishes from its handler. ``point=action@n`` fires once, on the n-th
+time the point is reached (``@n`` omitted: the first). Actions: ``kill`` (SIGKILL this process: nothing runs after it, like a power cut) and
 ``raise`` (the transient error a broker that stops acknowledging gives). Unset, as in
 production, :func:`hit` is one dict lookup.
 """

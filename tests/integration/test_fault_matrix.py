@@ -53,7 +53,7 @@ from apmae.topics import (
 from services.bus import Bus, Output, read_range, topic_end_offsets
 from services.infra import InfraConfig, down, free_port, servers, up
 from tests.conftest import java_files
-from tests.integration.test_classifier_service import assignments, sample
+from tests.integration.test_classifier_service import assignments
 from tests.integration.test_cluster_service import synthetic_embeddings
 from tests.integration.test_faults import (
     account,
@@ -62,6 +62,7 @@ from tests.integration.test_faults import (
     dead_lettered,
     envelope,
     finish,
+    fit_labelled,
     inputs_of,
     patterns,
     register_checkpoint,
@@ -118,18 +119,8 @@ def register(bus: Bus, cfg: BusConfig) -> set[str]:
 
 
 def fit_scorer(bus: Bus, cfg: BusConfig) -> set[str]:
-    """120 labelled samples' assignments, and the classifier fit on them; the scorer reads
-    (and scores) them too."""
-    from services.classifier import ClassifyConfig, fit_all
-
-    rng = random.Random(0)
-    for i in range(120):
-        bus.send(Output(SAMPLES, sample(i, i % 2 == 0)))
-        for a in assignments(i, i % 2 == 0, rng):
-            bus.send(Output(ASSIGNMENTS, a))
-    bus.flush()
-    fit_all(ClassifyConfig(**vars(cfg), classifier=ClassifierConfig(iterations=30, depth=3, folds=3, threads=1),
-                           out_dir=cfg.state_dir / "rep"))
+    """The classifier fit on 120 labelled samples (:func:`fit_labelled`); their ids."""
+    fit_labelled(bus, cfg, cfg.state_dir / "rep", ClassifierConfig(iterations=30, depth=3, folds=3, threads=1))
     return {f"s{i}" for i in range(120)}
 
 

@@ -352,21 +352,27 @@ def test_trainer_killed_mid_run_resumes_from_its_checkpointed_offsets(bus_cfg):
                                "raw_duplicates": 0, "lost": 0}))
 
 
-def scorer_setup(bus_cfg, tmp_path, n_live: int):
+def fit_labelled(bus, bus_cfg, out_dir: Path, classifier: ClassifierConfig):
+    """120 labelled samples and their assignments on the bus, and the classifier fit on them
+    (the scorer reads and scores these too); returns the rng that drew them, to go on with."""
     import random
 
     from services.classifier import ClassifyConfig, fit_all
 
-    bus = Bus(bus_cfg, "test")
-    bus.ensure_topics()
     rng = random.Random(0)
     for i in range(120):
         bus.send(Output(SAMPLES, sample(i, i % 2 == 0)))
         for a in assignments(i, i % 2 == 0, rng):
             bus.send(Output(ASSIGNMENTS, a))
     bus.flush()
-    fit_all(ClassifyConfig(**vars(bus_cfg), classifier=ClassifierConfig(iterations=60, depth=4, folds=3, threads=2),
-                           out_dir=tmp_path / "rep"))
+    fit_all(ClassifyConfig(**vars(bus_cfg), classifier=classifier, out_dir=out_dir))
+    return rng
+
+
+def scorer_setup(bus_cfg, tmp_path, n_live: int):
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    rng = fit_labelled(bus, bus_cfg, tmp_path / "rep", ClassifierConfig(iterations=60, depth=4, folds=3, threads=2))
     live = []
     for i in range(1000, 1000 + n_live):
         live += assignments(i, i % 2 == 0, rng)

@@ -36,5 +36,6 @@ def test_an_armed_point_fires_once_on_its_nth_hit(monkeypatch):
 def test_kill_is_a_sigkill_nothing_after_it_runs():
     code = "from services.bus import failpoints\nfailpoints.hit('after-flush')\nprint('survived')"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={"APMAE_FAILPOINTS": "after-flush=kill", "PATH": "/usr/bin:/bin"}, cwd=Path(__file__).resolve().parents[2])
+                       env={"APMAE_FAILPOINTS": "after-flush=kill", "PATH": "/usr/bin:/bin"},
+                       cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == -9 and "survived" not in p.stdout, (p.returncode, p.stderr[-500:])
