@@ -126,6 +126,7 @@ class FitWorker:
         self.registry = Registry(self.redis, cfg.topic_prefix)
         self.proc: Processor | None = None
         HEAD_SERIES.limit = cfg.head_metrics
+        self.proc: Processor | None = None  # set by processor(): its group membership is kept during a transform
 
     def head_data(self, job: FitJobRecord, key: str) -> dict[str, np.ndarray]:
         """A planned snapshot from the store, or (refits) the head's embeddings read from the
@@ -287,7 +288,7 @@ class Assigner:
                 self.head_partition[(r0.model, str(r0.layer), str(r0.head))] = (group[0].topic, group[0].partition)
                 DRIFTS.labels(model_name, str(r0.layer), str(r0.head))  # series at 0
             x = np.stack([embedding_vector(m.record.payload, m.record.dim) for m in group])
-            labels, strengths = model.predict_many(x)
+            labels, strengths = self.transform(model, x)
             mon = self.monitor(key, version, model)
             for m, lab, s in zip(group, labels, strengths, strict=True):
                 r = m.record
@@ -311,6 +312,14 @@ class Assigner:
                 NOISE.labels(r0.model, str(r0.layer), str(r0.head)).set(mon.noise_rate)
         return out
 
+    def transform(self, model: HeadModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head's cluster labels and strengths for embeddings ``x`` [n, dim], keeping the
+        group membership alive meanwhile: a head's first UMAP transform compiles numba code for
+        longer than the poll interval, and the member was expelled in the middle of its batch."""
+        if self.proc is None:
+            return model.predict_many(x)
+        return self.proc.keepalive(lambda: model.predict_many(x))
+
     def keep_heads_of(self, assigned) -> int:
         """After a rebalance: stop exporting the series of heads whose partition this member
         no longer owns (another member exports them now); returns how many were dropped.
@@ -328,6 +337,7 @@ class Assigner:
         proc = Processor(self.bus, self.cfg.assign_group, [EMBEDDINGS], self.handle,
                          done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.assign_group), batch_size=256)
         proc.consumer = self.bus.consumer(self.cfg.assign_group, [EMBEDDINGS], listener=_HeadsWatch(proc, self))
+        self.proc = proc
         return proc
 
 

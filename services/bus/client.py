@@ -127,6 +127,10 @@ class Bus:
     def logical(self, physical: str) -> Topic:
         return BY_NAME[physical.removeprefix(self.cfg.topic_prefix)]
 
+    def group_id(self, group: str | None) -> str | None:
+        """The broker's name of consumer group ``group``: under the topic prefix."""
+        return None if group is None else self.cfg.topic_prefix + group
+
     # -- clients -------------------------------------------------------------------------
     def admin(self) -> KafkaAdminClient:
         return KafkaAdminClient(bootstrap_servers=self.cfg.bootstrap_servers, client_id=self.service,
@@ -179,10 +183,16 @@ class Bus:
 
     def consumer(self, group: str | None, topics: Sequence[Topic | str] = (), listener: Any = None,
                  **kw: Any) -> KafkaConsumer:
+        """A consumer of ``topics`` (names under the prefix) in ``group``, or group-less.
+
+        The group id carries the topic prefix like the topics and the done marks do: two
+        tenants (or two test runs) with a group "assign" each have their own commits and
+        members. Unprefixed, a stale member of one run's group kept the next run's members from
+        ever getting partitions (the fault matrix's assigner)."""
         opts: dict[str, Any] = dict(
             bootstrap_servers=self.cfg.bootstrap_servers,
             client_id=self.service,
-            group_id=group,
+            group_id=self.group_id(group),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_interval_ms=self.cfg.group_poll_interval_ms,

@@ -47,6 +47,43 @@ def test_produce_consume_commit(bus_cfg):
     assert again.run(idle_timeout_s=4) == 0
 
 
+def test_a_tenants_group_is_not_rebalanced_by_another_tenants_members(bus_cfg):
+    """Group ids are under the topic prefix. Unprefixed, tenant B's member joining "g-tenant"
+    rebalanced tenant A's group of that name: A, busy in a long batch, was revoked and B
+    waited for it (the fault matrix's assigner never got partitions behind a stale member)."""
+    from dataclasses import replace
+
+    from kafka import ConsumerRebalanceListener
+
+    class Revocations(ConsumerRebalanceListener):
+        count = 0
+
+        def on_partitions_revoked(self, revoked):
+            Revocations.count += bool(revoked)
+
+        def on_partitions_assigned(self, assigned):
+            pass
+
+    a = Bus(bus_cfg, "t-tenant-a")
+    b = Bus(replace(bus_cfg, topic_prefix=bus_cfg.topic_prefix + "b."), "t-tenant-b")
+    assert a.group_id("g-tenant") != b.group_id("g-tenant")
+    publish(a, files(3, "tenant-a"))
+    publish(b, files(4, "tenant-b"))
+    # A may go a minute without polling: its group holds it through B's run
+    busy = a.consumer("g-tenant", [FILES], listener=Revocations(), max_poll_interval_ms=60_000)
+    deadline = time.monotonic() + 30
+    while not busy.assignment() and time.monotonic() < deadline:
+        busy.poll(200)
+    assert busy.assignment()
+    # A now sits in a long batch (no poll) while B's member joins its own group and works
+    assert Processor(b, "g-tenant", [FILES], score).run(max_messages=4, idle_timeout_s=20) == 4
+    for _ in range(5):
+        busy.poll(200)
+    revoked = Revocations.count  # before close(), which revokes everything
+    busy.close()
+    assert revoked == 0
+
+
 def test_a_stage_reads_to_the_end_however_slow_its_group_join(bus_cfg):
     """A batch stage stops when its input is read to the end, not on a guess of how long to
     wait; and a short idle timeout counts from the group join, not from the start of the run
