@@ -27,6 +27,36 @@ def embedded_infra(which=("broker", "redis")):
         down(cfg, which)
 
 
+class Clock:
+    """Wall seconds and busy CPU-seconds of the whole machine since :meth:`start`.
+
+    Busy CPU is every process's (this one's threads, the broker's, Redis's): on a 2-core
+    machine the stages of a service share one CPU budget, so a ratio below 1 is a physical
+    limit only when the busy CPU-seconds of its parts add up to it (:func:`cpu_bound`)."""
+
+    @staticmethod
+    def busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def start(self) -> Clock:
+        self.cpu0, self.wall0 = self.busy(), time.perf_counter()
+        return self
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall0, self.busy() - self.cpu0
+
+
+def cpu_bound(raw_wall: float, cpu_seconds: list[float]) -> float:
+    """The best service/raw ratio the machine allows: the raw side's wall time over the wall
+    time the parts' busy CPU-seconds need on every core at once (never above 1)."""
+    import os
+
+    return min(1.0, raw_wall / (sum(cpu_seconds) / (os.cpu_count() or 1)))
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     line = "  ".join(c.ljust(widths[c]) for c in cols)

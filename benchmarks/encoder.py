@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import embedded_infra, table, write_result
+from benchmarks._common import Clock, cpu_bound, embedded_infra, table, write_result
 from benchmarks.bus import patterns
 
 
@@ -45,15 +45,15 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
     model.eval()
     arrays = torch.from_numpy(np.stack([decode_pattern(p, 256) for p in payloads]))
 
-    def raw() -> float:
-        t0 = time.perf_counter()
+    def raw() -> tuple[float, float]:
+        clock = Clock().start()
         with torch.inference_mode():
             for k in range(0, n, batch):
                 model.embed(arrays[k:k + batch])
-        return time.perf_counter() - t0
+        return clock.stop()
 
     with embedded_infra(("broker", "redis")) as infra:
-        def service(k: int) -> float:
+        def service(k: int) -> tuple[float, float]:
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                                 topic_prefix=f"e{k}.", checkpoint=str(ckpt), batch_size=batch,
                                 state_dir=Path(tempfile.mkdtemp(prefix="apmae-enc-state-")))
@@ -67,19 +67,19 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             while not proc.consumer.assignment():
                 proc.consumer.poll(timeout_ms=200, max_records=1)
             proc.consumer.seek_to_beginning()
-            last = [0, 0.0]
+            last: list = [0, None]
+            clock = Clock().start()
 
             def progress(k: int) -> None:  # the clock stops at the last commit (closing is not work)
                 last[0] += k
                 if last[0] >= n:
-                    last[1] = time.perf_counter()
+                    last[1] = clock.stop()
 
-            t0 = time.perf_counter()
             done = proc.run(max_messages=n, idle_timeout_s=30, progress=progress)
             assert done >= n, f"encoder handled {done} of {n}"
-            return last[1] - t0
+            return last[1]
 
-        def consume_alone(k: int) -> float:
+        def consume_alone(k: int) -> tuple[float, float]:
             """kafka-python alone reading the same topic (what the service pays before decoding);
             partitions assigned directly: the cost of fetching, not of a group join."""
             from kafka import TopicPartition
@@ -92,36 +92,42 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             c.topics()  # load the metadata first: partitions_for_topic is empty before it
             c.assign([TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or [])])
             c.seek_to_beginning()
-            got, t0 = 0, time.perf_counter()
-            while got < n and time.perf_counter() - t0 < 120:
+            got, clock = 0, Clock().start()
+            while got < n and time.perf_counter() - clock.wall0 < 120:
                 got += sum(len(v) for v in c.poll(timeout_ms=500, max_records=batch).values())
-            dt = time.perf_counter() - t0
+            out = clock.stop()
             c.close()
             assert got >= n, f"consumer alone got {got} of {n}"
-            return dt
+            return out
 
-        def decode_alone() -> float:
-            t0 = time.perf_counter()
+        def decode_alone() -> tuple[float, float]:
+            clock = Clock().start()
             for k in range(0, n, batch):
                 decode_many(payloads[k:k + batch], 256)
-            return time.perf_counter() - t0
+            return clock.stop()
 
         raw()  # warm-up
-        t = {"raw": [], "service": [], "consume_alone": [], "decode_alone": []}
+        t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "consume_alone": [], "decode_alone": []}
         for k in range(rounds):
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone)]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
-    med = {k: statistics.median(v) for k, v in t.items()}
+    med = {k: statistics.median(w for w, _ in v) for k, v in t.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in t.items()}
     row = {"variant": variant_name, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
            "raw_patterns_per_s": n / med["raw"], "service_patterns_per_s": n / med["service"],
            "service_vs_raw": med["raw"] / med["service"],
            # the service runs forward, consume and decode on the same 2 cores: this is its
            # ratio if none of them overlapped
            "serial_bound": med["raw"] / (med["raw"] + med["consume_alone"] + med["decode_alone"]),
+           # busy cores while each ran (of os.cpu_count()), and the ratio the machine's CPU
+           # allows if consume and decode overlapped the forward perfectly
+           "raw_cores_busy": cpu["raw"] / med["raw"], "service_cores_busy": cpu["service"] / med["service"],
+           "cpu_bound": cpu_bound(med["raw"], [cpu["raw"], cpu["consume_alone"], cpu["decode_alone"]]),
            "consume_alone_patterns_per_s": n / med["consume_alone"], "decode_alone_patterns_per_s": n / med["decode_alone"]}
-    return {"rows": [row], "seconds": t}
+    return {"rows": [row], "seconds": {k: [w for w, _ in v] for k, v in t.items()},
+            "cpu_seconds": {k: [c for _, c in v] for k, v in t.items()}}
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import embedded_infra, table, write_result  # noqa: E402
+from benchmarks._common import Clock, cpu_bound, embedded_infra, table, write_result  # noqa: E402
 
 
 def patterns(n: int, size: int = 256) -> list[np.ndarray]:
@@ -46,6 +47,7 @@ def run(variant: str, steps: int, batch: int, infra) -> dict:
     from apmae.train import Schedule, make_optimizer, scaled_lr, train_step
     from services.bus import Bus, Output
     from services.trainer import Trainer, TrainerConfig
+    from services.trainer_input import wait_for_batch
 
     n = steps * batch
     pats = patterns(n)
@@ -71,23 +73,44 @@ def run(variant: str, steps: int, batch: int, infra) -> dict:
     g = torch.Generator().manual_seed(0)
     train_step(model, opt, x_all[:batch], sched.at(0), g)  # warm-up step, not timed
 
-    def memory() -> float:
-        t0 = time.perf_counter()
+    def memory() -> tuple[float, float]:
+        clock = Clock().start()
         for s in range(steps):
             train_step(model, opt, x_all[s * batch:(s + 1) * batch], sched.at(s), g)
-        return time.perf_counter() - t0
+        return clock.stop()
+
+    def input_alone() -> tuple[float, float]:
+        """The trainer's input pipeline with no training: its prefetch thread reads, filters,
+        shuffles and decodes the same topic into the same batches (the CPU it costs)."""
+        tr = Trainer(replace(cfg, name=f"{variant}-input"))
+        clock = Clock().start()
+        tr.open()
+        for _ in range(steps):
+            b = wait_for_batch(tr.prefetch, time.monotonic() + 60, tr.stop)
+            assert b is not None, "the input pipeline stalled"
+            tr.prefetch.progress.on_trained(b.items)
+        out = clock.stop()
+        tr.close()
+        return out
 
     before = memory()
     # from the broker: the trainer service's loop
     t = Trainer(cfg)
     out = t.run()
     broker_rate = out["patterns"] / out["loop_seconds"]  # the loop only: the final checkpoint is not input
-    mem_s = (before + memory()) / 2
+    after = memory()
+    mem_s, mem_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+    input_s, input_cpu = input_alone()
     shutil.rmtree(state, ignore_errors=True)
     params = sum(p.numel() for p in model.parameters())
     return {"variant": variant, "params_M": params / 1e6, "batch": batch, "steps": steps,
             "memory_patterns_s": n / mem_s, "broker_patterns_s": broker_rate,
-            "broker_vs_memory": broker_rate / (n / mem_s)}
+            "broker_vs_memory": broker_rate / (n / mem_s),
+            # the training step and the input pipeline share the machine's cores: the ratio if
+            # they did not overlap at all, and the best ratio their busy CPU-seconds allow
+            "input_alone_patterns_s": n / input_s, "serial_bound": mem_s / (mem_s + input_s),
+            "memory_cores_busy": mem_cpu / mem_s, "input_cores_busy": input_cpu / input_s,
+            "cpu_bound": cpu_bound(mem_s, [mem_cpu, input_cpu])}
 
 
 def main() -> None:

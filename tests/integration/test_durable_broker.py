@@ -10,7 +10,7 @@ import pytest
 from kafka import TopicPartition
 
 from apmae.config import BusConfig
-from apmae.topics import FILES
+from apmae.topics import FILES, SCORES
 from services.bus import Bus, Output, read_range
 from services.infra import InfraConfig, down, free_port, port_open, status, up
 from tests.conftest import java_files
@@ -152,3 +152,47 @@ def test_the_s3_server_can_continue_a_list_of_more_than_1000_objects(tmp_path):
     token = "require('crypto').createCipheriv('des', Buffer.alloc(8, 'S3RVER'), Buffer.alloc(8)); console.log('ok')"
     out = subprocess.run([*node_and_flags, "-e", token], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr[-500:]
+
+
+def test_a_broker_outage_longer_than_the_idle_timeout_is_not_idleness(durable, tmp_path):
+    """The broker goes away for longer than the stage's idle timeout, mid-run: polls come back
+    empty meanwhile, yet the stage waits for it and reads its input to the end (it stopped
+    there before, its input unread: the fault matrix's assigner lost 490 of 1770)."""
+    import threading
+    import time
+
+    from services.bus import Processor
+    from services.infra import servers
+    from tests.integration.test_bus import score
+
+    up(durable, WHICH)
+    cfg = BusConfig(bootstrap_servers=durable.bootstrap_servers, redis_url=durable.redis_url, state_dir=tmp_path,
+                    topic_prefix="o.", group_poll_interval_ms=8000)
+    bus = Bus(cfg, "test")
+    bus.ensure_topics()
+    files = java_files(40, "outage")
+    for f in files:
+        bus.send(Output(FILES, f))
+    bus.flush()
+
+    def outage() -> None:
+        for s in servers(durable, ("broker",)):  # the broker brings its S3 store
+            s.stop()
+        time.sleep(8)
+        for s in servers(durable, ("broker",)):
+            s.start()
+
+    fault: list[threading.Thread] = []
+
+    def handler(msgs):
+        if not fault:  # the first batch starts the outage and is then retried
+            fault.append(threading.Thread(target=outage))
+            fault[0].start()
+            time.sleep(1)
+        return list(score(msgs))
+
+    proc = Processor(Bus(cfg, "stage"), "g-outage", [FILES], handler, batch_size=8)
+    assert proc.run(idle_timeout_s=3) >= 40
+    fault[0].join()
+    scored = {m.record.sample_id for m in read_range(Bus(cfg, "check"), SCORES)}
+    assert scored == {f.id for f in files}
