@@ -40,6 +40,12 @@ def tril_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.tril_indices(n)
 
 
+@lru_cache(maxsize=8)
+def tril_mask(n: int) -> torch.Tensor:
+    """(n, n) bool, True on the lower triangle (diagonal included)."""
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
 def packed_length(n: int) -> int:
     return n * (n + 1) // 2
 
@@ -163,10 +169,12 @@ def decode_many(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[torch.Tens
             bad[kept[row]] = "decoded pattern has non-finite values"
         v = v[finite]
         kept = [i for row, i in enumerate(kept) if bool(finite[row])]
-    rows, cols = tril_indices(n)
-    out = torch.zeros(len(kept), n * n)
-    out[:, torch.from_numpy(rows * n + cols)] = v
-    return out.view(len(kept), n, n), kept, bad
+    # masked_scatter fills the True places in row-major order, the wire's order: measured
+    # 7x faster than index assignment (131 vs 974 us a 256-token pattern, one thread), which
+    # was most of the trainer's input cost
+    out = torch.zeros(len(kept), n, n)
+    out.masked_scatter_(tril_mask(n).expand(len(kept), n, n), v)
+    return out, kept, bad
 
 
 _staging = threading.local()  # per thread: a pinned host buffer reused by every GPU encode

@@ -59,9 +59,6 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
                                 state_dir=Path(tempfile.mkdtemp(prefix="apmae-enc-state-")))
             enc = Encoder(cfg)
             proc = enc.processor()
-            for r in recs:
-                enc.bus.send(Output(PATTERNS_MINE, r, key=r.key))
-            enc.bus.flush()
             enc.ensure_model()  # load the checkpoint before the clock (the raw side has it loaded too)
             proc.connect()
             while not proc.consumer.assignment():
@@ -89,8 +86,12 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}."), "bench")
             c = bus.consumer(None)
             name = bus.name(PATTERNS_MINE)
-            c.topics()  # load the metadata first: partitions_for_topic is empty before it
-            c.assign([TopicPartition(name, p) for p in sorted(c.partitions_for_topic(name) or [])])
+            parts: set[int] = set()
+            deadline = time.perf_counter() + 30
+            while not parts and time.perf_counter() < deadline:  # metadata arrives after the first request
+                c.topics()
+                parts = c.partitions_for_topic(name) or set()
+            c.assign([TopicPartition(name, p) for p in sorted(parts)])
             c.seek_to_beginning()
             got, clock = 0, Clock().start()
             while got < n and time.perf_counter() - clock.wall0 < 120:
@@ -106,9 +107,20 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
                 decode_many(payloads[k:k + batch], 256)
             return clock.stop()
 
+        def publish(k: int) -> None:
+            """Round k's topic, read by both the service and the consumer alone."""
+            from services.bus import Bus
+
+            bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}."), "bench")
+            bus.ensure_topics([PATTERNS_MINE])
+            for r in recs:
+                bus.send(Output(PATTERNS_MINE, r, key=r.key))
+            bus.close()
+
         raw()  # warm-up
         t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "consume_alone": [], "decode_alone": []}
         for k in range(rounds):
+            publish(k)
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone)]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
