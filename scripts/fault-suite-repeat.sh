@@ -31,10 +31,10 @@ while true; do
 import json, re, sys
 path, commit, run, rc, secs, dirty = sys.argv[1:]
 text = open(path, errors="replace").read()
-summary = re.findall(r"=+ (.*(?:passed|failed).*) in [\d.]+s", text)
+summary = re.findall(r"^=* ?(\d+ (?:passed|failed).*) in [\d.]+s", text, re.M)
 counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", summary[-1] if summary else "")}
 cells = [json.loads(m) for m in re.findall(r"FAULT (\{.*\})", text)]
-failed = re.findall(r"^FAILED (\S+)", text, re.M)
+failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", text, re.M)
 print(json.dumps({"commit": commit, "dirty": dirty == "true", "run": int(run), "exit": int(rc),
                   "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
                   "errors": counts.get("error", 0) + counts.get("errors", 0), "seconds": int(secs),

@@ -275,6 +275,12 @@ class Scorer:
         self.scored.extend(finished)  # only when the whole batch succeeded (a raise retries it per message)
         return out
 
+    def begin_batch(self) -> None:
+        """Before a batch: forget rows a failed batch scored. Their scores were never flushed,
+        so the retry must score them again; marked by the next batch's flush, their
+        redelivered assignments were dropped as "already scored" (lost)."""
+        self.scored = []
+
     def finalize(self) -> None:
         """After the batch's scores are flushed: mark their rows scored and drop them. Doing it
         before the flush would lose a score when the process dies in between (the redelivered
@@ -308,4 +314,4 @@ class Scorer:
         # the "scored" mark drops assignments of rows already scored; marking 720-1920
         # messages per row cost a fifth of the scorer's time.
         return Processor(self.bus, self.cfg.group, [ASSIGNMENTS], self.handle, batch_size=2048,
-                         on_flushed=self.finalize)
+                         on_flushed=self.finalize, on_batch_start=self.begin_batch)

@@ -69,6 +69,9 @@ class Processor:
     on_commit: Callable[[dict[TopicPartition, int]], None] | None = None
     # state changes that must follow, never precede, the batch's outputs being durable
     on_flushed: Callable[[], None] | None = None
+    # called before each batch: a handler that keeps state for on_flushed drops a failed
+    # batch's here, so that the next batch's flush never finalizes what was never written
+    on_batch_start: Callable[[], None] | None = None
     consumer: KafkaConsumer | None = None
     processed: int = 0
     lag_every_s: float = 5.0
@@ -182,6 +185,8 @@ class Processor:
     def process_batch(self, raws: list[Any]) -> int:
         """One turn of the loop over already-polled raw records; returns messages handled."""
         t0 = time.perf_counter()
+        if self.on_batch_start:
+            self.on_batch_start()
         msgs: list[Message] = []
         verdicts: list[Output | DeadLetter] = []
         for r in raws:

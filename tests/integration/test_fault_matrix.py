@@ -244,6 +244,10 @@ FAULTS = [*FAILPOINTS, "poison", "oversize", "Redis restart", "broker restart"]
 #   carry the topic prefix.
 # - assigner x broker restart: stopped "idle" while the broker was away (empty polls) and left
 #   490 of 1770 unread. Now a stage is idle only when its input is read to its end.
+# - scorer x broker restart: lost 194 of 1620 in the first full run of the suite. A batch
+#   whose flush failed left its rows queued for the "scored" mark; the next batch's flush
+#   marked them, and their redelivered assignments were dropped. The queue is now reset
+#   before every batch (Processor.on_batch_start).
 # - producer and scorer x broker restart: lost 18 of 24 files and 1032 of 1620 rows until
 #   consumers refreshed metadata every 10 s (the group leader assigned no partitions of topics
 #   the restarted broker had not loaded yet).
