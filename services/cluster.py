@@ -126,7 +126,6 @@ class FitWorker:
         self.registry = Registry(self.redis, cfg.topic_prefix)
         self.proc: Processor | None = None
         HEAD_SERIES.limit = cfg.head_metrics
-        self.proc: Processor | None = None  # set by processor(): its group membership is kept during a transform
 
     def head_data(self, job: FitJobRecord, key: str) -> dict[str, np.ndarray]:
         """A planned snapshot from the store, or (refits) the head's embeddings read from the
@@ -250,6 +249,7 @@ class Assigner:
         self.drift: dict[str, tuple[str, DriftMonitor]] = {}  # head -> (cluster version, its monitor)
         self.head_partition: dict[tuple[str, str, str], tuple[str, int]] = {}  # whose series this process exports
         HEAD_SERIES.limit = cfg.head_metrics
+        self.proc: Processor | None = None  # set by processor(): its group membership is kept during a transform
 
     def model_for(self, key: str) -> tuple[str, str, HeadModel] | None:
         """(cluster version, the AP-MAE checkpoint it was fitted on, the model) of a head."""
