@@ -306,6 +306,7 @@ class Processor:
         svc = self.bus.service
         started = last_data = time.monotonic()
         joined = False
+        short_since: float | None = None  # idle since then, but the input not read to its end
         backoff = 0.5
         try:
             while not self.stop_event.is_set():
@@ -338,11 +339,21 @@ class Processor:
                             # is away (kafka-python's poll returns nothing while disconnected)
                             # or the group is rejoining. An outage is not idleness: a stage
                             # that stopped here left its input unread (the fault matrix's
-                            # assigner, 490 of 1770, after a durable broker restart).
-                            log.warning("%s: nothing arrived for %.0f s, but the input is not read to its end "
-                                        "(broker away or group rejoining?); waiting", svc, waited)
-                            last_data = time.monotonic()
-                            continue
+                            # assigner, 490 of 1770, after a durable broker restart). Waited
+                            # out for up to 3 more idle timeouts or 2 minutes, whichever is
+                            # longer (after a durable broker restart the consumer took about a
+                            # minute to fetch again; why is open), then it stops, loudly: a
+                            # consumer that never reads its tail must not hang a stage forever.
+                            short_since = short_since or last_data
+                            if time.monotonic() - short_since < max(3 * idle_timeout_s, 120):
+                                log.warning("%s: nothing arrived for %.0f s, but the input is not read to its "
+                                            "end (broker away or group rejoining?); waiting", svc, waited)
+                                last_data = time.monotonic()
+                                continue
+                            log.error("%s: stopped %.0f s idle short of the end of its input: %s", svc,
+                                      time.monotonic() - short_since, {f"{tp.topic}[{tp.partition}]": pe for tp, pe
+                                                                  in self._positions_and_ends().items()})
+                            break
                         if until_caught_up:  # timed out short of the end: say where it stopped
                             log.error("%s: stopped %.0f s idle before the end of its input: %s", svc, waited,
                                       {f"{tp.topic}[{tp.partition}]": pe for tp, pe in
@@ -352,7 +363,7 @@ class Processor:
                                         svc, self.group, waited)
                         break
                     continue
-                last_data = time.monotonic()
+                last_data, short_since = time.monotonic(), None
                 try:
                     self.process_batch(raws)
                     self._commit(raws)

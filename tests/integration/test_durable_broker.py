@@ -154,6 +154,11 @@ def test_the_s3_server_can_continue_a_list_of_more_than_1000_objects(tmp_path):
     assert out.stdout.strip() == "ok", out.stderr[-500:]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "open defect (#16): after this outage the stage's consumer never fetches again; it sat at "
+    "position 0 of every partition with 6-14 records behind it for 2 min (the bounded wait then "
+    "stops it, and logs positions and ends); the fault matrix's assigner x broker restart is the "
+    "same; strict: this fails loudly once it is fixed"))
 def test_a_broker_outage_longer_than_the_idle_timeout_is_not_idleness(durable, tmp_path):
     """The broker goes away for longer than the stage's idle timeout, mid-run: polls come back
     empty meanwhile, yet the stage waits for it and reads its input to the end (it stopped
@@ -192,7 +197,7 @@ def test_a_broker_outage_longer_than_the_idle_timeout_is_not_idleness(durable, t
         return list(score(msgs))
 
     proc = Processor(Bus(cfg, "stage"), "g-outage", [FILES], handler, batch_size=8)
-    assert proc.run(idle_timeout_s=3) >= 40
+    assert proc.run(idle_timeout_s=5) >= 40  # an 8 s outage: longer than one idle timeout
     fault[0].join()
     scored = {m.record.sample_id for m in read_range(Bus(cfg, "check"), SCORES)}
     assert scored == {f.id for f in files}
