@@ -341,9 +341,9 @@ class Processor:
                             # that stopped here left its input unread (the fault matrix's
                             # assigner, 490 of 1770, after a durable broker restart). Waited
                             # out for up to 3 more idle timeouts or 2 minutes, whichever is
-                            # longer (after a durable broker restart the consumer took about a
-                            # minute to fetch again; why is open), then it stops, loudly: a
-                            # consumer that never reads its tail must not hang a stage forever.
+                            # longer, then it stops, loudly: after a durable broker restart mid-
+                            # batch a consumer may never fetch again (open: the strict xfail in
+                            # test_durable_broker.py), and a stage must not hang on it forever.
                             short_since = short_since or last_data
                             if time.monotonic() - short_since < max(3 * idle_timeout_s, 120):
                                 log.warning("%s: nothing arrived for %.0f s, but the input is not read to its "
