@@ -342,7 +342,7 @@ class Processor:
                             # assigner, 490 of 1770, after a durable broker restart). Waited
                             # out for up to 3 more idle timeouts or 2 minutes, whichever is
                             # longer, then it stops, loudly: after a durable broker restart mid-
-                            # batch a consumer may never fetch again (open: the strict xfail in
+                            # batch a consumer may never fetch again (open: the xfail in
                             # test_durable_broker.py), and a stage must not hang on it forever.
                             short_since = short_since or last_data
                             if time.monotonic() - short_since < max(3 * idle_timeout_s, 120):

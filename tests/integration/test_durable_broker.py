@@ -154,11 +154,12 @@ def test_the_s3_server_can_continue_a_list_of_more_than_1000_objects(tmp_path):
     assert out.stdout.strip() == "ok", out.stderr[-500:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(
     "open defect (#16): after this outage the stage's consumer never fetches again; it sat at "
     "position 0 of every partition with 6-14 records behind it for 2 min (the bounded wait then "
     "stops it, and logs positions and ends); the fault matrix's assigner x broker restart is the "
-    "same; strict: this fails loudly once it is fixed"))
+    "same; not strict: it passed once, in 89 s, so the defect is intermittent and an XPASS "
+    "must not fail CI; pytest -rX reports each XPASS"))
 def test_a_broker_outage_longer_than_the_idle_timeout_is_not_idleness(durable, tmp_path):
     """The broker goes away for longer than the stage's idle timeout, mid-run: polls come back
     empty meanwhile, yet the stage waits for it and reads its input to the end (it stopped
