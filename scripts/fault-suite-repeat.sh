@@ -2,7 +2,7 @@
 # Run the whole fault suite (pytest -m fault: the fault matrix and test_faults.py) N times in a
 # row on this commit, to show that no cell's outcome depends on where a fault lands.
 #
-#   scripts/fault-suite-repeat.sh [N]      (default 10; about 45 min a run on 2 cores)
+#   scripts/fault-suite-repeat.sh [N]      (default 10; 33-42 min a run on 2 cores, 2026-12-02)
 #
 # Resumable: each finished run appends one JSON line to docs/fault-suite-runs.jsonl (commit,
 # run, passed, failed, seconds, and every FAULT row it printed); runs already recorded for

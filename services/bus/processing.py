@@ -279,6 +279,11 @@ class Processor:
             return {tp: (self.consumer.position(tp), None) for tp in assigned}
         return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
 
+    def _stopped_short(self, idle_s: float) -> None:
+        """Log that the stage stops idle before the end of its input, and where each partition is."""
+        log.error("%s: stopped %.0f s idle short of the end of its input: %s", self.bus.service, idle_s,
+                  {f"{tp.topic}[{tp.partition}]": pe for tp, pe in self._positions_and_ends().items()})
+
     def _caught_up(self) -> bool:
         """Every assigned partition read to its (confirmed) end."""
         state = self._positions_and_ends()
@@ -350,14 +355,10 @@ class Processor:
                                             "end (broker away or group rejoining?); waiting", svc, waited)
                                 last_data = time.monotonic()
                                 continue
-                            log.error("%s: stopped %.0f s idle short of the end of its input: %s", svc,
-                                      time.monotonic() - short_since, {f"{tp.topic}[{tp.partition}]": pe for tp, pe
-                                                                  in self._positions_and_ends().items()})
+                            self._stopped_short(time.monotonic() - short_since)
                             break
                         if until_caught_up:  # timed out short of the end: say where it stopped
-                            log.error("%s: stopped %.0f s idle before the end of its input: %s", svc, waited,
-                                      {f"{tp.topic}[{tp.partition}]": pe for tp, pe in
-                                       self._positions_and_ends().items()})
+                            self._stopped_short(waited)
                         if not joined:
                             log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
                                         svc, self.group, waited)

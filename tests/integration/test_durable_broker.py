@@ -169,17 +169,13 @@ def test_a_broker_outage_longer_than_the_idle_timeout_is_not_idleness(durable, t
 
     from services.bus import Processor
     from services.infra import servers
-    from tests.integration.test_bus import score
+    from tests.integration.test_bus import publish, score
 
     up(durable, WHICH)
     cfg = BusConfig(bootstrap_servers=durable.bootstrap_servers, redis_url=durable.redis_url, state_dir=tmp_path,
                     topic_prefix="o.", group_poll_interval_ms=8000)
-    bus = Bus(cfg, "test")
-    bus.ensure_topics()
     files = java_files(40, "outage")
-    for f in files:
-        bus.send(Output(FILES, f))
-    bus.flush()
+    publish(Bus(cfg, "test"), files)
 
     def outage() -> None:
         for s in servers(durable, ("broker",)):  # the broker brings its S3 store

@@ -173,12 +173,11 @@ def test_ingest_killed_mid_run_then_restarted(bus_cfg, tmp_path):
 
 
 def test_producer_killed_mid_batch_then_restarted(bus_cfg, tiny_model_dir):
+    from tests.integration.test_bus import publish
+
     bus = Bus(bus_cfg, "test")
-    bus.ensure_topics()
     files = java_files(24, "p")
-    for f in files:
-        bus.send(Output(FILES, f))
-    bus.flush()
+    publish(bus, files)
     args = ["produce", "--model", str(tiny_model_dir), "--mine-per-task", "100000", "--balance-slack", "100000",
             "--idle-timeout", "30"]  # a restart first waits out the dead member's session
     proc = start(args, bus_cfg)
