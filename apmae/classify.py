@@ -65,6 +65,11 @@ def balance(y: pd.Series, seed: int = 0) -> pd.Index:
     return keep[0].append(keep[1])
 
 
+def varies(x: pd.DataFrame) -> bool:
+    """Whether any head's cluster id differs between the rows (else there is nothing to learn)."""
+    return bool((x.nunique(dropna=False) > 1).any())
+
+
 def _model(cfg: ClassifierConfig, cat_features: list[int]):
     from catboost import CatBoostClassifier
 
@@ -120,8 +125,12 @@ def cross_validate(x: pd.DataFrame, y: pd.Series, cfg: ClassifierConfig, groups:
     else:
         splits = StratifiedGroupKFold(folds, shuffle=True, random_state=cfg.seed).split(x, y, groups.to_numpy())
     for train, test in splits:
-        model = fit(x.iloc[train], y.iloc[train], cfg)
-        pred = model.predict(x.iloc[test]).astype(int).ravel()
+        if varies(x.iloc[train]):
+            pred = fit(x.iloc[train], y.iloc[train], cfg).predict(x.iloc[test]).astype(int).ravel()
+        else:
+            # CatBoost refuses a fit on no varying feature; a model that sees nothing predicts
+            # its training part's majority, which is what this fold then scores
+            pred = np.full(len(test), int(yi[train].mean() > 0.5))
         hit[test] = pred == yi[test]
         fold_acc.append(float(hit[test].mean()))
     n, k = len(y), int(hit.sum())
@@ -175,6 +184,9 @@ def fit_task(labels: pd.Series, rows: dict[str, dict[str, int]], columns: list[s
         return TaskFit({"skipped": "balanced rows from fewer than 2 files (CV is by file)",
                         "n_labelled_rows": len(labels)})
     x = feature_frame({s: rows[s] for s in idx}, columns)
+    if not varies(x):  # e.g. every head one cluster: a finding (no signal), not a crash
+        return TaskFit({"skipped": "no head's cluster id varies over the balanced rows (no feature to fit)",
+                        "n_balanced": len(idx), "n_labelled_rows": len(labels)})
     y = labels.loc[idx]
     groups = None if files is None else pd.Series([files[s] for s in idx], index=idx)
     cv = cross_validate(x, y, cfg, groups)

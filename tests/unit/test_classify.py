@@ -127,6 +127,24 @@ def test_fit_task_balances_skips_and_names_the_rows_it_fit_on():
     assert one.model is None and one.result["skipped"] == "one label only"
 
 
+def test_a_task_whose_heads_never_vary_is_skipped_with_its_reason():
+    """Every head one cluster (a short AP-MAE run): CatBoost raised "All features are either
+    constant or ignored" and the study's classify stage crashed."""
+    rows = {f"s{i}": {"L0H0": 3, "L0H1": -1} for i in range(40)}
+    labels = pd.Series({f"s{i}": i % 2 == 0 for i in range(40)})
+    tf = fit_task(labels, rows, ["L0H0", "L0H1"], CFG, min_rows=20)
+    assert tf.model is None and "varies" in tf.result["skipped"] and tf.result["n_balanced"] == 40
+
+
+def test_a_fold_whose_training_rows_never_vary_predicts_their_majority():
+    """One row alone carries a second category: the fold that tests it trains on constant
+    features (CatBoost raised there), and still predicts every one of its rows."""
+    x = pd.DataFrame({"L0H0": ["0"] * 39 + ["1"]})
+    y = pd.Series([i % 2 == 0 for i in range(40)])
+    res = cross_validate(x, y, ClassifierConfig(iterations=10, depth=2, folds=4, threads=1))
+    assert res["n"] == 40 and len(res["fold_accuracy"]) == 4
+
+
 def test_cv_by_file_does_not_learn_a_file_from_its_other_samples():
     """The label is a property of the file and one head's cluster names the file: folds by
     sample score the classifier on files it has seen (high accuracy that would not carry to
