@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
 
@@ -83,10 +84,40 @@ def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None
     """Run a Processor as a service: metrics endpoint, SIGTERM handling, a summary at the end."""
     start_service(cfg, service, health=lambda: {"status": "ok", "service": service,
                                                 "processed": processor.processed})
+    from services.bus import ConsumerStalled
+
     processor.install_signal_handlers()
-    n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+    try:
+        n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+    except ConsumerStalled:
+        restart_process(service)
     click.echo(json.dumps({"service": service, "processed": n}))
     return n
+
+
+# How many times in a row a service may start itself again after a stall; past it, it exits
+# non-zero and its supervisor (compose's restart policy, the demo) decides.
+MAX_RESTARTS = 5
+RESTARTS_ENV = "APMAE_STALL_RESTARTS"
+
+
+def restart_process(service: str) -> None:
+    """Replace this process with a fresh run of the same command line (same pid, so whatever
+    waits on it keeps waiting). The processing loop flushed and committed before it raised,
+    so the new process resumes from the group's commits and loses nothing. Only a new process
+    sheds a wedged kafka-python client (see :class:`services.bus.ConsumerStalled`)."""
+    done = int(os.environ.get(RESTARTS_ENV, "0"))
+    log = logging.getLogger("apmae")
+    if done >= MAX_RESTARTS:
+        log.error("%s: stalled %d times in a row; giving up", service, done + 1)
+        sys.exit(75)  # EX_TEMPFAIL: try again later
+    os.environ[RESTARTS_ENV] = str(done + 1)
+    log.error("%s: starting again (%d of %d): %s", service, done + 1, MAX_RESTARTS, " ".join(sys.orig_argv))
+    for h in logging.getLogger().handlers:
+        h.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 LOOP_OPTIONS = [

@@ -48,6 +48,21 @@ log = logging.getLogger("apmae.bus")
 Handler = Callable[[list[Message]], Iterable[Output | DeadLetter]]
 
 
+class ConsumerStalled(RuntimeError):
+    """The stage's consumer fetches nothing while its input is not read to its end, for
+    longer than a healthy consumer could. Everything the loop committed is durable and
+    nothing after it is lost; the process should start again (the service runtime re-executes
+    itself: :func:`services.runtime.run_loop`), and the group resumes from its commits.
+
+    Why a new process and not a new consumer: after a durable broker restart, kafka-python
+    3.0.12's consumer sometimes never sent another FindCoordinator request and polled nothing
+    for minutes (the fault matrix's producer lost 19 of 24 files when the stage then stopped
+    "idle"). A second consumer made in the same process joined the group, but its poll then
+    blocked forever (main thread in ``NetworkSelector.run``, its IO thread idle in select;
+    py-spy, reproduced 3 of 3 by tests/integration/test_bus.py's wedged consumer). A fresh
+    process has none of that client state."""
+
+
 @dataclass
 class Processor:
     """Consume ``inputs`` as ``group``, run ``handler`` on batches, produce, flush, commit.
@@ -75,6 +90,9 @@ class Processor:
     consumer: KafkaConsumer | None = None
     processed: int = 0
     lag_every_s: float = 5.0
+    # Nothing fetched for this long while the broker confirms unread records: the consumer
+    # is wedged (ConsumerStalled). Well above a healthy rejoin (session timeout <= 10 s).
+    stall_after_s: float = 30.0
 
     def __post_init__(self) -> None:
         svc = self.bus.service
@@ -289,6 +307,32 @@ class Processor:
         state = self._positions_and_ends()
         return bool(state) and all(end is not None and pos >= end for pos, end in state.values())
 
+    def _stalled(self) -> bool:
+        """The broker answers and confirms records past this consumer's position, yet the
+        consumer fetched nothing for ``stall_after_s``: it is wedged, not idle or cut off."""
+        state = self._positions_and_ends()
+        return any(end is not None and pos < end for pos, end in state.values())
+
+    def _describe_client(self) -> str:
+        """What kafka-python's consumer believes about its group and its broker connections."""
+        try:
+            co, mgr = self.consumer._coordinator, self.consumer._manager
+            return (f"coordinator={co.coordinator_id} state={co.state} lookup_pending="
+                    f"{co._find_coordinator_future is not None} backoff={sorted(map(str, mgr._backoff))} "
+                    f"connections={ {k: c.connected for k, c in mgr._conns.items()} }")
+        except Exception as e:  # noqa: BLE001 - private attributes of another library: best effort
+            return f"(client state unavailable: {type(e).__name__})"
+
+    def _stalled_error(self, quiet_s: float, why: str) -> ConsumerStalled:
+        """Log where every partition stands and what the client believes, and count it: the
+        next stall is then diagnosed from the log, not reproduced."""
+        metrics.CONSUMER_STALLED.labels(self.bus.service).inc()
+        where = {f"{tp.topic}[{tp.partition}]": pe for tp, pe in self._positions_and_ends().items()}
+        msg = (f"{self.bus.service}: nothing fetched for {quiet_s:.0f} s, {why} (position, end): {where}; "
+               f"client: {self._describe_client()}")
+        log.error("%s; stopping so that the process starts again", msg)
+        return ConsumerStalled(msg)
+
     def connect(self) -> KafkaConsumer:
         """The group consumer on the inputs (made once; ``run`` calls this)."""
         if self.consumer is None:
@@ -306,12 +350,21 @@ class Processor:
         ``until_caught_up``: also stop as soon as every assigned partition is read to its
         end (a batch stage that runs after its producers finished; no idle wait, and no way
         to stop before the tail is read). ``progress(n)`` is called with each committed
-        batch's size (a progress bar's update)."""
+        batch's size (a progress bar's update).
+
+        Nothing arrived while the input is not read to its end is not idleness: the broker is
+        away (kafka-python's poll returns nothing while disconnected), the group is rejoining,
+        or the consumer is wedged. A consumer that fetched nothing for ``stall_after_s`` while
+        the broker confirms records past its positions raises :class:`ConsumerStalled`, and so
+        does a stage with an idle timeout that waited max(3 idle timeouts, 2 min) for a broker
+        that did not come back (both after flushing; each logs every partition's position and
+        end)."""
         self.connect()
         svc = self.bus.service
         started = last_data = time.monotonic()
         joined = False
-        short_since: float | None = None  # idle since then, but the input not read to its end
+        stalled: ConsumerStalled | None = None
+        next_check = 0.0  # the next time the quiet input's ends are probed (a broker round trip)
         backoff = 0.5
         try:
             while not self.stop_event.is_set():
@@ -336,35 +389,37 @@ class Processor:
                 if not raws:
                     if joined and until_caught_up and self._caught_up():
                         break
-                    # never joined: give the join itself a generous bound (4x), then stop
-                    waited = time.monotonic() - (last_data if joined else started)
-                    if idle_timeout_s is not None and waited > idle_timeout_s * (1 if joined else 4):
-                        if joined and not until_caught_up and not self._caught_up():
-                            # Nothing arrived, but the input is not read to its end: the broker
-                            # is away (kafka-python's poll returns nothing while disconnected)
-                            # or the group is rejoining. An outage is not idleness: a stage
-                            # that stopped here left its input unread (the fault matrix's
-                            # assigner, 490 of 1770, after a durable broker restart). Waited
-                            # out for up to 3 more idle timeouts or 2 minutes, whichever is
-                            # longer, then it stops, loudly: after a durable broker restart mid-
-                            # batch a consumer may never fetch again (open: the xfail in
-                            # test_durable_broker.py), and a stage must not hang on it forever.
-                            short_since = short_since or last_data
-                            if time.monotonic() - short_since < max(3 * idle_timeout_s, 120):
-                                log.warning("%s: nothing arrived for %.0f s, but the input is not read to its "
-                                            "end (broker away or group rejoining?); waiting", svc, waited)
-                                last_data = time.monotonic()
-                                continue
-                            self._stopped_short(time.monotonic() - short_since)
+                    now = time.monotonic()
+                    quiet = now - (last_data if joined else started)
+                    if joined and quiet > self.stall_after_s and now >= next_check:
+                        next_check = now + self.stall_after_s
+                        if self._stalled():
+                            stalled = self._stalled_error(quiet, "while the broker confirms records past it")
                             break
-                        if until_caught_up:  # timed out short of the end: say where it stopped
-                            self._stopped_short(waited)
-                        if not joined:
-                            log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
-                                        svc, self.group, waited)
+                    # never joined: give the join itself a generous bound (4x), then stop
+                    if idle_timeout_s is None or quiet <= idle_timeout_s * (1 if joined else 4):
+                        continue
+                    if not joined:
+                        log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
+                                    svc, self.group, quiet)
                         break
-                    continue
-                last_data, short_since = time.monotonic(), None
+                    if until_caught_up:  # timed out short of the end: say where it stopped
+                        self._stopped_short(quiet)
+                        break
+                    if now < next_check:
+                        continue
+                    next_check = now + min(idle_timeout_s, self.stall_after_s)
+                    if self._caught_up():
+                        break  # idle: nothing arrived and nothing is left to read
+                    if quiet < max(3 * idle_timeout_s, 120):
+                        log.warning("%s: nothing arrived for %.0f s, but the input is not read to its end "
+                                    "(broker away or group rejoining?); waiting", svc, quiet)
+                        continue
+                    # stopping "idle" here returned success with the input unread (exit 0, 19
+                    # of 24 files lost in the fault matrix): it is an error, and a restart
+                    stalled = self._stalled_error(quiet, "and the input is not read to its end")
+                    break
+                last_data = time.monotonic()
                 try:
                     self.process_batch(raws)
                     self._commit(raws)
@@ -389,6 +444,8 @@ class Processor:
             self.bus.flush()
             self.consumer.close(autocommit=False)
             self.consumer = None
+        if stalled is not None:
+            raise stalled
         return self.processed
 
 

@@ -100,6 +100,75 @@ def test_a_stage_reads_to_the_end_however_slow_its_group_join(bus_cfg):
     assert short.run(idle_timeout_s=3) == 9
 
 
+def wedged_stage(bus: Bus, group: str, **kw) -> Processor:
+    """A stage whose consumer stops fetching after its first batch (every partition paused
+    behind the loop's back): what kafka-python's consumer did after a durable broker restart,
+    where it sat at its position with records behind it and never fetched again."""
+    p = Processor(bus, group, [FILES], score, batch_size=8, **kw)
+
+    def handler(msgs):
+        if p.consumer.assignment() and not p.consumer.paused():
+            p.consumer.pause(*p.consumer.assignment())
+        return score(msgs)
+
+    p.handler = handler
+    return p
+
+
+def test_a_consumer_that_stops_fetching_with_its_input_unread_raises_after_committing(bus_cfg):
+    """Stopping "idle" with the input unread returned success (the fault matrix's producer
+    exited 0 with 19 of 24 files unread). A stalled consumer is now an error, raised after the
+    batches it did are committed, so the next run of the stage loses nothing."""
+    from services import metrics
+    from services.bus import ConsumerStalled
+
+    bus = Bus(bus_cfg, "t-wedge")
+    publish(bus, files(40, "wedge"))
+    stalls = metrics.CONSUMER_STALLED.labels("t-wedge")._value.get()
+    p = wedged_stage(bus, "g-wedge", stall_after_s=3)
+    with pytest.raises(ConsumerStalled, match="confirms records past it"):
+        p.run(idle_timeout_s=5)
+    assert p.processed == 8 and metrics.CONSUMER_STALLED.labels("t-wedge")._value.get() == stalls + 1
+    again = Processor(bus, "g-wedge", [FILES], score, batch_size=8)
+    assert again.run(until_caught_up=True) == 32  # from the commits on: none skipped, none twice
+    assert {m.record.sample_id for m in read_all(bus, SCORES)} == {f.id for f in files(40, "wedge")}
+
+
+def test_a_stalled_service_starts_itself_again_and_finishes(bus_cfg):
+    """As a service (run_loop), a stall re-executes the process: same pid, fresh client; it
+    resumes from the commits and exits 0 with every input done."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bus = Bus(bus_cfg, "t-restart")
+    publish(bus, files(40, "restart"))
+    code = f"""
+import os
+from dataclasses import replace
+from apmae.config import BusConfig
+from apmae.topics import FILES
+from services.bus import Bus, Processor
+from services.runtime import run_loop
+from tests.integration.test_bus import score, wedged_stage
+cfg = replace(BusConfig(), bootstrap_servers={bus_cfg.bootstrap_servers!r}, redis_url={bus_cfg.redis_url!r},
+              topic_prefix={bus_cfg.topic_prefix!r}, state_dir=__import__("pathlib").Path({str(bus_cfg.state_dir)!r}))
+bus = Bus(cfg, "t-restart")
+if "APMAE_STALL_RESTARTS" in os.environ:  # the process started again: its client is a new one
+    p = Processor(bus, "g-restart", [FILES], score, batch_size=8)
+else:
+    p = wedged_stage(bus, "g-restart", stall_after_s=3)
+run_loop(p, "t-restart", cfg, None, 5)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "starting again (1 of 5)" in out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["processed"] == 32
+    assert {m.record.sample_id for m in read_all(bus, SCORES)} >= {f.id for f in files(40, "restart")}
+
+
 class CrashBeforeCommit(Processor):
     """Dies after its outputs are flushed but before the offsets are committed."""
 
