@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 
 import click
 
@@ -87,6 +89,8 @@ def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None
     from services.bus import ConsumerStalled
 
     processor.install_signal_handlers()
+    watchdog = threading.Thread(target=_watch_polls, args=(processor, service), name="poll-watchdog", daemon=True)
+    watchdog.start()
     try:
         n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
     except ConsumerStalled:
@@ -101,6 +105,22 @@ MAX_RESTARTS = 5
 RESTARTS_ENV = "APMAE_STALL_RESTARTS"
 
 
+def _watch_polls(processor, service: str) -> None:
+    """Start the process again when its consumer's poll has not returned for
+    ``processor.poll_hang_s``. Safe at any point of a poll: a batch's outputs are marked done
+    only after their flush and committed after that, so whatever the poll interrupted is
+    redone by the next process, and the done marks drop what was already durable."""
+    while True:
+        time.sleep(min(5.0, processor.poll_hang_s / 4))
+        hung = processor.poll_hung()
+        if hung is not None:
+            from services import metrics
+
+            metrics.CONSUMER_STALLED.labels(service).inc()
+            logging.getLogger("apmae").error("%s: the consumer's poll has not returned for %.0f s", service, hung)
+            restart_process(service)
+
+
 def restart_process(service: str) -> None:
     """Replace this process with a fresh run of the same command line (same pid, so whatever
     waits on it keeps waiting). The processing loop flushed and committed before it raised,
@@ -110,7 +130,8 @@ def restart_process(service: str) -> None:
     log = logging.getLogger("apmae")
     if done >= MAX_RESTARTS:
         log.error("%s: stalled %d times in a row; giving up", service, done + 1)
-        sys.exit(75)  # EX_TEMPFAIL: try again later
+        logging.shutdown()
+        os._exit(75)  # EX_TEMPFAIL, try again later (from the watchdog thread too, where sys.exit ends only it)
     os.environ[RESTARTS_ENV] = str(done + 1)
     log.error("%s: starting again (%d of %d): %s", service, done + 1, MAX_RESTARTS, " ".join(sys.orig_argv))
     for h in logging.getLogger().handlers:

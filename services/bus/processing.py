@@ -93,6 +93,10 @@ class Processor:
     # Nothing fetched for this long while the broker confirms unread records: the consumer
     # is wedged (ConsumerStalled). Well above a healthy rejoin (session timeout <= 10 s).
     stall_after_s: float = 30.0
+    # A poll that has not returned for this long never will (see ConsumerStalled); a service's
+    # watchdog then starts the process again (services.runtime.run_loop).
+    poll_hang_s: float = 120.0
+    poll_since: float | None = None  # when the poll in progress began (None: not polling)
 
     def __post_init__(self) -> None:
         svc = self.bus.service
@@ -143,12 +147,30 @@ class Processor:
             parts = self.consumer.assignment()
             self.consumer.pause(*parts)
             try:
-                self.consumer.poll(timeout_ms=0)
+                self._poll(0, None)
             finally:
                 self.consumer.resume(*[p for p in parts if p in self.consumer.assignment()])
         except KafkaError as e:
             metrics.ERRORS.labels(self.bus.service, type(e).__name__).inc()
             log.warning("%s: heartbeat poll failed (%s); finishing the batch, its commit decides", self.bus.service, e)
+
+    def _poll(self, timeout_ms: int, max_records: int | None) -> dict:
+        """The consumer's poll, timed so that a watchdog can tell one that never returns:
+        kafka-python 3.0.12 waits for its IO thread without a timeout, and after a durable
+        broker restart that wait sometimes never ended (py-spy: main thread in
+        ``NetworkSelector.run``; the fault matrix's producer and assigner)."""
+        self.poll_since = time.monotonic()
+        try:
+            return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        finally:
+            self.poll_since = None
+
+    def poll_hung(self) -> float | None:
+        """Seconds the poll in progress has run, when that is past ``poll_hang_s``."""
+        since = self.poll_since
+        if since is not None and time.monotonic() - since > self.poll_hang_s:
+            return time.monotonic() - since
+        return None
 
     def keepalive(self, fn: Callable[[], Any], every_s: float = 1.0) -> Any:
         """Run one long, uninterruptible piece of work (a UMAP fit, a model forward) in a
@@ -307,12 +329,6 @@ class Processor:
         state = self._positions_and_ends()
         return bool(state) and all(end is not None and pos >= end for pos, end in state.values())
 
-    def _stalled(self) -> bool:
-        """The broker answers and confirms records past this consumer's position, yet the
-        consumer fetched nothing for ``stall_after_s``: it is wedged, not idle or cut off."""
-        state = self._positions_and_ends()
-        return any(end is not None and pos < end for pos, end in state.values())
-
     def _describe_client(self) -> str:
         """What kafka-python's consumer believes about its group and its broker connections."""
         try:
@@ -374,7 +390,7 @@ class Processor:
                 if max_messages is not None:
                     limit = min(limit, max_messages - self.processed)
                 try:
-                    polled = self.consumer.poll(timeout_ms=self.poll_timeout_ms, max_records=limit)
+                    polled = self._poll(self.poll_timeout_ms, limit)
                     if self._assigned_now:
                         self._check_vanished_offsets()
                 except TRANSIENT as e:  # the broker is away: keep the process, wait, poll again
@@ -391,26 +407,28 @@ class Processor:
                         break
                     now = time.monotonic()
                     quiet = now - (last_data if joined else started)
-                    if joined and quiet > self.stall_after_s and now >= next_check:
-                        next_check = now + self.stall_after_s
-                        if self._stalled():
-                            stalled = self._stalled_error(quiet, "while the broker confirms records past it")
+                    idle = idle_timeout_s is not None and quiet > idle_timeout_s * (1 if joined else 4)
+                    if not joined:  # never joined: the join itself gets a generous bound (4x)
+                        if idle:
+                            log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
+                                        svc, self.group, quiet)
                             break
-                    # never joined: give the join itself a generous bound (4x), then stop
-                    if idle_timeout_s is None or quiet <= idle_timeout_s * (1 if joined else 4):
                         continue
-                    if not joined:
-                        log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
-                                    svc, self.group, quiet)
-                        break
-                    if until_caught_up:  # timed out short of the end: say where it stopped
+                    if idle and until_caught_up:  # timed out short of the end: say where it stopped
                         self._stopped_short(quiet)
                         break
-                    if now < next_check:
+                    if not (idle or quiet > self.stall_after_s) or now < next_check:
                         continue
-                    next_check = now + min(idle_timeout_s, self.stall_after_s)
-                    if self._caught_up():
+                    # one probe of the ends (a broker round trip) per idle timeout at most
+                    next_check = now + min(idle_timeout_s or self.stall_after_s, self.stall_after_s)
+                    state = self._positions_and_ends().values()
+                    if idle and state and all(end is not None and pos >= end for pos, end in state):
                         break  # idle: nothing arrived and nothing is left to read
+                    if quiet > self.stall_after_s and any(end is not None and pos < end for pos, end in state):
+                        stalled = self._stalled_error(quiet, "while the broker confirms records past it")
+                        break
+                    if not idle:
+                        continue
                     if quiet < max(3 * idle_timeout_s, 120):
                         log.warning("%s: nothing arrived for %.0f s, but the input is not read to its end "
                                     "(broker away or group rejoining?); waiting", svc, quiet)
