@@ -456,6 +456,9 @@ class Processor:
                     self._rewind(raws)
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, 30)
+                # quiet counts from the end of the last batch: a batch of long forward passes
+                # must not make the next empty poll look like a stalled consumer
+                last_data = time.monotonic()
                 self._observe_lag()
         finally:
             self._lag.close()
