@@ -49,6 +49,7 @@ CONSUMER_STALLED = Counter(
     "apmae_consumer_stalled_total",
     "Times a consumer fetched nothing with its input unread for too long (the process then starts again)",
     ["service"])
+
 GROUP_LAG = Gauge("apmae_consumer_group_lag_messages", "End offset minus position, per consumer group",
                   ["group", "topic"])
 BUILD_INFO = Gauge("apmae_build_info", "Always 1; the labels say which build runs", ["version", "python", "commit"])

@@ -94,7 +94,7 @@ def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None
     try:
         n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
     except ConsumerStalled:
-        restart_process(service)
+        restart_process(processor, service)
     click.echo(json.dumps({"service": service, "processed": n}))
     return n
 
@@ -118,15 +118,16 @@ def _watch_polls(processor, service: str) -> None:
 
             metrics.CONSUMER_STALLED.labels(service).inc()
             logging.getLogger("apmae").error("%s: the consumer's poll has not returned for %.0f s", service, hung)
-            restart_process(service)
+            restart_process(processor, service)
 
 
-def restart_process(service: str) -> None:
+def restart_process(processor, service: str) -> None:
     """Replace this process with a fresh run of the same command line (same pid, so whatever
     waits on it keeps waiting). The processing loop flushed and committed before it raised,
     so the new process resumes from the group's commits and loses nothing. Only a new process
-    sheds a wedged kafka-python client (see :class:`services.bus.ConsumerStalled`)."""
-    done = int(os.environ.get(RESTARTS_ENV, "0"))
+    sheds a wedged kafka-python client (see :class:`services.bus.ConsumerStalled`). The count
+    of restarts "in a row" starts over once a process got something done."""
+    done = 0 if processor.processed else int(os.environ.get(RESTARTS_ENV, "0"))
     log = logging.getLogger("apmae")
     if done >= MAX_RESTARTS:
         log.error("%s: stalled %d times in a row; giving up", service, done + 1)

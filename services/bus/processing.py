@@ -324,10 +324,16 @@ class Processor:
         log.error("%s: stopped %.0f s idle short of the end of its input: %s", self.bus.service, idle_s,
                   {f"{tp.topic}[{tp.partition}]": pe for tp, pe in self._positions_and_ends().items()})
 
-    def _caught_up(self) -> bool:
-        """Every assigned partition read to its (confirmed) end."""
-        state = self._positions_and_ends()
+    def _caught_up(self, state: dict[TopicPartition, tuple[int, int | None]] | None = None) -> bool:
+        """Every assigned partition read to its (confirmed) end (``state``: positions and ends
+        already probed, else probed here)."""
+        state = self._positions_and_ends() if state is None else state
         return bool(state) and all(end is not None and pos >= end for pos, end in state.values())
+
+    @staticmethod
+    def _behind(state: dict[TopicPartition, tuple[int, int | None]]) -> bool:
+        """The broker confirms records past some partition's position."""
+        return any(end is not None and pos < end for pos, end in state.values())
 
     def _describe_client(self) -> str:
         """What kafka-python's consumer believes about its group and its broker connections."""
@@ -339,11 +345,12 @@ class Processor:
         except Exception as e:  # noqa: BLE001 - private attributes of another library: best effort
             return f"(client state unavailable: {type(e).__name__})"
 
-    def _stalled_error(self, quiet_s: float, why: str) -> ConsumerStalled:
-        """Log where every partition stands and what the client believes, and count it: the
-        next stall is then diagnosed from the log, not reproduced."""
+    def _stalled_error(self, quiet_s: float, why: str,
+                       state: dict[TopicPartition, tuple[int, int | None]]) -> ConsumerStalled:
+        """Log where every partition stands (``state``, as just probed) and what the client
+        believes, and count it: the next stall is then diagnosed from the log, not reproduced."""
         metrics.CONSUMER_STALLED.labels(self.bus.service).inc()
-        where = {f"{tp.topic}[{tp.partition}]": pe for tp, pe in self._positions_and_ends().items()}
+        where = {f"{tp.topic}[{tp.partition}]": pe for tp, pe in state.items()}
         msg = (f"{self.bus.service}: nothing fetched for {quiet_s:.0f} s, {why} (position, end): {where}; "
                f"client: {self._describe_client()}")
         log.error("%s; stopping so that the process starts again", msg)
@@ -421,11 +428,11 @@ class Processor:
                         continue
                     # one probe of the ends (a broker round trip) per idle timeout at most
                     next_check = now + min(idle_timeout_s or self.stall_after_s, self.stall_after_s)
-                    state = self._positions_and_ends().values()
-                    if idle and state and all(end is not None and pos >= end for pos, end in state):
+                    state = self._positions_and_ends()
+                    if idle and self._caught_up(state):
                         break  # idle: nothing arrived and nothing is left to read
-                    if quiet > self.stall_after_s and any(end is not None and pos < end for pos, end in state):
-                        stalled = self._stalled_error(quiet, "while the broker confirms records past it")
+                    if quiet > self.stall_after_s and self._behind(state):
+                        stalled = self._stalled_error(quiet, "while the broker confirms records past it", state)
                         break
                     if not idle:
                         continue
@@ -435,7 +442,7 @@ class Processor:
                         continue
                     # stopping "idle" here returned success with the input unread (exit 0, 19
                     # of 24 files lost in the fault matrix): it is an error, and a restart
-                    stalled = self._stalled_error(quiet, "and the input is not read to its end")
+                    stalled = self._stalled_error(quiet, "and the input is not read to its end", state)
                     break
                 last_data = time.monotonic()
                 try:
