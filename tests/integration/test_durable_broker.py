@@ -192,7 +192,7 @@ def test_a_broker_outage_longer_than_the_idle_timeout_is_not_idleness(durable, t
         done = proc.run(idle_timeout_s=5)  # an 8 s outage: longer than one idle timeout
     except ConsumerStalled:
         # kafka-python's consumer sometimes never fetches again after this restart (3 of 3
-        # runs on 2026-12-02, 1 of 5 on 2026-12-03); the stage then says so instead of
+        # runs on 2026-12-02, 2 of 3 on 2026-12-03); the stage then says so instead of
         # stopping "idle", and its next run (the service re-executes itself) reads the rest
         done = proc.processed + Processor(Bus(cfg, "stage"), "g-outage", [FILES], handler,
                                           batch_size=8).run(until_caught_up=True)
