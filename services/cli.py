@@ -185,13 +185,13 @@ def ingest_cmd(**kw: Any) -> None:
 @main.command("produce")
 @loop_options
 @config_options("services.producer:ProducerConfig")
-def produce_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+def produce_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
     """Mine tasks from files, run the target LLM, publish samples and attention patterns."""
     from services.producer import Producer, ProducerConfig
 
     cfg = build(ProducerConfig, kw)
     prod = Producer(cfg)
-    run_loop(prod.processor_for(), "producer", cfg, max_messages, idle_timeout_s)
+    run_loop(prod.processor_for(), "producer", cfg, max_messages, idle_timeout_s, until_caught_up)
 
 
 @main.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -231,12 +231,12 @@ def eval_cmd(checkpoints, source, limit, heads_per_sample, figure, json_out, **k
 @main.command("encode")
 @loop_options
 @config_options("services.encoder:EncoderConfig")
-def encode_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+def encode_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
     """Embed mining patterns with the current AP-MAE checkpoint (hot-swapped from the registry)."""
     from services.encoder import Encoder, EncoderConfig
 
     cfg = build(EncoderConfig, kw)
-    run_loop(Encoder(cfg).processor(), "encoder", cfg, max_messages, idle_timeout_s)
+    run_loop(Encoder(cfg).processor(), "encoder", cfg, max_messages, idle_timeout_s, until_caught_up)
 
 
 @main.group()
@@ -256,13 +256,13 @@ def cluster_plan_cmd(**kw: Any) -> None:
 @cluster.command("worker")
 @loop_options
 @config_options("services.cluster:ClusterServiceConfig")
-def cluster_worker_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+def cluster_worker_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
     """Fit heads from the job queue (--processes N: one per core; start more on other machines)."""
     from services.cluster import ClusterServiceConfig, run_workers
 
     cfg = build(ClusterServiceConfig, kw)
     start_service(cfg, "cluster-fit")
-    click.echo(json.dumps({"jobs": run_workers(cfg, idle_timeout_s, max_messages)}))
+    click.echo(json.dumps({"jobs": run_workers(cfg, idle_timeout_s, max_messages, until_caught_up=until_caught_up)}))
 
 
 @cluster.command("fit")
@@ -280,12 +280,12 @@ def cluster_fit_cmd(**kw: Any) -> None:
 @main.command("assign")
 @loop_options
 @config_options("services.cluster:ClusterServiceConfig")
-def assign_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+def assign_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
     """Assign new embeddings to their head's fitted clusters; track drift; trigger refits."""
     from services.cluster import Assigner, ClusterServiceConfig
 
     cfg = build(ClusterServiceConfig, kw)
-    run_loop(Assigner(cfg).processor(), "assign", cfg, max_messages, idle_timeout_s)
+    run_loop(Assigner(cfg).processor(), "assign", cfg, max_messages, idle_timeout_s, until_caught_up)
 
 
 @main.group("classify")
@@ -318,12 +318,12 @@ def classify_fit_cmd(as_json: bool, **kw: Any) -> None:
 @classify.command("serve")
 @loop_options
 @config_options("services.classifier:ClassifyConfig")
-def classify_serve_cmd(max_messages, idle_timeout_s, **kw: Any) -> None:
+def classify_serve_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
     """Score complete rows live; publish P(correct); export accuracy and calibration metrics."""
     from services.classifier import ClassifyConfig, Scorer
 
     cfg = build(ClassifyConfig, kw)
-    run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s)
+    run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s, until_caught_up)
 
 
 @main.command("intervene")

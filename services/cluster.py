@@ -189,7 +189,7 @@ class FitWorker:
 
 
 def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_messages: int | None = None,
-                jobs: int | None = None) -> int:
+                jobs: int | None = None, until_caught_up: bool = False) -> int:
     """Run ``cfg.processes`` fit workers (one per core) until idle; returns jobs done.
 
     With ``jobs`` (the plan's count), a progress bar follows the heads registered."""
@@ -199,13 +199,13 @@ def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_mes
     if cfg.processes <= 1:
         with bar:
             return FitWorker(cfg).processor().run(max_messages=max_messages, idle_timeout_s=idle_timeout_s,
-                                                  progress=bar.update)
+                                                  progress=bar.update, until_caught_up=until_caught_up)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
     with ctx.Pool(cfg.processes) as pool, bar:
-        pending = pool.starmap_async(_worker_entry, [(cfg, idle_timeout_s)] * cfg.processes)
+        pending = pool.starmap_async(_worker_entry, [(cfg, idle_timeout_s, until_caught_up)] * cfg.processes)
         while not pending.ready():
             pending.wait(2.0)
             bar.n = len(registry.names("cluster"))
@@ -228,11 +228,11 @@ def publish_fit_metrics(cfg: ClusterServiceConfig) -> None:
             NOISE.labels(model, layer, head).set(float(e["noise_rate"]))
 
 
-def _worker_entry(cfg: ClusterServiceConfig, idle_timeout_s: float | None) -> int:
+def _worker_entry(cfg: ClusterServiceConfig, idle_timeout_s: float | None, until_caught_up: bool) -> int:
     import os
 
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    return FitWorker(cfg).processor().run(idle_timeout_s=idle_timeout_s)
+    return FitWorker(cfg).processor().run(idle_timeout_s=idle_timeout_s, until_caught_up=until_caught_up)
 
 
 class Assigner:

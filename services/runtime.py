@@ -82,7 +82,8 @@ def start_service(cfg: C.BusConfig, service: str, health=None):
     return server
 
 
-def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None, idle_timeout_s: float | None) -> int:
+def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None, idle_timeout_s: float | None,
+             until_caught_up: bool = False) -> int:
     """Run a Processor as a service: metrics endpoint, SIGTERM handling, a summary at the end."""
     start_service(cfg, service, health=lambda: {"status": "ok", "service": service,
                                                 "processed": processor.processed})
@@ -92,7 +93,7 @@ def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None
     watchdog = threading.Thread(target=_watch_polls, args=(processor, service), name="poll-watchdog", daemon=True)
     watchdog.start()
     try:
-        n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+        n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s, until_caught_up=until_caught_up)
     except ConsumerStalled:
         restart_process(processor, service)
     click.echo(json.dumps({"service": service, "processed": n}))
@@ -146,6 +147,9 @@ LOOP_OPTIONS = [
     click.option("--max-messages", type=int, default=None, help="Stop after this many input messages"),
     click.option("--idle-timeout", "idle_timeout_s", type=float, default=None,
                  help="Stop when nothing arrived for this many seconds (default: run forever)"),
+    click.option("--until-caught-up", is_flag=True, default=False,
+                 help="Stop as soon as every assigned input partition is read to its end (a batch "
+                      "stage run after its producers finished; --idle-timeout still bounds the wait)"),
 ]
 
 

@@ -319,16 +319,30 @@ class Processor:
             return {tp: (self.consumer.position(tp), None) for tp in assigned}
         return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
 
-    def _stopped_short(self, idle_s: float) -> None:
-        """Log that the stage stops idle before the end of its input, and where each partition is."""
-        log.error("%s: stopped %.0f s idle short of the end of its input: %s", self.bus.service, idle_s,
-                  {f"{tp.topic}[{tp.partition}]": pe for tp, pe in self._positions_and_ends().items()})
-
     def _caught_up(self, state: dict[TopicPartition, tuple[int, int | None]] | None = None) -> bool:
         """Every assigned partition read to its (confirmed) end (``state``: positions and ends
         already probed, else probed here)."""
         state = self._positions_and_ends() if state is None else state
         return bool(state) and all(end is not None and pos >= end for pos, end in state.values())
+
+    def _group_caught_up(self) -> bool:
+        """Every partition of the inputs read to its end by the group: this member's own ones
+        by its positions, any other's by the group's commits. A batch stage stops on this, not
+        on its own share: a partition still held by a dead member (until its session expires)
+        or by a peer is not done because this member's are."""
+        if not self._caught_up():
+            return False
+        mine = self.consumer.assignment()
+        others = [TopicPartition(name, p) for name in map(self.bus.name, self.inputs)
+                  for p in sorted(self.consumer.partitions_for_topic(name) or ()) if TopicPartition(name, p) not in mine]
+        if not others:
+            return True
+        try:
+            ends = true_end_offsets(self.bus, others)
+            return all((self.consumer.committed(tp) or 0) >= ends.get(tp, 0) for tp in others)
+        except TRANSIENT as e:
+            log.debug("the group's commits unavailable: %s", e)
+            return False
 
     @staticmethod
     def _behind(state: dict[TopicPartition, tuple[int, int | None]]) -> bool:
@@ -370,9 +384,9 @@ class Processor:
         The idle clock starts when the group first assigns this member partitions, not when
         the run starts: joining a group can take longer than a short idle timeout on a loaded
         machine, and a stage that timed out before its first poll silently did nothing.
-        ``until_caught_up``: also stop as soon as every assigned partition is read to its
-        end (a batch stage that runs after its producers finished; no idle wait, and no way
-        to stop before the tail is read). ``progress(n)`` is called with each committed
+        ``until_caught_up``: also stop as soon as every partition of the inputs is read to its
+        end by the group (a batch stage that runs after its producers finished: no idle wait at the end;
+        short of the end it waits, or stalls, as below). ``progress(n)`` is called with each committed
         batch's size (a progress bar's update).
 
         Nothing arrived while the input is not read to its end is not idleness: the broker is
@@ -410,7 +424,7 @@ class Processor:
                     joined, last_data = True, time.monotonic()
                 raws = [r for part in polled.values() for r in part]
                 if not raws:
-                    if joined and until_caught_up and self._caught_up():
+                    if joined and until_caught_up and self._group_caught_up():
                         break
                     now = time.monotonic()
                     quiet = now - (last_data if joined else started)
@@ -421,9 +435,6 @@ class Processor:
                                         svc, self.group, quiet)
                             break
                         continue
-                    if idle and until_caught_up:  # timed out short of the end: say where it stopped
-                        self._stopped_short(quiet)
-                        break
                     if not (idle or quiet > self.stall_after_s) or now < next_check:
                         continue
                     # one probe of the ends (a broker round trip) per idle timeout at most

@@ -100,6 +100,33 @@ def test_a_stage_reads_to_the_end_however_slow_its_group_join(bus_cfg):
     assert short.run(idle_timeout_s=3) == 9
 
 
+def test_a_batch_stage_stops_when_its_group_has_read_every_partition_not_only_its_own(bus_cfg):
+    """until_caught_up stopped when this member's partitions were read: with a peer (or a dead
+    member whose session had not expired) holding the others, the stage exited 0 and its
+    group's input was half read. It now stops when the group has read every partition."""
+    bus = Bus(bus_cfg, "t-share")
+    publish(bus, files(40, "share"))
+    stage = Processor(bus, "g-share", [FILES], score, batch_size=8)
+    peer = bus.consumer("g-share", [FILES])  # a member that holds its share and reads nothing
+
+    def hold_then_leave() -> None:
+        while not stage.processed:  # stays in the group (polls, paused) until the stage has its share
+            peer.pause(*peer.assignment())
+            peer.poll(200)
+        for _ in range(10):
+            peer.poll(200)
+        peer.close(autocommit=False)  # leaves: the stage is given the rest
+
+    deadline = time.monotonic() + 30
+    while not peer.assignment() and time.monotonic() < deadline:
+        peer.poll(200)
+    holder = threading.Thread(target=hold_then_leave, daemon=True)
+    holder.start()
+    assert stage.run(until_caught_up=True, idle_timeout_s=30) == 40
+    holder.join(30)
+    assert {m.record.sample_id for m in read_all(bus, SCORES)} >= {f.id for f in files(40, "share")}
+
+
 def wedged_stage(bus: Bus, group: str, **kw) -> Processor:
     """A stage whose consumer stops fetching after its first batch (every partition paused
     behind the loop's back): what kafka-python's consumer did after a durable broker restart,

@@ -179,7 +179,7 @@ def test_producer_killed_mid_batch_then_restarted(bus_cfg, tiny_model_dir):
     files = java_files(24, "p")
     publish(bus, files)
     args = ["produce", "--model", str(tiny_model_dir), "--mine-per-task", "100000", "--balance-slack", "100000",
-            "--idle-timeout", "30"]  # a restart first waits out the dead member's session
+            "--until-caught-up", "--idle-timeout", "30"]  # a restart first waits out the dead member's session
     proc = start(args, bus_cfg)
     wait_then(proc, lambda: count_so_far(bus, SAMPLES)() >= 40, lambda: sigkill(proc))
     finish(start(args, bus_cfg))
@@ -261,7 +261,7 @@ def test_encoder_killed_mid_batch_then_restarted(bus_cfg, redis_client):
     bus.ensure_topics()
     inputs = patterns(bus, 1500)
     register_checkpoint(bus_cfg, redis_client, "kill")
-    args = ["encode", "--checkpoint", "kill", "--batch-size", "16", "--idle-timeout", "30"]
+    args = ["encode", "--checkpoint", "kill", "--batch-size", "16", "--until-caught-up", "--idle-timeout", "30"]
     proc = start(args, bus_cfg)
     wait_then(proc, lambda: count_so_far(bus, EMBEDDINGS)() >= 200, lambda: sigkill(proc))
     finish(start(args, bus_cfg))
@@ -310,7 +310,7 @@ def test_encoder_dead_letters_poison_and_oversize_input_and_keeps_going(bus_cfg,
     poison = {i for i, k in where.values() if k.startswith(b"poison:")}
     assert len(poison) == len(poison_cases(limit)) and len(where) == len(inputs) + len(poison)
     register_checkpoint(bus_cfg, redis_client, "poison")
-    out = finish(start(["encode", "--checkpoint", "poison", "--batch-size", "16", "--idle-timeout", "10"], bus_cfg,
+    out = finish(start(["encode", "--checkpoint", "poison", "--batch-size", "16", "--until-caught-up", "--idle-timeout", "10"], bus_cfg,
                        APMAE_MAX_MESSAGE_BYTES=limit))
     assert json.loads(out.strip().splitlines()[-1])["service"] == "encoder"
     # one run, no restart: nothing is repeated
@@ -394,11 +394,11 @@ def account_scores(bus, expected: set[str], *, fault: str, workers: int = 1) -> 
 
 def test_classifier_killed_mid_batch_then_restarted(bus_cfg, tmp_path):
     bus, expected = scorer_setup(bus_cfg, tmp_path, 1500)
-    args = ["classify", "serve", "--idle-timeout", "10", "--threads", "1"]
+    args = ["classify", "serve", "--until-caught-up", "--idle-timeout", "10", "--threads", "1"]
     proc = start(args, bus_cfg)
     wait_then(proc, lambda: count_so_far(bus, SCORES)() >= 150, lambda: sigkill(proc))
     # the restart waits out the dead member's session before its partitions come back
-    finish(start(["classify", "serve", "--idle-timeout", "30", "--threads", "1"], bus_cfg))
+    finish(start(["classify", "serve", "--until-caught-up", "--idle-timeout", "30", "--threads", "1"], bus_cfg))
     account_scores(bus, expected, fault="SIGKILL")
 
 
@@ -406,7 +406,7 @@ def test_classifier_killed_mid_batch_then_restarted(bus_cfg, tmp_path):
 def test_redis_restart_mid_run_loses_nothing(bus_cfg, tmp_path, infra_cfg):
     bus, expected = scorer_setup(bus_cfg, tmp_path, 1500)
     redis_server = next(s for s in servers(infra_cfg, ("redis",)))
-    args = ["classify", "serve", "--idle-timeout", "20", "--threads", "1"]
+    args = ["classify", "serve", "--until-caught-up", "--idle-timeout", "20", "--threads", "1"]
     proc = start(args, bus_cfg)
 
     def outage() -> None:
