@@ -148,8 +148,8 @@ LOOP_OPTIONS = [
     click.option("--idle-timeout", "idle_timeout_s", type=float, default=None,
                  help="Stop when nothing arrived for this many seconds (default: run forever)"),
     click.option("--until-caught-up", is_flag=True, default=False,
-                 help="Stop as soon as every assigned input partition is read to its end (a batch "
-                      "stage run after its producers finished; --idle-timeout still bounds the wait)"),
+                 help="Stop as soon as the group has read every input partition to its end (a batch "
+                      "stage run after its producers finished; --idle-timeout still bounds a broker outage)"),
 ]
 
 

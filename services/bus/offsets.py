@@ -42,7 +42,7 @@ def true_end_offsets(bus: Bus, tps: Sequence[TopicPartition],
     consumer to reuse (the lag probe keeps one), else one is made and closed here.
     """
     own = probe is None
-    probe = probe or _probe(bus)
+    probe = probe or tail_probe(bus)
     try:
         reported = probe.end_offsets(list(tps))
         out = dict(reported)
@@ -67,7 +67,7 @@ def true_end_offsets(bus: Bus, tps: Sequence[TopicPartition],
             probe.close(autocommit=False)
 
 
-def _probe(bus: Bus) -> KafkaConsumer:
+def tail_probe(bus: Bus) -> KafkaConsumer:
     """A group-less consumer for reading tails: the broker answers an empty fetch at once
     (``fetch_max_wait_ms``), so confirming the tail costs one short poll, not 500 ms."""
     return bus.consumer(None, enable_auto_commit=False, fetch_max_wait_ms=10)
@@ -117,7 +117,7 @@ class LagProbe:
                 if stop.is_set() or not snap:
                     continue
                 try:
-                    probe = probe or _probe(self.bus)
+                    probe = probe or tail_probe(self.bus)
                     self._report(snap, true_end_offsets(self.bus, list(snap), probe))
                 except Exception as e:  # metrics must never break anything
                     log.debug("lag probe failed: %s", e)

@@ -27,7 +27,8 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ from services import metrics
 from services.bus import failpoints
 from services.bus.client import TRANSIENT, Bus, DeadLetter, Message, Output, is_transient
 from services.bus.done import DoneStore
-from services.bus.offsets import LagProbe, true_end_offsets
+from services.bus.offsets import LagProbe, tail_probe, true_end_offsets
 
 log = logging.getLogger("apmae.bus")
 
@@ -97,6 +98,10 @@ class Processor:
     # watchdog then starts the process again (services.runtime.run_loop).
     poll_hang_s: float = 120.0
     poll_since: float | None = None  # when the poll in progress began (None: not polling)
+    # until_caught_up: how often a member whose partitions are read asks after the group's
+    # others (a broker round trip per partition), and the bound on each commit lookup
+    group_check_every_s: float = 2.0
+    group_check_timeout_ms: int = 2000
 
     def __post_init__(self) -> None:
         svc = self.bus.service
@@ -111,6 +116,7 @@ class Processor:
         self._processing_s = metrics.PROCESSING_SECONDS.labels(svc)
         self._lag = LagProbe(self.bus, svc, self.group, self.lag_every_s)
         self._lag_due = 0.0
+        self._probe: KafkaConsumer | None = None
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self._assigned_now = list(assigned)  # checked after poll returns (the client forbids calls from here)
@@ -121,7 +127,7 @@ class Processor:
         beginning of what the broker holds now; done marks drop anything seen before."""
         assigned, self._assigned_now = self._assigned_now, []
         for tp in assigned:
-            if tp in self._committed and self.consumer.committed(tp) is None:
+            if tp in self._committed and self.consumer.committed(tp, timeout_ms=self.group_check_timeout_ms) is None:
                 name = self.bus.logical(tp.topic).name
                 metrics.OFFSETS_RESET.labels(self.bus.service, name).inc()
                 log.error("%s: the committed offset %d of %s vanished: broker restarted and lost its topics? "
@@ -159,9 +165,16 @@ class Processor:
         kafka-python 3.0.12 waits for its IO thread without a timeout, and after a durable
         broker restart that wait sometimes never ended (py-spy: main thread in
         ``NetworkSelector.run``; the fault matrix's producer and assigner)."""
+        with self._watched():
+            return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+
+    @contextmanager
+    def _watched(self) -> Iterator[None]:
+        """Time a call into kafka-python for the watchdog (``poll_hung``): the consumer's poll,
+        and the probes of ends and commits, which poll and wait on the same kind of client."""
         self.poll_since = time.monotonic()
         try:
-            return self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+            yield
         finally:
             self.poll_since = None
 
@@ -309,13 +322,27 @@ class Processor:
         if positions:
             self._lag.observe(positions)
 
+    def _ends_probe(self) -> KafkaConsumer:
+        """One group-less consumer for this run's end-offset probes (made on first use, closed
+        at the end of the run): a new one per probe cost a bootstrap and a metadata fetch."""
+        if self._probe is None:
+            self._probe = tail_probe(self.bus)
+        return self._probe
+
+    def _drop_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.close(autocommit=False)
+            self._probe = None
+
     def _positions_and_ends(self) -> dict[TopicPartition, tuple[int, int | None]]:
         """(position, confirmed end; None when the broker cannot say now) per assigned partition."""
         assigned = list(self.consumer.assignment())
         try:
-            ends = true_end_offsets(self.bus, assigned)
+            with self._watched():
+                ends = true_end_offsets(self.bus, assigned, self._ends_probe())
         except TRANSIENT as e:
             log.debug("end offsets unavailable: %s", e)
+            self._drop_probe()  # a client that failed a request may be wedged: a new one next time
             return {tp: (self.consumer.position(tp), None) for tp in assigned}
         return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
 
@@ -325,24 +352,34 @@ class Processor:
         state = self._positions_and_ends() if state is None else state
         return bool(state) and all(end is not None and pos >= end for pos, end in state.values())
 
-    def _group_caught_up(self) -> bool:
-        """Every partition of the inputs read to its end by the group: this member's own ones
-        by its positions, any other's by the group's commits. A batch stage stops on this, not
-        on its own share: a partition still held by a dead member (until its session expires)
-        or by a peer is not done because this member's are."""
-        if not self._caught_up():
-            return False
-        mine = self.consumer.assignment()
-        others = [TopicPartition(name, p) for name in map(self.bus.name, self.inputs)
-                  for p in sorted(self.consumer.partitions_for_topic(name) or ()) if TopicPartition(name, p) not in mine]
+    def _others_left(self, mine: set[TopicPartition]) -> dict[TopicPartition, tuple[int, int]] | None:
+        """The partitions of the inputs that this member does not own (``mine``) and that the
+        group has not committed to their end: (committed, end) each. None when the broker
+        cannot say now, or the topics' partitions are not known yet.
+
+        A batch stage stops when this is empty and its own partitions are read, not on its
+        own share alone: a partition held by a peer, or by a dead member until its session
+        expires, is not done because this member's are. Every call here has a bound (a
+        commit lookup without one retries for as long as the coordinator is unknown)."""
+        names = list(map(self.bus.name, self.inputs))
+        # the subscription's metadata cache: the public partitions_for_topic refreshes it
+        # without a bound when a topic is missing from it
+        known = {name: self.consumer._cluster.partitions_for_topic(name) for name in names}
+        if not all(known.values()):
+            return None
+        others = [TopicPartition(n, p) for n in names for p in sorted(known[n]) if TopicPartition(n, p) not in mine]
         if not others:
-            return True
+            return {}
         try:
-            ends = true_end_offsets(self.bus, others)
-            return all((self.consumer.committed(tp) or 0) >= ends.get(tp, 0) for tp in others)
+            with self._watched():
+                ends = true_end_offsets(self.bus, others, self._ends_probe())
+                committed = {tp: self.consumer.committed(tp, timeout_ms=self.group_check_timeout_ms) or 0
+                             for tp in others}
         except TRANSIENT as e:
             log.debug("the group's commits unavailable: %s", e)
-            return False
+            self._drop_probe()
+            return None
+        return {tp: (committed[tp], ends.get(tp, 0)) for tp in others if committed[tp] < ends.get(tp, 0)}
 
     @staticmethod
     def _behind(state: dict[TopicPartition, tuple[int, int | None]]) -> bool:
@@ -385,9 +422,11 @@ class Processor:
         the run starts: joining a group can take longer than a short idle timeout on a loaded
         machine, and a stage that timed out before its first poll silently did nothing.
         ``until_caught_up``: also stop as soon as every partition of the inputs is read to its
-        end by the group (a batch stage that runs after its producers finished: no idle wait at the end;
-        short of the end it waits, or stalls, as below). ``progress(n)`` is called with each committed
-        batch's size (a progress bar's update).
+        end by the group (a batch stage that runs after its producers finished: no idle wait at
+        the end). A member whose own partitions are read waits, neither idle nor stalled, while
+        the group's other members read theirs (:meth:`_others_left`); short of its own end it
+        waits, or stalls, as below. ``progress(n)`` is called with each committed batch's size
+        (a progress bar's update).
 
         Nothing arrived while the input is not read to its end is not idleness: the broker is
         away (kafka-python's poll returns nothing while disconnected), the group is rejoining,
@@ -402,6 +441,7 @@ class Processor:
         joined = False
         stalled: ConsumerStalled | None = None
         next_check = 0.0  # the next time the quiet input's ends are probed (a broker round trip)
+        next_group_check = next_wait_log = 0.0  # until_caught_up: the group's other partitions
         backoff = 0.5
         try:
             while not self.stop_event.is_set():
@@ -424,9 +464,22 @@ class Processor:
                     joined, last_data = True, time.monotonic()
                 raws = [r for part in polled.values() for r in part]
                 if not raws:
-                    if joined and until_caught_up and self._group_caught_up():
-                        break
                     now = time.monotonic()
+                    if joined and until_caught_up and now >= next_group_check:
+                        next_group_check = now + self.group_check_every_s
+                        state = self._positions_and_ends()
+                        if all(end is not None and pos >= end for pos, end in state.values()):
+                            left = self._others_left(set(state))
+                            if left == {}:
+                                break  # the group has read every partition to its end
+                            if left:  # waiting on the group's other members is neither idle nor a stall
+                                last_data = now
+                                if now >= next_wait_log:
+                                    next_wait_log = now + 60
+                                    log.info("%s: its partitions are read; waiting for the group's others "
+                                             "(committed, end): %s", svc,
+                                             {f"{tp.topic}[{tp.partition}]": ce for tp, ce in left.items()})
+                                continue
                     quiet = now - (last_data if joined else started)
                     idle = idle_timeout_s is not None and quiet > idle_timeout_s * (1 if joined else 4)
                     if not joined:  # never joined: the join itself gets a generous bound (4x)
@@ -440,8 +493,9 @@ class Processor:
                     # one probe of the ends (a broker round trip) per idle timeout at most
                     next_check = now + min(idle_timeout_s or self.stall_after_s, self.stall_after_s)
                     state = self._positions_and_ends()
-                    if idle and self._caught_up(state):
-                        break  # idle: nothing arrived and nothing is left to read
+                    if idle and self._caught_up(state) and not until_caught_up:
+                        break  # idle: nothing arrived and nothing is left to read (of its own: a
+                        # batch stage stops only on the group's end, above)
                     if quiet > self.stall_after_s and self._behind(state):
                         stalled = self._stalled_error(quiet, "while the broker confirms records past it", state)
                         break
@@ -480,6 +534,7 @@ class Processor:
                 self._observe_lag()
         finally:
             self._lag.close()
+            self._drop_probe()
             self.bus.flush()
             self.consumer.close(autocommit=False)
             self.consumer = None

@@ -103,28 +103,79 @@ def test_a_stage_reads_to_the_end_however_slow_its_group_join(bus_cfg):
 def test_a_batch_stage_stops_when_its_group_has_read_every_partition_not_only_its_own(bus_cfg):
     """until_caught_up stopped when this member's partitions were read: with a peer (or a dead
     member whose session had not expired) holding the others, the stage exited 0 and its
-    group's input was half read. It now stops when the group has read every partition."""
+    group's input was half read (12 of 40); and a first fix still stopped so once an idle
+    timeout passed. Now it waits for the group: here the peer holds its share unread for
+    longer than the idle timeout, then leaves, and the stage is given the rest."""
     bus = Bus(bus_cfg, "t-share")
     publish(bus, files(40, "share"))
     stage = Processor(bus, "g-share", [FILES], score, batch_size=8)
-    peer = bus.consumer("g-share", [FILES])  # a member that holds its share and reads nothing
+    peer = bus.consumer("g-share", [FILES])  # holds its share, reads nothing
+    finished = threading.Event()
 
     def hold_then_leave() -> None:
-        while not stage.processed:  # stays in the group (polls, paused) until the stage has its share
+        while not stage.processed and not finished.is_set():  # in the group until the stage has its share
             peer.pause(*peer.assignment())
             peer.poll(200)
-        for _ in range(10):
+        for _ in range(40):  # ~8 s: longer than the stage's idle timeout, which is no reason to stop
             peer.poll(200)
         peer.close(autocommit=False)  # leaves: the stage is given the rest
 
-    deadline = time.monotonic() + 30
-    while not peer.assignment() and time.monotonic() < deadline:
-        peer.poll(200)
+    joined(peer)
     holder = threading.Thread(target=hold_then_leave, daemon=True)
     holder.start()
-    assert stage.run(until_caught_up=True, idle_timeout_s=30) == 40
-    holder.join(30)
+    try:
+        assert stage.run(until_caught_up=True, idle_timeout_s=3) == 40
+    finally:
+        finished.set()
+        holder.join(30)
     assert {m.record.sample_id for m in read_all(bus, SCORES)} >= {f.id for f in files(40, "share")}
+
+
+def test_a_batch_stage_stops_on_its_peers_commits(bus_cfg):
+    """The other half of the group check: a peer that reads and commits its share, and stays
+    in the group, lets the stage stop once the group's commits reach the ends."""
+    bus = Bus(bus_cfg, "t-peer")
+    publish(bus, files(40, "peer"))
+    stage = Processor(bus, "g-peer", [FILES], score, batch_size=8)
+    peer = bus.consumer("g-peer", [FILES])
+    read_by_peer: set[str] = set()
+    finished = threading.Event()
+
+    def read_and_commit() -> None:
+        while not finished.is_set():
+            if not (stage.consumer and stage.consumer.assignment()):  # reads nothing before the stage has its share
+                peer.pause(*peer.assignment())
+                peer.poll(200)
+                continue
+            peer.resume(*peer.assignment())
+            for recs in peer.poll(200, max_records=8).values():
+                read_by_peer.update(decode(r.value, FileRecord).id for r in recs)
+            peer.commit()
+        peer.close(autocommit=False)
+
+    read_by_peer.update(joined(peer))
+    reader = threading.Thread(target=read_and_commit, daemon=True)
+    reader.start()
+    try:
+        n = stage.run(until_caught_up=True, idle_timeout_s=30)
+        assert reader.is_alive()  # the peer is still in the group: the stage stopped on its commits
+    finally:
+        finished.set()
+        reader.join(30)
+    scored = {m.record.sample_id for m in read_all(bus, SCORES)}
+    assert 0 < n < 40 and len(scored) == n  # each did a share (a rebalance may move partitions between them)
+    assert scored | read_by_peer == {f.id for f in files(40, "peer")}
+
+
+def joined(consumer, timeout_s: float = 30) -> set[str]:
+    """Poll ``consumer`` until its group assigns it partitions; the ids it read meanwhile
+    (not committed)."""
+    deadline, read = time.monotonic() + timeout_s, set()
+    while not consumer.assignment() and time.monotonic() < deadline:
+        for recs in consumer.poll(200).values():
+            read.update(decode(r.value, FileRecord).id for r in recs)
+    assert consumer.assignment(), "never joined its group"
+    return read
 
 
 def wedged_stage(bus: Bus, group: str, **kw) -> Processor:
