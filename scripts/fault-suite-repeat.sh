@@ -2,7 +2,7 @@
 # Run the whole fault suite (pytest -m fault: the fault matrix and test_faults.py) N times in a
 # row on this code, stopping at the first failure: no cell's outcome may depend on where a fault lands.
 #
-#   scripts/fault-suite-repeat.sh [N]      (default 10; 33-42 min a run on 2 cores, 2026-12-02)
+#   scripts/fault-suite-repeat.sh [N]      (default 10; 18-20 min a run on 2 cores, 2026-12-03)
 #
 # Resumable: each finished run appends one JSON line to docs/fault-suite-runs.jsonl (commit,
 # code, run, passed, failed, seconds, and every FAULT row it printed); runs already recorded

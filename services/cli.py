@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from apmae import config as C
 from services.runtime import loop_options, run_loop, setup_logging, start_service
 from services.settings import ConfigGroup, build, config_options
+
+if TYPE_CHECKING:
+    from services.bus import RunLimits
 
 log = logging.getLogger("apmae")
 
@@ -185,13 +188,13 @@ def ingest_cmd(**kw: Any) -> None:
 @main.command("produce")
 @loop_options
 @config_options("services.producer:ProducerConfig")
-def produce_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
+def produce_cmd(limits: RunLimits, **kw: Any) -> None:
     """Mine tasks from files, run the target LLM, publish samples and attention patterns."""
     from services.producer import Producer, ProducerConfig
 
     cfg = build(ProducerConfig, kw)
     prod = Producer(cfg)
-    run_loop(prod.processor_for(), "producer", cfg, max_messages, idle_timeout_s, until_caught_up)
+    run_loop(prod.processor_for(), "producer", cfg, limits)
 
 
 @main.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -221,22 +224,20 @@ def eval_cmd(checkpoints, source, limit, heads_per_sample, figure, json_out, **k
     from services import evaluate
 
     matrix = evaluate.run(build(C.BusConfig, kw, needs_broker=not source.startswith("parquet:")), list(checkpoints),
-                          source, limit, figure,
-                          per_sample=heads_per_sample)
+                          source, limit, figure, per_sample=heads_per_sample)
     if json_out:
         Path(json_out).write_text(evaluate.dump(matrix))
-
 
 
 @main.command("encode")
 @loop_options
 @config_options("services.encoder:EncoderConfig")
-def encode_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
+def encode_cmd(limits: RunLimits, **kw: Any) -> None:
     """Embed mining patterns with the current AP-MAE checkpoint (hot-swapped from the registry)."""
     from services.encoder import Encoder, EncoderConfig
 
     cfg = build(EncoderConfig, kw)
-    run_loop(Encoder(cfg).processor(), "encoder", cfg, max_messages, idle_timeout_s, until_caught_up)
+    run_loop(Encoder(cfg).processor(), "encoder", cfg, limits)
 
 
 @main.group()
@@ -256,36 +257,37 @@ def cluster_plan_cmd(**kw: Any) -> None:
 @cluster.command("worker")
 @loop_options
 @config_options("services.cluster:ClusterServiceConfig")
-def cluster_worker_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
+def cluster_worker_cmd(limits: RunLimits, **kw: Any) -> None:
     """Fit heads from the job queue (--processes N: one per core; start more on other machines)."""
     from services.cluster import ClusterServiceConfig, run_workers
 
     cfg = build(ClusterServiceConfig, kw)
     start_service(cfg, "cluster-fit")
-    click.echo(json.dumps({"jobs": run_workers(cfg, idle_timeout_s, max_messages, until_caught_up=until_caught_up)}))
+    click.echo(json.dumps({"jobs": run_workers(cfg, limits)}))
 
 
 @cluster.command("fit")
 @config_options("services.cluster:ClusterServiceConfig")
 def cluster_fit_cmd(**kw: Any) -> None:
     """plan + workers until the queue is drained: the whole batch fit in one command."""
+    from services.bus import RunLimits
     from services.cluster import ClusterServiceConfig, plan, run_workers
 
     cfg = build(ClusterServiceConfig, kw)
     p = plan(cfg)
     click.echo(json.dumps(p))
-    click.echo(json.dumps({"jobs": run_workers(cfg, idle_timeout_s=20)}))
+    click.echo(json.dumps({"jobs": run_workers(cfg, RunLimits(idle_timeout_s=20))}))
 
 
 @main.command("assign")
 @loop_options
 @config_options("services.cluster:ClusterServiceConfig")
-def assign_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
+def assign_cmd(limits: RunLimits, **kw: Any) -> None:
     """Assign new embeddings to their head's fitted clusters; track drift; trigger refits."""
     from services.cluster import Assigner, ClusterServiceConfig
 
     cfg = build(ClusterServiceConfig, kw)
-    run_loop(Assigner(cfg).processor(), "assign", cfg, max_messages, idle_timeout_s, until_caught_up)
+    run_loop(Assigner(cfg).processor(), "assign", cfg, limits)
 
 
 @main.group("classify")
@@ -318,12 +320,12 @@ def classify_fit_cmd(as_json: bool, **kw: Any) -> None:
 @classify.command("serve")
 @loop_options
 @config_options("services.classifier:ClassifyConfig")
-def classify_serve_cmd(max_messages, idle_timeout_s, until_caught_up, **kw: Any) -> None:
+def classify_serve_cmd(limits: RunLimits, **kw: Any) -> None:
     """Score complete rows live; publish P(correct); export accuracy and calibration metrics."""
     from services.classifier import ClassifyConfig, Scorer
 
     cfg = build(ClassifyConfig, kw)
-    run_loop(Scorer(cfg).processor(), "classifier", cfg, max_messages, idle_timeout_s, until_caught_up)
+    run_loop(Scorer(cfg).processor(), "classifier", cfg, limits)
 
 
 @main.command("intervene")

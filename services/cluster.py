@@ -41,7 +41,16 @@ from apmae.config import BusConfig, setting
 from apmae.config import to_dict as config_to_dict
 from apmae.messages import stable_id
 from apmae.topics import ASSIGNMENTS, EMBEDDINGS, FIT_JOBS, AssignmentRecord, FitJobRecord, head_key
-from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, read_range
+from services.bus import (
+    Bus,
+    DeadLetter,
+    DoneStore,
+    Message,
+    Output,
+    Processor,
+    RunLimits,
+    read_range,
+)
 from services.metrics import HeadSeries
 from services.registry import ArtifactStore, Registry, RegistryCache
 
@@ -188,9 +197,9 @@ class FitWorker:
         return self.proc
 
 
-def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_messages: int | None = None,
-                jobs: int | None = None, until_caught_up: bool = False) -> int:
-    """Run ``cfg.processes`` fit workers (one per core) until idle; returns jobs done.
+def run_workers(cfg: ClusterServiceConfig, limits: RunLimits, jobs: int | None = None) -> int:
+    """Run ``cfg.processes`` fit workers (one per core) until ``limits``; returns jobs done
+    (``limits.max_messages`` bounds each worker).
 
     With ``jobs`` (the plan's count), a progress bar follows the heads registered."""
     from tqdm import tqdm
@@ -198,14 +207,13 @@ def run_workers(cfg: ClusterServiceConfig, idle_timeout_s: float | None, max_mes
     bar = tqdm(total=jobs, desc="cluster", unit="head", leave=False, disable=jobs is None)
     if cfg.processes <= 1:
         with bar:
-            return FitWorker(cfg).processor().run(max_messages=max_messages, idle_timeout_s=idle_timeout_s,
-                                                  progress=bar.update, until_caught_up=until_caught_up)
+            return FitWorker(cfg).processor().run(**vars(limits), progress=bar.update)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
     with ctx.Pool(cfg.processes) as pool, bar:
-        pending = pool.starmap_async(_worker_entry, [(cfg, idle_timeout_s, until_caught_up)] * cfg.processes)
+        pending = pool.starmap_async(_worker_entry, [(cfg, limits)] * cfg.processes)
         while not pending.ready():
             pending.wait(2.0)
             bar.n = len(registry.names("cluster"))
@@ -228,11 +236,11 @@ def publish_fit_metrics(cfg: ClusterServiceConfig) -> None:
             NOISE.labels(model, layer, head).set(float(e["noise_rate"]))
 
 
-def _worker_entry(cfg: ClusterServiceConfig, idle_timeout_s: float | None, until_caught_up: bool) -> int:
+def _worker_entry(cfg: ClusterServiceConfig, limits: RunLimits) -> int:
     import os
 
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    return FitWorker(cfg).processor().run(idle_timeout_s=idle_timeout_s, until_caught_up=until_caught_up)
+    return FitWorker(cfg).processor().run(**vars(limits))
 
 
 class Assigner:

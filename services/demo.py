@@ -202,11 +202,12 @@ class Demo:
         return self.common(ClusterServiceConfig, cluster=self.cfg.cluster, processes=max(1, min(2, os.cpu_count() or 1)))
 
     def stage_cluster(self):
+        from services.bus import RunLimits
         from services.cluster import plan, run_workers
 
         cfg = self.cluster_cfg()
         p = plan(cfg)
-        jobs = run_workers(cfg, idle_timeout_s=30, jobs=p["jobs"])
+        jobs = run_workers(cfg, RunLimits(idle_timeout_s=30), jobs=p["jobs"])
         return {**p, "fitted": jobs}
 
     def classify_cfg(self):

@@ -7,6 +7,7 @@ Settings and their command-line binding are :mod:`services.settings`; the CLI
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -14,10 +15,14 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from apmae import config as C
+
+if TYPE_CHECKING:  # the bus (kafka-python) loads when a command runs, not for --help
+    from services.bus import RunLimits
 
 _handler: logging.Handler | None = None
 
@@ -82,9 +87,9 @@ def start_service(cfg: C.BusConfig, service: str, health=None):
     return server
 
 
-def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None, idle_timeout_s: float | None,
-             until_caught_up: bool = False) -> int:
-    """Run a Processor as a service: metrics endpoint, SIGTERM handling, a summary at the end."""
+def run_loop(processor, service: str, cfg: C.BusConfig, limits: RunLimits) -> int:
+    """Run a Processor as a service, until ``limits``: metrics endpoint, SIGTERM handling, a
+    summary at the end."""
     start_service(cfg, service, health=lambda: {"status": "ok", "service": service,
                                                 "processed": processor.processed})
     from services.bus import ConsumerStalled
@@ -93,7 +98,7 @@ def run_loop(processor, service: str, cfg: C.BusConfig, max_messages: int | None
     watchdog = threading.Thread(target=_watch_polls, args=(processor, service), name="poll-watchdog", daemon=True)
     watchdog.start()
     try:
-        n = processor.run(max_messages=max_messages, idle_timeout_s=idle_timeout_s, until_caught_up=until_caught_up)
+        n = processor.run(**vars(limits))
     except ConsumerStalled:
         restart_process(processor, service)
     click.echo(json.dumps({"service": service, "processed": n}))
@@ -154,6 +159,14 @@ LOOP_OPTIONS = [
 
 
 def loop_options(fn):
+    """The loop options, given to the command as one ``limits`` (:class:`RunLimits`)."""
+
+    @functools.wraps(fn)
+    def command(max_messages, idle_timeout_s, until_caught_up, **kw):
+        from services.bus import RunLimits
+
+        return fn(limits=RunLimits(max_messages, idle_timeout_s, until_caught_up), **kw)
+
     for opt in reversed(LOOP_OPTIONS):
-        fn = opt(fn)
-    return fn
+        command = opt(command)
+    return command

@@ -21,9 +21,9 @@ from services.bus.client import (
 )
 from services.bus.done import DoneStore
 from services.bus.offsets import LagProbe, read_range, topic_end_offsets, true_end_offsets
-from services.bus.processing import ConsumerStalled, Handler, Processor
+from services.bus.processing import ConsumerStalled, Handler, Processor, RunLimits
 
 __all__ = [
     "TRANSIENT", "Bus", "ConsumerStalled", "DeadLetter", "DoneStore", "Handler", "LagProbe", "Message", "Output", "Processor",
-    "Retryable", "kafka_security", "native_crc32c", "read_range", "topic_end_offsets", "true_end_offsets",
+    "Retryable", "RunLimits", "kafka_security", "native_crc32c", "read_range", "topic_end_offsets", "true_end_offsets",
 ]

@@ -64,6 +64,16 @@ class ConsumerStalled(RuntimeError):
     process has none of that client state."""
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    """When :meth:`Processor.run` stops: its keyword arguments that a command line sets (the
+    loop options of every consuming service), one object from the options to the loop."""
+
+    max_messages: int | None = None
+    idle_timeout_s: float | None = None
+    until_caught_up: bool = False
+
+
 @dataclass
 class Processor:
     """Consume ``inputs`` as ``group``, run ``handler`` on batches, produce, flush, commit.
@@ -346,11 +356,17 @@ class Processor:
             return {tp: (self.consumer.position(tp), None) for tp in assigned}
         return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
 
+    @staticmethod
+    def _read_to_end(state: dict[TopicPartition, tuple[int, int | None]]) -> bool:
+        """Every partition of ``state`` read to its confirmed end; true of none (a member of a
+        group left with no partitions then counts every partition by the group's commits)."""
+        return all(end is not None and pos >= end for pos, end in state.values())
+
     def _caught_up(self, state: dict[TopicPartition, tuple[int, int | None]] | None = None) -> bool:
-        """Every assigned partition read to its (confirmed) end (``state``: positions and ends
-        already probed, else probed here)."""
+        """This member has partitions, each read to its (confirmed) end (``state``: positions
+        and ends already probed, else probed here)."""
         state = self._positions_and_ends() if state is None else state
-        return bool(state) and all(end is not None and pos >= end for pos, end in state.values())
+        return bool(state) and self._read_to_end(state)
 
     def _others_left(self, mine: set[TopicPartition]) -> dict[TopicPartition, tuple[int, int]] | None:
         """The partitions of the inputs that this member does not own (``mine``) and that the
@@ -468,7 +484,7 @@ class Processor:
                     if joined and until_caught_up and now >= next_group_check:
                         next_group_check = now + self.group_check_every_s
                         state = self._positions_and_ends()
-                        if all(end is not None and pos >= end for pos, end in state.values()):
+                        if self._read_to_end(state):
                             left = self._others_left(set(state))
                             if left == {}:
                                 break  # the group has read every partition to its end
