@@ -159,6 +159,10 @@ def run(n: int, rounds: int) -> dict:
                     t[name].append(fn())
             med = {name: statistics.median(v) for name, v in t.items()}
             mb = n * msg_bytes / 1e6
+            # each round's own ratio (ours and raw ran back to back in it): their spread is the
+            # noise a ratio from this machine carries
+            paired = {way: sorted(r / o for r, o in zip(t[f"raw_{way}"], t[f"ours_{way}"], strict=True))
+                      for way in ("produce", "consume")}
             rows.append({
                 "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
                 "raw_produce_MB_s": mb / med["raw_produce"], "ours_produce_MB_s": mb / med["ours_produce"],
@@ -166,6 +170,8 @@ def run(n: int, rounds: int) -> dict:
                 "raw_consume_MB_s": mb / med["raw_consume"], "ours_consume_MB_s": mb / med["ours_consume"],
                 "consume_ratio": med["raw_consume"] / med["ours_consume"],
                 "ours_consume_msg_s": n / med["ours_consume"],
+                "produce_round_ratios": f"{paired['produce'][0]:.2f}-{paired['produce'][-1]:.2f}",
+                "consume_round_ratios": f"{paired['consume'][0]:.2f}-{paired['consume'][-1]:.2f}",
                 "seconds": {name: [round(x, 3) for x in v] for name, v in t.items()},
             })
     return {"native_crc32c": native_crc32c(), "rows": rows}
@@ -174,7 +180,7 @@ def run(n: int, rounds: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--messages", type=int, default=3000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     res = run(args.messages, args.rounds)
     cols = [c for c in res["rows"][0] if c != "seconds"]

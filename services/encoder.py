@@ -26,7 +26,7 @@ from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, from_pretrained, is_hub_id, resolve_pretrained
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
-from services.registry import Registry, sha256_file
+from services.registry import FileDigests, Registry
 
 log = logging.getLogger("apmae.encoder")
 EMBEDDED = PromCounter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
@@ -38,6 +38,8 @@ class EncoderConfig(BusConfig):
     checkpoint: str = setting("apmae", "Registry name of the AP-MAE run to follow, a checkpoint directory, or a "
                                        "Hugging Face hub id (org/name)")
     batch_size: int = setting(128, "Patterns per embedding batch")
+    poll_batches: int = setting(4, "Embedding batches per poll: a poll's fixed costs (the flush before its commit, "
+                                   "the done marks' round trips, the commit) are paid once for them")
     reload_check_s: float = setting(5.0, "Seconds between registry checks for a new checkpoint")
     device: str = setting("", "cpu or cuda (default: cuda when available)")
     group: str = setting("encoder", "Consumer group on patterns.mine")
@@ -54,18 +56,19 @@ class Encoder:
         self.sha: str | None = None
         self.tag = ""
         self.checked = 0.0
+        self.digest = FileDigests()  # a fixed checkpoint directory is checked every reload_check_s
 
     def current(self) -> tuple[Path, str, str] | None:
         """(checkpoint dir, sha256, tag): a fixed directory, the run the registry points at, or
         a hub id's snapshot (fetched once into the state directory's hub cache)."""
         p = Path(self.cfg.checkpoint)
         if (p / "model.safetensors").exists():
-            return p, sha256_file(p / "model.safetensors"), p.name
+            return p, self.digest(p / "model.safetensors"), p.name
         entry = self.registry.get("apmae", self.cfg.checkpoint)
         if entry is None:
             if is_hub_id(self.cfg.checkpoint):
                 p = resolve_pretrained(self.cfg.checkpoint, cache_dir=self.cfg.state_dir / "hub")
-                return p, sha256_file(p / "model.safetensors"), self.cfg.checkpoint
+                return p, self.digest(p / "model.safetensors"), self.cfg.checkpoint
             return None
         return self.cfg.artifacts_dir / entry["path"], entry["sha256"], f"{self.cfg.checkpoint}@{entry['step']}"
 
@@ -80,7 +83,7 @@ class Encoder:
         path, sha, tag = cur
         if sha == self.sha:
             return
-        if sha256_file(path / "model.safetensors") != sha:
+        if self.digest(path / "model.safetensors") != sha:
             raise Retryable(f"checkpoint {path} does not match its registered SHA-256 (still being written?)")
         self.model, meta = from_pretrained(path, self.device)
         self.sha, self.tag = sha, tag
@@ -122,4 +125,4 @@ class Encoder:
         self.bus.ensure_topics([PATTERNS_MINE, EMBEDDINGS])
         return Processor(self.bus, self.cfg.group, [PATTERNS_MINE], self.handle,
                          done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group),
-                         batch_size=self.cfg.batch_size)
+                         batch_size=self.cfg.batch_size * self.cfg.poll_batches)

@@ -196,25 +196,28 @@ class Processor:
         return None
 
     def keepalive(self, fn: Callable[[], Any], every_s: float = 1.0) -> Any:
-        """Run one long, uninterruptible piece of work (a UMAP fit, a model forward) in a
-        thread while this thread keeps the group membership alive; returns its result or
-        re-raises its error."""
-        box: dict[str, Any] = {}
+        """Run one long, uninterruptible piece of work (a UMAP fit, a model forward) while a
+        helper thread keeps the group membership alive; returns its result or raises its error.
 
-        def work() -> None:
-            try:
-                box["out"] = fn()
-            except BaseException as e:  # noqa: BLE001 - handed back to the caller below
-                box["err"] = e
+        The work runs on the calling thread and the heartbeats on the helper, not the other
+        way round: torch gives every thread that runs a CPU op its own OpenMP team, and with
+        more OpenMP threads than cores libgomp shortens its spin, so a forward on a fresh
+        thread beside the caller's team ran at ~0.8x (benchmarks/omp_threads.py). The helper
+        has the consumer to itself: the work does not touch it, and the helper is joined
+        before this returns."""
+        done = threading.Event()
 
-        t = threading.Thread(target=work, name="keepalive-work", daemon=True)
-        t.start()
-        while t.is_alive():
-            t.join(every_s)
-            self.heartbeat()
-        if "err" in box:
-            raise box["err"]
-        return box.get("out")
+        def beat() -> None:
+            while not done.wait(every_s):
+                self.heartbeat()
+
+        helper = threading.Thread(target=beat, name="keepalive-heartbeat", daemon=True)
+        helper.start()
+        try:
+            return fn()
+        finally:
+            done.set()
+            helper.join()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current batch, commit, and exit the loop."""

@@ -9,6 +9,8 @@ from apmae.codec import (
     encode_pattern,
     pack_lower,
     packed_length,
+    read_packed,
+    unpack,
 )
 from apmae.scaling import log_scale
 
@@ -82,6 +84,8 @@ def test_decode_many_equals_decode_pattern_and_sorts_out_bad_payloads(dtype):
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32
     for row, i in enumerate(kept):
         assert np.array_equal(x[row].numpy(), decode_pattern(bytes(batch[i]), 64, dtype))
+    bits, kept_too, _ = read_packed(batch, 64, dtype)  # the trainer's two halves, on two threads
+    assert kept_too == kept and torch.equal(unpack(bits, 64), x)
     with pytest.raises(BadPattern):
         decode_pattern(bytes(nan), 64, dtype)
 
@@ -118,3 +122,50 @@ def test_gpu_encode_through_the_pinned_buffer_gives_the_same_bytes():
         assert pinned[3] is None and why[3] == why2[3] != ""
     big = torch.rand(40, 64, 64, device="cuda")  # a larger batch after a smaller one: the buffer grows
     assert len(encode_many(big)[0]) == 40
+
+
+def _threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
+def test_reading_packed_patterns_on_a_side_thread_starts_no_openmp_team():
+    """The trainer reads patterns on its prefetch thread. A torch op there (the old decode)
+    gave that thread its own OpenMP team, whose parked worker stays for the thread's life;
+    with more OpenMP threads than cores libgomp shortens its spin, and the training step ran
+    at 0.80x (small) and 0.87x (paper) beside an idle such thread (benchmarks/omp_threads.py,
+    2026-12-03). read_packed is numpy: a side thread that reads leaves no thread behind; the
+    unpack (torch) runs on the training thread."""
+    import threading
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: OpenMP makes no team to detect")
+    rng = np.random.default_rng(0)
+    pats = [np.tril(rng.random((256, 256))).astype(np.float32) for _ in range(16)]
+    bufs = [encode_pattern(p / p.sum(1, keepdims=True)) for p in pats]
+    (torch.zeros(16, 256, 256) + 1).sum()  # this thread's team exists before the count
+
+    def threads_beside(work) -> int:
+        """Threads beyond this one's while a side thread that did ``work`` is still alive (as
+        the prefetch thread is through training: a team lives as long as its thread)."""
+        did, release = threading.Event(), threading.Event()
+
+        def side() -> None:
+            work()
+            did.set()
+            release.wait(30)
+
+        before = _threads()
+        t = threading.Thread(target=side)
+        t.start()
+        did.wait(30)
+        n = _threads() - before
+        release.set()
+        t.join()
+        return n
+
+    assert threads_beside(lambda: read_packed(bufs, 256)) == 1  # the side thread alone
+    # the count sees a team: after a torch op, a worker beside the side thread
+    assert threads_beside(lambda: (torch.zeros(16, 256, 256) + 1).sum()) > 1
