@@ -26,7 +26,7 @@ from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, from_pretrained, is_hub_id, resolve_pretrained
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
-from services.registry import FileDigests, Registry
+from services.registry import FileDigests, Registry, sha256_file
 
 log = logging.getLogger("apmae.encoder")
 EMBEDDED = PromCounter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
@@ -38,8 +38,6 @@ class EncoderConfig(BusConfig):
     checkpoint: str = setting("apmae", "Registry name of the AP-MAE run to follow, a checkpoint directory, or a "
                                        "Hugging Face hub id (org/name)")
     batch_size: int = setting(128, "Patterns per embedding batch")
-    poll_batches: int = setting(4, "Embedding batches per poll: a poll's fixed costs (the flush before its commit, "
-                                   "the done marks' round trips, the commit) are paid once for them")
     reload_check_s: float = setting(5.0, "Seconds between registry checks for a new checkpoint")
     device: str = setting("", "cpu or cuda (default: cuda when available)")
     group: str = setting("encoder", "Consumer group on patterns.mine")
@@ -83,7 +81,7 @@ class Encoder:
         path, sha, tag = cur
         if sha == self.sha:
             return
-        if self.digest(path / "model.safetensors") != sha:
+        if sha256_file(path / "model.safetensors") != sha:  # in full: a new checkpoint, once
             raise Retryable(f"checkpoint {path} does not match its registered SHA-256 (still being written?)")
         self.model, meta = from_pretrained(path, self.device)
         self.sha, self.tag = sha, tag
@@ -105,12 +103,12 @@ class Encoder:
         for dtype, group in by_dtype.items():
             for k in range(0, len(group), self.cfg.batch_size):
                 chunk = group[k:k + self.cfg.batch_size]
-                x, kept, bad = decode_many([m.record.payload for m in chunk], size, dtype)
+                x, kept, bad = decode_many([m.record.payload for m in chunk], size, dtype, self.device)
                 out += [DeadLetter(chunk[i], reason) for i, reason in bad.items()]
                 if not kept:
                     continue
                 with torch.inference_mode():
-                    emb = self.model.embed(x.to(self.device)).float().cpu().numpy()
+                    emb = self.model.embed(x).float().cpu().numpy()
                 for i, e in zip(kept, emb, strict=True):
                     r = chunk[i].record
                     out.append(Output(EMBEDDINGS, EmbeddingRecord(
@@ -125,4 +123,4 @@ class Encoder:
         self.bus.ensure_topics([PATTERNS_MINE, EMBEDDINGS])
         return Processor(self.bus, self.cfg.group, [PATTERNS_MINE], self.handle,
                          done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group),
-                         batch_size=self.cfg.batch_size * self.cfg.poll_batches)
+                         batch_size=self.cfg.batch_size)

@@ -286,7 +286,7 @@ class Trainer:
                 batch = batch or wait_for_batch(self.prefetch, deadline, self.stop)
                 if not self.all_ready(batch is not None):
                     break
-                x = batch.patterns().to(self.device)
+                x = batch.patterns(self.device)
                 lr = self.schedule.at(self.step)
                 self.last_loss = train_step(self.ddp, self.opt, x, lr, self.gen)
                 self.prefetch.progress.on_trained(batch.items)

@@ -59,10 +59,11 @@ class Batch:
     size: int  # S
     items: list[Pending]
 
-    def patterns(self) -> torch.Tensor:
-        """(B, S, S) float32 probabilities, unpacked by the caller: the training thread, on
-        torch's threads (no torch op on the prefetch thread: :func:`apmae.codec.read_packed`)."""
-        xs = [unpack(bits, self.size) for bits in self.packed]
+    def patterns(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """(B, S, S) float32 probabilities on ``device``, unpacked by the caller: the training
+        thread, on torch's threads or the GPU (no torch op on the prefetch thread:
+        :func:`apmae.codec.read_packed`)."""
+        xs = [unpack(bits, self.size, device) for bits in self.packed]
         return xs[0] if len(xs) == 1 else torch.cat(xs)
 
 

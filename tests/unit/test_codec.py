@@ -172,3 +172,16 @@ def test_reading_packed_patterns_on_a_side_thread_starts_no_openmp_team():
     assert workers_beside(lambda: read_packed(bufs, 256)) == 0
     # the count sees a team: after a torch op, a worker beside the side thread
     assert workers_beside(lambda: (torch.zeros(16, 256, 256) + 1).sum()) > 0
+
+
+@pytest.mark.gpu
+def test_unpack_on_the_gpu_equals_the_cpu():
+    """The trainer and the encoder unpack on the model's device: the packed bits go over and
+    the scatter runs there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the unpack on the device is the GPU path")
+    for dtype in ("bfloat16", "float32"):
+        bufs = [encode_pattern(causal_softmax(64, seed=s), dtype) for s in range(3)]
+        bits, kept, _ = read_packed(bufs, 64, dtype)
+        on_gpu = unpack(bits, 64, "cuda")
+        assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), unpack(bits, 64))
