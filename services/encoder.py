@@ -56,19 +56,21 @@ class Encoder:
         self.checked = 0.0
         self.digest = FileDigests()  # a fixed checkpoint directory is checked every reload_check_s
 
-    def current(self) -> tuple[Path, str, str] | None:
-        """(checkpoint dir, sha256, tag): a fixed directory, the run the registry points at, or
-        a hub id's snapshot (fetched once into the state directory's hub cache)."""
+    def current(self) -> tuple[Path, str, str, bool] | None:
+        """(checkpoint dir, sha256, tag, whether that sha256 was read off the file): a fixed
+        directory, the run the registry points at, or a hub id's snapshot (fetched once into
+        the state directory's hub cache)."""
         p = Path(self.cfg.checkpoint)
         if (p / "model.safetensors").exists():
-            return p, self.digest(p / "model.safetensors"), p.name
+            return p, self.digest(p / "model.safetensors"), p.name, True
         entry = self.registry.get("apmae", self.cfg.checkpoint)
         if entry is None:
             if is_hub_id(self.cfg.checkpoint):
                 p = resolve_pretrained(self.cfg.checkpoint, cache_dir=self.cfg.state_dir / "hub")
-                return p, self.digest(p / "model.safetensors"), self.cfg.checkpoint
+                return p, self.digest(p / "model.safetensors"), self.cfg.checkpoint, True
             return None
-        return self.cfg.artifacts_dir / entry["path"], entry["sha256"], f"{self.cfg.checkpoint}@{entry['step']}"
+        return (self.cfg.artifacts_dir / entry["path"], entry["sha256"], f"{self.cfg.checkpoint}@{entry['step']}",
+                False)
 
     def ensure_model(self) -> None:
         now = time.monotonic()
@@ -78,10 +80,11 @@ class Encoder:
         cur = self.current()
         if cur is None:
             raise Retryable(f"no AP-MAE checkpoint registered as {self.cfg.checkpoint!r} yet")
-        path, sha, tag = cur
+        path, sha, tag, read_off_the_file = cur
         if sha == self.sha:
             return
-        if sha256_file(path / "model.safetensors") != sha:  # in full: a new checkpoint, once
+        # the registry's sha256 against the file, in full (a new checkpoint, once)
+        if not read_off_the_file and sha256_file(path / "model.safetensors") != sha:
             raise Retryable(f"checkpoint {path} does not match its registered SHA-256 (still being written?)")
         self.model, meta = from_pretrained(path, self.device)
         self.sha, self.tag = sha, tag

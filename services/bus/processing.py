@@ -120,6 +120,7 @@ class Processor:
             metrics.DEADLETTERS.labels(svc, t.name)
             metrics.CONSUMER_LAG.labels(svc, t.name)
         self._committed: dict[TopicPartition, int] = {}  # what this process committed last
+        self._beat_tried_at = 0.0
         self._assigned_now: list[TopicPartition] = []
         self._in = {t.name: metrics.MESSAGES_IN.labels(svc, t.name) for t in self.inputs}
         self._duplicates = metrics.DUPLICATES_SKIPPED.labels(svc)
@@ -213,11 +214,7 @@ class Processor:
 
         def beat() -> None:
             while not done.wait(every_s / 4):
-                try:
-                    self.heartbeat_if_due(every_s)
-                except Exception as e:  # noqa: BLE001 - a dead helper would stop the heartbeats unseen
-                    metrics.ERRORS.labels(self.bus.service, type(e).__name__).inc()
-                    log.error("%s: heartbeat failed (%s); the batch goes on, its commit decides", self.bus.service, e)
+                self.heartbeat_if_due(every_s)
 
         helper = threading.Thread(target=beat, name="keepalive-heartbeat", daemon=True)
         helper.start()
@@ -230,9 +227,19 @@ class Processor:
         return out
 
     def heartbeat_if_due(self, every_s: float = 1.0) -> None:
-        """:meth:`heartbeat` when the last poll is ``every_s`` old: for work done in pieces."""
-        if time.monotonic() - self.polled_at >= every_s:
+        """:meth:`heartbeat` when the last poll, or the last try, is ``every_s`` old: for work
+        done in pieces. Never raises: whatever a heartbeat raises is logged and counted (it
+        must neither end the helper thread unseen nor fail a batch whose work is done, which
+        the loop would then split as poison)."""
+        now = time.monotonic()
+        if now - max(self.polled_at, self._beat_tried_at) < every_s:
+            return
+        self._beat_tried_at = now  # a broker that is away: one try per every_s, not per check
+        try:
             self.heartbeat()
+        except Exception as e:  # noqa: BLE001 - see above; KafkaError is handled inside
+            metrics.ERRORS.labels(self.bus.service, type(e).__name__).inc()
+            log.error("%s: heartbeat failed (%s); the batch goes on, its commit decides", self.bus.service, e)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT finish the current batch, commit, and exit the loop."""
