@@ -172,6 +172,16 @@ def read_packed(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[np.ndarray
     return bits, kept, bad
 
 
+def packed_values(bits: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Packed lower triangles (from :func:`read_packed`) to ``(G, n (n + 1) / 2)`` float32
+    probabilities on ``device``, still packed: what :meth:`apmae.mae.APMAE.patches` takes,
+    which lays out the model's patches without the square. One bf16 -> float32 conversion,
+    on torch's threads: run it on the thread that runs the model. On a GPU the bits go over
+    (half the bytes of float32) and the conversion runs there."""
+    v = torch.from_numpy(bits.view(np.int16) if bits.dtype == np.uint16 else bits.view(np.float32)).to(device)
+    return v.view(torch.bfloat16).float() if bits.dtype == np.uint16 else v
+
+
 def unpack(bits: np.ndarray, n: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """The second half of :func:`decode_many`: packed lower triangles (from
     :func:`read_packed`) to ``(G, n, n)`` float32 patterns on ``device``, zeros above the
@@ -182,8 +192,7 @@ def unpack(bits: np.ndarray, n: int, device: str | torch.device = "cpu") -> torc
     the unpacked float32 patterns, a quarter in bfloat16) and the scatter runs there.
     masked_scatter fills the True places in row-major order, the wire's order: measured 7x
     faster than index assignment (131 vs 974 us a 256-token pattern, one CPU thread)."""
-    v = torch.from_numpy(bits.view(np.int16) if bits.dtype == np.uint16 else bits.view(np.float32)).to(device)
-    v = v.view(torch.bfloat16).float() if bits.dtype == np.uint16 else v
+    v = packed_values(bits, device)
     out = torch.zeros(len(bits), n, n, device=device)
     out.masked_scatter_(_tril_mask_on(n, str(torch.device(device))).expand(len(bits), n, n), v)
     return out

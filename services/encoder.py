@@ -21,7 +21,7 @@ import torch
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from apmae.codec import decode_many
+from apmae.codec import packed_values, read_packed
 from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, from_pretrained, is_hub_id, resolve_pretrained
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
@@ -92,8 +92,8 @@ class Encoder:
         log.info("embedding with %s (%s)", tag, path)
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
-        """Embed a batch: patterns decoded together (one bf16 conversion and one scatter per
-        batch, :func:`apmae.codec.decode_many`), one unmasked forward per ``batch_size``."""
+        """Embed a batch: one unmasked forward per ``batch_size`` patterns, fed their packed lower
+        triangles as they came off the wire (:meth:`apmae.mae.APMAE.patches`: no square is built)."""
         self.ensure_model()
         out: list[Output | DeadLetter] = []
         size = self.model.cfg.pattern_size
@@ -106,12 +106,12 @@ class Encoder:
         for dtype, group in by_dtype.items():
             for k in range(0, len(group), self.cfg.batch_size):
                 chunk = group[k:k + self.cfg.batch_size]
-                x, kept, bad = decode_many([m.record.payload for m in chunk], size, dtype, self.device)
+                bits, kept, bad = read_packed([m.record.payload for m in chunk], size, dtype)
                 out += [DeadLetter(chunk[i], reason) for i, reason in bad.items()]
                 if not kept:
                     continue
                 with torch.inference_mode():
-                    emb = self.model.embed(x).float().cpu().numpy()
+                    emb = self.model.embed(packed_values(bits, self.device)).float().cpu().numpy()
                 for i, e in zip(kept, emb, strict=True):
                     r = chunk[i].record
                     out.append(Output(EMBEDDINGS, EmbeddingRecord(

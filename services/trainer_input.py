@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
-from apmae.codec import BadPattern, payload_is_finite, read_packed, unpack
+from apmae.codec import BadPattern, packed_values, payload_is_finite, read_packed
 from apmae.messages import InvalidMessage, decode
 from apmae.topics import PatternRecord
 from apmae.train import shuffle_block
@@ -60,10 +60,11 @@ class Batch:
     items: list[Pending]
 
     def patterns(self, device: str | torch.device = "cpu") -> torch.Tensor:
-        """(B, S, S) float32 probabilities on ``device``, unpacked by the caller: the training
+        """(B, S (S + 1) / 2) float32 probabilities, packed lower triangles on ``device``
+        (what :meth:`apmae.mae.APMAE.patches` takes), converted by the caller: the training
         thread, on torch's threads or the GPU (no torch op on the prefetch thread:
         :func:`apmae.codec.read_packed`)."""
-        xs = [unpack(bits, self.size, device) for bits in self.packed]
+        xs = [packed_values(bits, device) for bits in self.packed]
         return xs[0] if len(xs) == 1 else torch.cat(xs)
 
 

@@ -9,10 +9,11 @@ from apmae.codec import (
     encode_pattern,
     pack_lower,
     packed_length,
+    packed_values,
     read_packed,
     unpack,
 )
-from apmae.scaling import log_scale
+from apmae.scaling import log_scale, pattern_log_min
 
 
 def causal_softmax(n: int, seed: int = 0, sharp: float = 8.0) -> np.ndarray:
@@ -139,7 +140,7 @@ def test_reading_packed_patterns_on_a_side_thread_starts_no_openmp_team():
     with more OpenMP threads than cores libgomp shortens its spin, and the training step ran
     at 0.80x (small) and 0.87x (paper) beside an idle such thread (benchmarks/omp_threads.py,
     2026-12-03). read_packed is numpy: a side thread that reads leaves no thread behind; the
-    unpack (torch) runs on the training thread."""
+    conversion (torch) runs on the training thread."""
     import threading
 
     if torch.get_num_threads() < 2:
@@ -176,8 +177,8 @@ def test_reading_packed_patterns_on_a_side_thread_starts_no_openmp_team():
 
 @pytest.mark.gpu
 def test_unpack_on_the_gpu_equals_the_cpu():
-    """The trainer and the encoder unpack on the model's device: the packed bits go over and
-    the scatter runs there."""
+    """The trainer and the encoder convert on the model's device: the packed bits go over and
+    the conversion (and, for a square, the scatter) runs there."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: the unpack on the device is the GPU path")
     for dtype in ("bfloat16", "float32"):
@@ -185,3 +186,22 @@ def test_unpack_on_the_gpu_equals_the_cpu():
         bits, kept, _ = read_packed(bufs, 64, dtype)
         on_gpu = unpack(bits, 64, "cuda")
         assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), unpack(bits, 64))
+        values = packed_values(bits, "cuda")
+        assert values.is_cuda and torch.equal(values.cpu(), packed_values(bits))
+
+
+def test_log_scale_of_underflows_and_subnormals_matches_the_formula():
+    """Zeros inside the triangle (underflow) scale to 0 and do not set the minimum; a
+    subnormal probability counts as the smallest normal float (ln of it sets m)."""
+    a = causal_softmax(16, seed=4)
+    a[9, 2] = 0.0
+    s = log_scale(a).numpy()
+    la = np.log(a[a > 0])
+    expected = np.zeros_like(a)
+    expected[a > 0] = (la - la.min()) / (-la.min())
+    assert np.allclose(s, expected, atol=1e-6) and s[9, 2] == 0.0
+    a[11, 3] = 1e-42  # subnormal in float32
+    s = log_scale(a).numpy()
+    tiny = np.log(np.finfo(np.float32).tiny)
+    assert s[11, 3] == 0.0 and float(pattern_log_min(a)) == pytest.approx(tiny, rel=1e-6)
+    assert np.all(s[np.triu_indices(16, 1)] == 0) and s.max() == 1.0
