@@ -190,7 +190,8 @@ class APMAE(nn.Module):
 
     # -- the AP-MAE differences -------------------------------------------------------------
     def preprocess(self, patterns: torch.Tensor) -> torch.Tensor:
-        """patterns: (N, S, S) raw probabilities -> (N, S, S) float32, log-scaled unless ablated."""
+        """patterns: (N, S, S) raw probabilities (or (N, 1, L) packed triangles, :meth:`patches`)
+        -> the same shape, float32, log-scaled unless ablated."""
         return log_scale(patterns) if self.cfg.log_scale else patterns.float()
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,12 +202,17 @@ class APMAE(nn.Module):
         """The model's input: (N, P, p*p) preprocessed lower patches, from (N, S, S) patterns or
         from (N, S (S + 1) / 2) packed lower triangles (the wire's layout, ``apmae.codec``).
 
-        Both give the same values. The packed way never builds the square: the log scaling
-        runs on the triangle only (an (N, 1, L) "pattern" has the same positives and minimum)
-        and one gather lays out the patches. For the small variant that made the unmasked
-        pass ~3.7x faster on 2 CPU threads (preprocess was 60% of it)."""
+        For a causal square (zeros above the diagonal) both give the same values, bit for bit.
+        The packed way never builds the square: the log scaling runs on the triangle only (an
+        (N, 1, L) "pattern" has the same positives and minimum) and one gather lays out the
+        patches (the encoder's and trainer's way; ``raw_square`` in benchmarks/encoder.py
+        times the other)."""
         if patterns.dim() == 3:
             return self.patchify(self.preprocess(patterns))
+        s = self.cfg.pattern_size
+        if patterns.dim() != 2 or patterns.shape[-1] != s * (s + 1) // 2:
+            raise ValueError(f"patterns of shape {tuple(patterns.shape)}: expected (N, {s}, {s}) or packed "
+                             f"(N, {s * (s + 1) // 2})")
         scaled = self.preprocess(patterns.unsqueeze(1)).squeeze(1)  # (N, L)
         scaled = torch.cat([scaled, scaled.new_zeros(len(scaled), 1)], dim=1)  # the padding zero at L
         return scaled[:, self.packed_index].view(len(scaled), self.cfg.num_patches, -1)

@@ -20,7 +20,8 @@ import torch
 def log_scale(a: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The paper's log normalisation, per pattern.
 
-    a: ``(..., n, n)`` probabilities. Returns the same shape, float32, in [0, 1]:
+    a: ``(..., n, n)`` probabilities (the minimum is over the last two dimensions, so an
+    ``(N, 1, L)`` stack of packed triangles works too). Returns the same shape, float32, in [0, 1]:
     ``s = (ln a - m) / (-m)`` where ``m`` is the minimum of ``ln a`` over the positive
     entries of that pattern; entries with ``a == 0`` (upper triangle, underflow) become 0.
     """
@@ -36,8 +37,8 @@ def pattern_log_min(a: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def _log_and_min(a: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a > 0, a fresh tensor with ln a where a > 0 (ln of the smallest normal float elsewhere),
-    m per pattern)."""
+    """(a > 0, a fresh tensor with ln a where a > 0 (ln of the smallest normal float where
+    a == 0; masked out by both callers), m per pattern)."""
     a = torch.as_tensor(a, dtype=torch.float32)
     pos = a > 0
     la = a.clamp_min(torch.finfo(torch.float32).tiny).log_()

@@ -1,6 +1,6 @@
 """The encoder service against a raw in-memory forward of the same AP-MAE on the same patterns.
 
-Raw: the patterns are decoded to tensors before the clock starts; the clock runs over
+Raw: the patterns are decoded to packed float32 tensors before the clock starts; the clock runs over
 ``model.embed`` in batches of ``--batch`` (the floor: what the model alone costs). Both sides
 feed the model packed lower triangles, the wire's layout (``APMAE.patches``); ``raw_square``
 is the same forward fed (N, S, S) squares, the way the encoder did until 2026-12-03. Service:
@@ -127,7 +127,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
                 bus.send(Output(PATTERNS_MINE, r, key=r.key))
             bus.close()
 
-        raw()  # warm-up
+        raw(), raw_square()  # warm-up
         t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "consume_alone": [], "decode_alone": [],
                                                    "raw_square": []}
         for k in range(rounds):

@@ -2,9 +2,10 @@
 
 A prefetch thread owns the Kafka consumer (kafka-python's consumer is not thread-safe). It
 reads a block of up to ``shuffle_window`` trainable patterns from this rank's partitions,
-shuffles it with the previous block's leftovers (:func:`apmae.train.shuffle_block`), decodes
-whole batches at once (:func:`apmae.codec.decode_many`) and hands them over through a queue
-of ``depth`` batches. The training thread only takes batches.
+shuffles it with the previous block's leftovers (:func:`apmae.train.shuffle_block`), checks and
+stacks whole batches of packed lower triangles at once (:func:`apmae.codec.read_packed`, numpy)
+and hands them over through a queue of ``depth`` batches. The training thread takes batches
+and converts them to float32 (:meth:`Batch.patterns`).
 
 What has been trained is tracked per partition so a checkpoint can resume exactly although
 batches are drawn out of order: the *low watermark* (the smallest offset read but not yet
@@ -56,7 +57,7 @@ class Pending:
 @dataclass(frozen=True)
 class Batch:
     packed: list[np.ndarray]  # per wire dtype in the batch: (G, S (S + 1) / 2) lower-triangle bits
-    size: int  # S
+    size: int  # S (the packed length is S (S + 1) / 2)
     items: list[Pending]
 
     def patterns(self, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -267,7 +268,7 @@ class Prefetcher:
 
     def _decode(self, chunk: list[Pending]) -> Batch:
         """Check and stack a batch's packed patterns at once (one call per wire dtype in it);
-        the training thread unpacks them (:meth:`Batch.patterns`)."""
+        the training thread converts them (:meth:`Batch.patterns`)."""
         by_dtype: dict[str, list[int]] = {}
         for i, item in enumerate(chunk):
             by_dtype.setdefault(item.record.dtype, []).append(i)

@@ -265,3 +265,5 @@ def test_packed_triangles_give_the_same_patches_loss_and_embedding_as_squares(lo
     loss_p, pred_p, mask_p = m(packed, generator=torch.Generator().manual_seed(1))
     loss_s, pred_s, mask_s = m(square, generator=torch.Generator().manual_seed(1))
     assert torch.equal(loss_p, loss_s) and torch.equal(pred_p, pred_s) and torch.equal(mask_p, mask_s)
+    with pytest.raises(ValueError, match="packed"):
+        m.patches(packed[:, :-1])  # one value short: not a triangle of this model's size
