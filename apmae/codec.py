@@ -134,17 +134,20 @@ def payload_is_finite(buf, dtype: str = "bfloat16") -> bool:
     return True
 
 
-def decode_many(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[torch.Tensor, list[int], dict[int, str]]:
-    """Vectorised :func:`decode_pattern` for a batch of wire payloads of one size and dtype.
+def read_packed(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[np.ndarray, list[int], dict[int, str]]:
+    """The first half of :func:`decode_many`: check a batch of wire payloads of one size and
+    dtype and stack their packed lower triangles, without unpacking them.
 
-    Returns ``(patterns (G, n, n) float32, kept indices (G,), {index: reason} for the rest)``.
-    One bf16 -> float32 conversion and one scatter for the whole batch: per pattern this was
-    the encoder's largest cost next to the forward pass itself.
+    Returns ``(bits (G, n (n + 1) / 2) uint16 for bfloat16 or uint32 for float32, kept indices
+    (G,), {index: reason} for the rest)``. numpy only, no torch op: the trainer runs this on
+    its prefetch thread, and a torch op there gave that thread its own OpenMP team, beside
+    which the training step ran at 0.80x (small) and 0.87x (paper) (benchmarks/omp_threads.py).
     """
     if dtype not in WIRE_DTYPES:
-        return torch.zeros(0, n, n), [], {i: f"unknown wire dtype {dtype!r}" for i in range(len(bufs))}
+        return np.zeros((0, 1), np.uint16), [], {i: f"unknown wire dtype {dtype!r}" for i in range(len(bufs))}
     if not isinstance(n, int) or n < 1:
-        return torch.zeros(0, 1, 1), [], {i: f"pattern size {n!r} is not a positive integer" for i in range(len(bufs))}
+        return (np.zeros((0, 1), np.uint16), [],
+                {i: f"pattern size {n!r} is not a positive integer" for i in range(len(bufs))})
     width = 2 if dtype == "bfloat16" else 4
     length = packed_length(n)
     bad: dict[int, str] = {}
@@ -154,27 +157,65 @@ def decode_many(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[torch.Tens
             bad[i] = f"pattern payload is {len(b)} bytes, expected {length * width} for n={n} {dtype}"
         else:
             kept.append(i)
-    raw = np.empty((len(kept), length), dtype=np.int16 if width == 2 else np.float32)  # host order, for torch
-    wire = BF16_BITS if width == 2 else "<f4"
+    bits = np.empty((len(kept), length), dtype=np.uint16 if width == 2 else np.uint32)
+    wire = "<u2" if width == 2 else "<u4"
     for row, i in enumerate(kept):
-        raw[row] = np.frombuffer(bufs[i], dtype=wire)
+        bits[row] = np.frombuffer(bufs[i], dtype=wire)
     # NaN/Inf read off the raw bits (an all-ones exponent): cheaper than isfinite on floats
-    bits = raw.view(np.uint16) if width == 2 else raw.view(np.uint32)
     mask = 0x7F80 if width == 2 else 0x7F800000
-    finite = torch.from_numpy(~((bits & mask) == mask).any(axis=1))
-    v = torch.from_numpy(raw)
-    v = v.view(torch.bfloat16).float() if width == 2 else v.float()
-    if not bool(finite.all()):
-        for row in torch.nonzero(~finite).flatten().tolist():
+    finite = ~((bits & mask) == mask).any(axis=1)
+    if not finite.all():
+        for row in np.flatnonzero(~finite).tolist():
             bad[kept[row]] = "decoded pattern has non-finite values"
-        v = v[finite]
-        kept = [i for row, i in enumerate(kept) if bool(finite[row])]
-    # masked_scatter fills the True places in row-major order, the wire's order: measured
-    # 7x faster than index assignment (131 vs 974 us a 256-token pattern, one thread), which
-    # was most of the trainer's input cost
-    out = torch.zeros(len(kept), n, n)
-    out.masked_scatter_(tril_mask(n).expand(len(kept), n, n), v)
-    return out, kept, bad
+        bits = bits[finite]
+        kept = [i for row, i in enumerate(kept) if finite[row]]
+    return bits, kept, bad
+
+
+def packed_values(bits: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Packed lower triangles (from :func:`read_packed`) to ``(G, n (n + 1) / 2)`` float32
+    probabilities on ``device``, still packed: what :meth:`apmae.mae.APMAE.patches` takes,
+    which lays out the model's patches without the square. One bf16 -> float32 conversion,
+    on torch's threads: run it on the thread that runs the model. On a GPU the bits go over
+    (half the bytes of float32) and the conversion runs there."""
+    v = torch.from_numpy(bits.view(np.int16) if bits.dtype == np.uint16 else bits.view(np.float32)).to(device)
+    return v.view(torch.bfloat16).float() if bits.dtype == np.uint16 else v
+
+
+def unpack(bits: np.ndarray, n: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The second half of :func:`decode_many`: packed lower triangles (from
+    :func:`read_packed`) to ``(G, n, n)`` float32 patterns on ``device``, zeros above the
+    diagonal.
+
+    One bf16 -> float32 conversion and one scatter for the batch, on torch's threads: run it
+    on the thread that runs the model. On a GPU the packed bits go over (half the bytes of
+    the unpacked float32 patterns, a quarter in bfloat16) and the scatter runs there.
+    masked_scatter fills the True places in row-major order, the wire's order: measured 7x
+    faster than index assignment (131 vs 974 us a 256-token pattern, one CPU thread)."""
+    v = packed_values(bits, device)
+    out = torch.zeros(len(bits), n, n, device=device)
+    out.masked_scatter_(_tril_mask_on(n, str(torch.device(device))).expand(len(bits), n, n), v)
+    return out
+
+
+@lru_cache(maxsize=8)
+def _tril_mask_on(n: int, device: str) -> torch.Tensor:
+    return tril_mask(n).to(device)
+
+
+def decode_many(bufs: list, n: int, dtype: str = "bfloat16",
+                device: str | torch.device = "cpu") -> tuple[torch.Tensor, list[int], dict[int, str]]:
+    """Vectorised :func:`decode_pattern` for a batch of wire payloads of one size and dtype.
+
+    Returns ``(patterns (G, n, n) float32 on device, kept indices (G,), {index: reason} for the
+    rest)``: :func:`read_packed` then :func:`unpack`, for a caller that wants squares (the
+    encoder and trainer feed the model packed triangles instead: :func:`packed_values`).
+    Per pattern this was the encoder's largest cost next to the forward pass itself.
+    """
+    bits, kept, bad = read_packed(bufs, n, dtype)
+    if not isinstance(n, int) or n < 1:
+        return torch.zeros(0, 1, 1, device=device), kept, bad
+    return unpack(bits, n, device), kept, bad
 
 
 _staging = threading.local()  # per thread: a pinned host buffer reused by every GPU encode

@@ -30,7 +30,7 @@ def reconstruction_losses(model: APMAE, patterns: torch.Tensor, seed: int = 0, b
     g = torch.Generator().manual_seed(seed)
     out = []
     for _, x in _batches(patterns, batch):
-        target = model.patchify(model.preprocess(x))
+        target = model.patches(x)
         latent, mask, ids = model.forward_encoder(target, model.cfg.mask_ratio, g)
         out.append(masked_patch_loss(target, model.forward_decoder(latent, ids), mask, model.pixel_valid))
     return torch.cat(out)
@@ -40,11 +40,11 @@ def reconstruction_losses(model: APMAE, patterns: torch.Tensor, seed: int = 0, b
 def mean_patch_losses(model: APMAE, train: torch.Tensor, patterns: torch.Tensor, seed: int = 0,
                       batch: int = 64) -> torch.Tensor:
     """The baseline: predict each masked patch as the mean (over ``train``) of that patch position."""
-    mean = torch.cat([model.patchify(model.preprocess(x)) for _, x in _batches(train, batch)]).mean(0)  # (P, p*p)
+    mean = torch.cat([model.patches(x) for _, x in _batches(train, batch)]).mean(0)  # (P, p*p)
     g = torch.Generator().manual_seed(seed)
     out = []
     for _, x in _batches(patterns, batch):
-        target = model.patchify(model.preprocess(x))
+        target = model.patches(x)
         _, mask, _ = model.random_masking(target, model.cfg.mask_ratio, g)
         out.append(masked_patch_loss(target, mean.expand_as(target), mask, model.pixel_valid))
     return torch.cat(out)
@@ -198,7 +198,7 @@ def figure1(model: APMAE, pattern: torch.Tensor, path: Path, seed: int = 0, titl
     plt = _plt()
     model.eval()
     x = pattern[None]
-    target = model.patchify(model.preprocess(x))
+    target = model.patches(x)
     g = torch.Generator().manual_seed(seed)
     latent, mask, ids = model.forward_encoder(target, model.cfg.mask_ratio, g)
     pred = model.forward_decoder(latent, ids)

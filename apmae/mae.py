@@ -74,6 +74,18 @@ def lower_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return grid[:, rows, cols].reshape(n, -1, patch_size * patch_size)
 
 
+def packed_patch_index(size: int, patch_size: int) -> torch.Tensor:
+    """(P * p*p,) long: where each pixel of the lower patches sits in a packed lower triangle
+    of an (S, S) pattern (``apmae.codec``'s wire order, row-major), and ``S (S + 1) / 2`` (one
+    past the end: a zero the caller appends) for the diagonal patches' upper halves. A gather
+    with it is :func:`lower_patches` then :func:`pad_diagonal`, without the square."""
+    length = size * (size + 1) // 2
+    square = torch.full((1, size, size), length, dtype=torch.long)
+    rows, cols = torch.tril_indices(size, size)
+    square[0, rows, cols] = torch.arange(length)
+    return lower_patches(square, patch_size).flatten()
+
+
 def diagonal_valid(grid: int, patch_size: int) -> torch.Tensor:
     """(P, p*p) 1 where a pixel of a lower patch is real, 0 on the diagonal patches' upper
     halves (the pixels :func:`pad_diagonal` pads)."""
@@ -146,6 +158,7 @@ class APMAE(nn.Module):
         self.register_buffer("patch_rows", rows, persistent=False)
         self.register_buffer("patch_cols", cols, persistent=False)
         self.register_buffer("pixel_valid", diagonal_valid(g, p), persistent=False)  # (P, p*p)
+        self.register_buffer("packed_index", packed_patch_index(cfg.pattern_size, p), persistent=False)
         n = cfg.num_patches
         # encoder
         self.patch_norm = nn.LayerNorm(p * p, eps=1e-6)
@@ -177,12 +190,32 @@ class APMAE(nn.Module):
 
     # -- the AP-MAE differences -------------------------------------------------------------
     def preprocess(self, patterns: torch.Tensor) -> torch.Tensor:
-        """patterns: (N, S, S) raw probabilities -> (N, S, S) float32, log-scaled unless ablated."""
+        """patterns: (N, S, S) raw probabilities (or (N, 1, L) packed triangles, :meth:`patches`)
+        -> the same shape, float32, log-scaled unless ablated."""
         return log_scale(patterns) if self.cfg.log_scale else patterns.float()
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, S, S) -> (N, P, p*p): only the lower-triangle patches, diagonal ones padded."""
         return pad_diagonal(lower_patches(x, self.cfg.patch_size), self.pixel_valid)
+
+    def patches(self, patterns: torch.Tensor) -> torch.Tensor:
+        """The model's input: (N, P, p*p) preprocessed lower patches, from (N, S, S) patterns or
+        from (N, S (S + 1) / 2) packed lower triangles (the wire's layout, ``apmae.codec``).
+
+        For a causal square (zeros above the diagonal) both give the same values, bit for bit.
+        The packed way never builds the square: the log scaling runs on the triangle only (an
+        (N, 1, L) "pattern" has the same positives and minimum) and one gather lays out the
+        patches (the encoder's and trainer's way; ``raw_square`` in benchmarks/encoder.py
+        times the other)."""
+        if patterns.dim() == 3:
+            return self.patchify(self.preprocess(patterns))
+        s = self.cfg.pattern_size
+        if patterns.dim() != 2 or patterns.shape[-1] != s * (s + 1) // 2:
+            raise ValueError(f"patterns of shape {tuple(patterns.shape)}: expected (N, {s}, {s}) or packed "
+                             f"(N, {s * (s + 1) // 2})")
+        scaled = self.preprocess(patterns.unsqueeze(1)).squeeze(1)  # (N, L)
+        scaled = torch.cat([scaled, scaled.new_zeros(len(scaled), 1)], dim=1)  # the padding zero at L
+        return scaled[:, self.packed_index].view(len(scaled), self.cfg.num_patches, -1)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, P, p*p) -> (N, S, S) with zeros in the upper-triangle patches."""
@@ -249,8 +282,9 @@ class APMAE(nn.Module):
 
     def forward(self, patterns: torch.Tensor, mask_ratio: float | None = None,
                 generator: torch.Generator | None = None):
-        """patterns: (N, S, S) raw attention probabilities -> (loss, pred (N, P, p*p), mask (N, P))."""
-        target = self.patchify(self.preprocess(patterns))
+        """patterns: (N, S, S) raw attention probabilities, or (N, S (S + 1) / 2) packed
+        (:meth:`patches`) -> (loss, pred (N, P, p*p), mask (N, P))."""
+        target = self.patches(patterns)
         latent, mask, ids_restore = self.forward_encoder(
             target, self.cfg.mask_ratio if mask_ratio is None else mask_ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
@@ -258,8 +292,9 @@ class APMAE(nn.Module):
 
     @torch.no_grad()
     def embed(self, patterns: torch.Tensor) -> torch.Tensor:
-        """(N, S, S) -> (N, D_enc): CLS output of an unmasked pass over the lower-triangle patches."""
-        latent, _, _ = self.forward_encoder(self.patchify(self.preprocess(patterns)), 0.0)
+        """(N, S, S) or packed (N, S (S + 1) / 2) -> (N, D_enc): CLS output of an unmasked pass
+        over the lower-triangle patches."""
+        latent, _, _ = self.forward_encoder(self.patches(patterns), 0.0)
         return latent[:, 0]
 
     def num_params(self) -> tuple[int, int]:

@@ -66,16 +66,24 @@ class Record:
     id: str
 
     def header(self) -> dict[str, Any]:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "payload"}
         version = {"schema": self.SCHEMA, "v": self.VERSION} | ({"minor": self.MINOR} if self.MINOR else {})
-        return {**version, **fields}
+        return version | {name: getattr(self, name) for name in _header_names(type(self))}
+
+
+@functools.cache
+def _header_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "payload")
+
+
+# made once: json.dumps/loads with options build a new encoder/decoder per call
+_JSON_OUT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def encode(record: Record) -> bytes:
-    """Record -> message value bytes."""
-    head = json.dumps(record.header(), separators=(",", ":"), allow_nan=False).encode()
+    """Record -> message value bytes (the payload copied once, a view taken as it is)."""
+    head = _JSON_OUT.encode(record.header()).encode()
     payload = getattr(record, "payload", b"") or b""
-    return _HEAD.pack(MAGIC, FORMAT, len(head)) + head + bytes(payload)
+    return b"".join((_HEAD.pack(MAGIC, FORMAT, len(head)), head, payload))
 
 
 def _check_type(name: str, hint: Any, value: Any) -> Any:
@@ -122,6 +130,9 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
+_JSON_IN = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _split(value: bytes) -> tuple[dict[str, Any], bytes]:
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise InvalidMessage(f"value is {type(value).__name__}, not bytes")
@@ -138,8 +149,7 @@ def _split(value: bytes) -> tuple[dict[str, Any], bytes]:
     if _HEAD.size + n > len(value):
         raise InvalidMessage(f"header length {n} runs past the end of a {len(value)}-byte message")
     try:
-        head = json.loads(bytes(value[_HEAD.size : _HEAD.size + n]), parse_constant=_reject_constant,
-                          parse_float=_finite_float)
+        head = _JSON_IN.decode(str(value[_HEAD.size : _HEAD.size + n], "utf-8"))
     except RecursionError as e:  # nesting deeper than the interpreter's stack: poison, not a crash
         raise InvalidMessage("header is nested too deeply") from e
     except ValueError as e:  # not JSON, not UTF-8, NaN/Infinity, an int of more than 4300 digits

@@ -20,13 +20,15 @@ import torch
 def log_scale(a: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The paper's log normalisation, per pattern.
 
-    a: ``(..., n, n)`` probabilities. Returns the same shape, float32, in [0, 1]:
+    a: ``(..., n, n)`` probabilities (the minimum is over the last two dimensions, so an
+    ``(N, 1, L)`` stack of packed triangles works too). Returns the same shape, float32, in [0, 1]:
     ``s = (ln a - m) / (-m)`` where ``m`` is the minimum of ``ln a`` over the positive
     entries of that pattern; entries with ``a == 0`` (upper triangle, underflow) become 0.
     """
     pos, la, m = _log_and_min(a)
-    s = (la - m) / (-m)
-    return torch.where(pos, s.clamp(0.0, 1.0), torch.zeros_like(s))
+    # in place on la (a fresh tensor): each step is a pass over the pattern, and this was the
+    # larger part of an unmasked pass of the small variant
+    return la.sub_(m).div_(m.neg()).clamp_(0.0, 1.0).masked_fill_(~pos, 0.0)
 
 
 def pattern_log_min(a: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -35,11 +37,12 @@ def pattern_log_min(a: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def _log_and_min(a: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a > 0, ln a where a > 0 else 0, m per pattern)."""
+    """(a > 0, a fresh tensor with ln a where a > 0 (ln of the smallest normal float where
+    a == 0; masked out by both callers), m per pattern)."""
     a = torch.as_tensor(a, dtype=torch.float32)
     pos = a > 0
-    la = torch.where(pos, torch.log(a.clamp_min(torch.finfo(torch.float32).tiny)), torch.zeros_like(a))
-    m = torch.where(pos, la, torch.full_like(la, torch.finfo(torch.float32).max)).amin(dim=(-2, -1), keepdim=True)
+    la = a.clamp_min(torch.finfo(torch.float32).tiny).log_()
+    m = la.masked_fill(~pos, torch.finfo(torch.float32).max).amin(dim=(-2, -1), keepdim=True)
     m = torch.where(m >= 0, torch.full_like(m, -1.0), m)  # a pattern of exact ones: avoid 0/0
     return pos, la, m
 

@@ -54,7 +54,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.05
 
 def train_step(model: APMAE | torch.nn.Module, optimizer: torch.optim.Optimizer, patterns: torch.Tensor, lr: float,
                generator: torch.Generator | None = None) -> float:
-    """One optimisation step on a batch of raw patterns (N, S, S); returns the loss."""
+    """One optimisation step on a batch of raw patterns, (N, S, S) or packed (N, S (S + 1) / 2)
+    (:meth:`apmae.mae.APMAE.patches`); returns the loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, _, _ = model(patterns, generator=generator)

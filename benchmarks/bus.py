@@ -126,6 +126,33 @@ def consume_ours(bus, n: int, group: str) -> float:
     return done[1] - t0
 
 
+def codec_cpu(payloads: list[bytes], batch: int = 64, repeats: int = 20) -> list[dict]:
+    """One core's CPU per pattern for each codec, on batches of ``batch`` patterns as the
+    client compresses a record batch: what a CPU-bound producer pays to send a pattern and a
+    consumer to read it, beside the bytes it saves (min of 3 timings)."""
+    import lz4.frame
+    import zstandard
+
+    raw = b"".join(payloads[:batch])
+    codecs = {"zstd": (zstandard.ZstdCompressor().compress, zstandard.ZstdDecompressor().decompress),
+              "lz4": (lz4.frame.compress, lz4.frame.decompress)}
+    rows = []
+    for name, (pack, unpack) in codecs.items():
+        blob = pack(raw)
+        times = {}
+        for what, fn, arg in (("compress", pack, raw), ("decompress", unpack, blob)):
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn(arg)
+                best = min(best, (time.perf_counter() - t0) / repeats / batch)
+            times[what] = best * 1e6
+        rows.append({"codec": name, "ratio": len(raw) / len(blob), "compress_us_per_pattern": times["compress"],
+                     "decompress_us_per_pattern": times["decompress"]})
+    return rows
+
+
 def run(n: int, rounds: int) -> dict:
     from kafka.admin import NewTopic
 
@@ -159,6 +186,10 @@ def run(n: int, rounds: int) -> dict:
                     t[name].append(fn())
             med = {name: statistics.median(v) for name, v in t.items()}
             mb = n * msg_bytes / 1e6
+            # each round's own ratio (ours and raw ran back to back in it): their spread is the
+            # noise a ratio from this machine carries
+            paired = {way: sorted(r / o for r, o in zip(t[f"raw_{way}"], t[f"ours_{way}"], strict=True))
+                      for way in ("produce", "consume")}
             rows.append({
                 "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
                 "raw_produce_MB_s": mb / med["raw_produce"], "ours_produce_MB_s": mb / med["ours_produce"],
@@ -166,19 +197,22 @@ def run(n: int, rounds: int) -> dict:
                 "raw_consume_MB_s": mb / med["raw_consume"], "ours_consume_MB_s": mb / med["ours_consume"],
                 "consume_ratio": med["raw_consume"] / med["ours_consume"],
                 "ours_consume_msg_s": n / med["ours_consume"],
+                "produce_round_ratios": f"{paired['produce'][0]:.2f}-{paired['produce'][-1]:.2f}",
+                "consume_round_ratios": f"{paired['consume'][0]:.2f}-{paired['consume'][-1]:.2f}",
                 "seconds": {name: [round(x, 3) for x in v] for name, v in t.items()},
             })
-    return {"native_crc32c": native_crc32c(), "rows": rows}
+    return {"native_crc32c": native_crc32c(), "rows": rows, "codec_cpu": codec_cpu(payloads)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--messages", type=int, default=3000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     res = run(args.messages, args.rounds)
     cols = [c for c in res["rows"][0] if c != "seconds"]
     print(table(res["rows"], cols))
+    print(table(res["codec_cpu"], list(res["codec_cpu"][0])))
     print(f"ratio = ours / raw kafka-python, medians of {args.rounds} rounds (1.0 = no adapter overhead); "
           f"native crc32c: {res['native_crc32c']}")
     print("wrote", write_result("bus", res))

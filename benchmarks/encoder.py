@@ -1,7 +1,9 @@
 """The encoder service against a raw in-memory forward of the same AP-MAE on the same patterns.
 
-Raw: the patterns are decoded to tensors before the clock starts; the clock runs over
-``model.embed`` in batches of ``--batch`` (the floor: what the model alone costs). Service:
+Raw: the patterns are decoded to packed float32 tensors before the clock starts; the clock runs over
+``model.embed`` in batches of ``--batch`` (the floor: what the model alone costs). Both sides
+feed the model packed lower triangles, the wire's layout (``APMAE.patches``); ``raw_square``
+is the same forward fed (N, S, S) squares, the way the encoder did until 2026-12-03. Service:
 the same patterns as PatternRecords on ``patterns.mine`` of the embedded broker; the
 encoder's Processor (consume, decode, embed, publish embeddings, flush, done marks, commit)
 runs with its group joined before the clock starts. Rounds alternate which goes first.
@@ -27,7 +29,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
     import numpy as np
     import torch
 
-    from apmae.codec import decode_many, decode_pattern
+    from apmae.codec import decode_pattern, packed_values, read_packed
     from apmae.mae import APMAE, save_pretrained, variant
     from apmae.topics import PATTERNS_MINE, PatternRecord
     from services.bus import Output
@@ -43,14 +45,21 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
 
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     model.eval()
-    arrays = torch.from_numpy(np.stack([decode_pattern(p, 256) for p in payloads]))
+    squares = torch.from_numpy(np.stack([decode_pattern(p, 256) for p in payloads]))
+    packed = packed_values(read_packed(payloads, 256)[0])
 
-    def raw() -> tuple[float, float]:
+    def forward(arrays: torch.Tensor) -> tuple[float, float]:
         clock = Clock().start()
         with torch.inference_mode():
             for k in range(0, n, batch):
                 model.embed(arrays[k:k + batch])
         return clock.stop()
+
+    def raw() -> tuple[float, float]:
+        return forward(packed)
+
+    def raw_square() -> tuple[float, float]:
+        return forward(squares)
 
     with embedded_infra(("broker", "redis")) as infra:
         def service(k: int) -> tuple[float, float]:
@@ -102,9 +111,10 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             return out
 
         def decode_alone() -> tuple[float, float]:
+            """What the encoder does to a batch's payloads before the forward (its handle)."""
             clock = Clock().start()
             for k in range(0, n, batch):
-                decode_many(payloads[k:k + batch], 256)
+                packed_values(read_packed(payloads[k:k + batch], 256)[0])
             return clock.stop()
 
         def publish(k: int) -> None:
@@ -117,12 +127,14 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
                 bus.send(Output(PATTERNS_MINE, r, key=r.key))
             bus.close()
 
-        raw()  # warm-up
-        t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "consume_alone": [], "decode_alone": []}
+        raw(), raw_square()  # warm-up
+        t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "consume_alone": [], "decode_alone": [],
+                                                   "raw_square": []}
         for k in range(rounds):
             publish(k)
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
-                     ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone)]
+                     ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
+                     ("raw_square", raw_square)]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
     med = {k: statistics.median(w for w, _ in v) for k, v in t.items()}
@@ -137,7 +149,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
            # allows if consume and decode overlapped the forward perfectly
            "raw_cores_busy": cpu["raw"] / med["raw"], "service_cores_busy": cpu["service"] / med["service"],
            "cpu_bound": cpu_bound(med["raw"], [cpu["raw"], cpu["consume_alone"], cpu["decode_alone"]]),
-           "consume_alone_patterns_per_s": n / med["consume_alone"], "decode_alone_patterns_per_s": n / med["decode_alone"]}
+           "consume_alone_patterns_per_s": n / med["consume_alone"], "decode_alone_patterns_per_s": n / med["decode_alone"],
+           "raw_square_patterns_per_s": n / med["raw_square"]}
     return {"rows": [row], "seconds": {k: [w for w, _ in v] for k, v in t.items()},
             "cpu_seconds": {k: [c for _, c in v] for k, v in t.items()}}
 

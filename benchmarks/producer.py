@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import embedded_infra, table, write_result  # noqa: E402
+from benchmarks._common import Clock, cpu_bound, embedded_infra, table, write_result  # noqa: E402
 
 CACHE = ROOT / ".apmae" / "models"
 
@@ -148,14 +149,15 @@ def part2(files: int, rounds: int) -> dict:
             batches = [[j for f in corpus[i:i + prod.cfg.files_per_batch]
                         for j in prod.jobs_for(Message("files", 0, 0, 0, None, b"", f))]
                        for i in range(0, len(corpus), prod.cfg.files_per_batch)]
-            t0 = time.perf_counter()
+            clock = Clock().start()
             for jobs in batches:
                 gen = torch.Generator().manual_seed(prod.cfg.seed)
                 full = {j.x.task: False for j in jobs}
                 for c in range(0, len(jobs), prod.cfg.batch_size):
                     chunk = jobs[c:c + prod.cfg.batch_size]
                     lm.run([j.x for j in chunk], prod.heads_to_capture(chunk, full, gen))
-            return time.perf_counter() - t0, sum(len(b) for b in batches)
+            wall, cpu = clock.stop()
+            return wall, sum(len(b) for b in batches), cpu
 
         def service(k: int) -> tuple[float, int, dict]:
             cfg = config(k)
@@ -171,9 +173,9 @@ def part2(files: int, rounds: int) -> dict:
                 proc.consumer.poll(timeout_ms=200, max_records=1)
             proc.consumer.seek_to_beginning()
             before = {s: prod_seconds(s) for s in STAGES}
-            t0 = time.perf_counter()
+            clock = Clock().start()
             proc.run(max_messages=files, idle_timeout_s=60)
-            total = time.perf_counter() - t0
+            total, cpu = clock.stop()
             stages = {s: prod_seconds(s) - before[s] for s in STAGES}
             n_mined, mined_bytes, ratios = 0, 0, []
             comp = zstandard.ZstdCompressor(level=3)
@@ -182,7 +184,7 @@ def part2(files: int, rounds: int) -> dict:
                 mined_bytes += len(m.value)
                 if i % 50 == 0:
                     ratios.append(len(m.record.payload) / len(comp.compress(m.record.payload)))
-            return total, n_mined, {"stages": stages, "mined_bytes": mined_bytes,
+            return total, n_mined, {"stages": stages, "mined_bytes": mined_bytes, "cpu": cpu,
                                     "zstd_ratio": sum(ratios) / max(1, len(ratios))}
 
         lm.run(build_inputs(lm, 8), {})  # warm-up: first-forward allocations fall on neither
@@ -192,7 +194,7 @@ def part2(files: int, rounds: int) -> dict:
             r = {}
             for what in order:
                 if what == "loop":
-                    r["loop_s"], r["samples"] = loop_alone(k)
+                    r["loop_s"], r["samples"], r["loop_cpu_s"] = loop_alone(k)
                 else:
                     r["service_s"], r["mined_patterns"], r["detail"] = service(k)
             runs.append(r)
@@ -212,6 +214,11 @@ def part2(files: int, rounds: int) -> dict:
     return {"files": files, "rounds": rounds, "samples": samples,
             "loop_alone_samples_per_s": samples / loop_s, "service_samples_per_s": samples / service_s,
             "service_vs_loop": loop_s / service_s,
+            # busy cores of the whole machine (every process: the broker's and Redis's too) while
+            # each ran, and the best ratio the service's own CPU-seconds allow on these cores
+            "loop_cores_busy": statistics.median(r["loop_cpu_s"] / r["loop_s"] for r in runs),
+            "service_cores_busy": statistics.median(r["detail"]["cpu"] / r["service_s"] for r in runs),
+            "cpu_bound": cpu_bound(loop_s, [statistics.median(r["detail"]["cpu"] for r in runs)]),
             "mined_patterns_per_round": last["mined_patterns"], "patterns_per_s": last["mined_patterns"] / service_s,
             "MB_per_s": last["detail"]["mined_bytes"] / 1e6 / service_s,
             **{f"{k}_share": v / last["service_s"] for k, v in last["detail"]["stages"].items()},

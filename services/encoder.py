@@ -21,12 +21,12 @@ import torch
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 
-from apmae.codec import decode_many
+from apmae.codec import packed_values, read_packed
 from apmae.config import BusConfig, setting
 from apmae.mae import APMAE, from_pretrained, is_hub_id, resolve_pretrained
 from apmae.topics import EMBEDDINGS, PATTERNS_MINE, EmbeddingRecord, head_key
 from services.bus import Bus, DeadLetter, DoneStore, Message, Output, Processor, Retryable
-from services.registry import Registry, sha256_file
+from services.registry import FileDigests, Registry, sha256_file
 
 log = logging.getLogger("apmae.encoder")
 EMBEDDED = PromCounter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
@@ -54,20 +54,23 @@ class Encoder:
         self.sha: str | None = None
         self.tag = ""
         self.checked = 0.0
+        self.digest = FileDigests()  # a fixed checkpoint directory is checked every reload_check_s
 
-    def current(self) -> tuple[Path, str, str] | None:
-        """(checkpoint dir, sha256, tag): a fixed directory, the run the registry points at, or
-        a hub id's snapshot (fetched once into the state directory's hub cache)."""
+    def current(self) -> tuple[Path, str, str, bool] | None:
+        """(checkpoint dir, sha256, tag, whether that sha256 was read off the file): a fixed
+        directory, the run the registry points at, or a hub id's snapshot (fetched once into
+        the state directory's hub cache)."""
         p = Path(self.cfg.checkpoint)
         if (p / "model.safetensors").exists():
-            return p, sha256_file(p / "model.safetensors"), p.name
+            return p, self.digest(p / "model.safetensors"), p.name, True
         entry = self.registry.get("apmae", self.cfg.checkpoint)
         if entry is None:
             if is_hub_id(self.cfg.checkpoint):
                 p = resolve_pretrained(self.cfg.checkpoint, cache_dir=self.cfg.state_dir / "hub")
-                return p, sha256_file(p / "model.safetensors"), self.cfg.checkpoint
+                return p, self.digest(p / "model.safetensors"), self.cfg.checkpoint, True
             return None
-        return self.cfg.artifacts_dir / entry["path"], entry["sha256"], f"{self.cfg.checkpoint}@{entry['step']}"
+        return (self.cfg.artifacts_dir / entry["path"], entry["sha256"], f"{self.cfg.checkpoint}@{entry['step']}",
+                False)
 
     def ensure_model(self) -> None:
         now = time.monotonic()
@@ -77,10 +80,11 @@ class Encoder:
         cur = self.current()
         if cur is None:
             raise Retryable(f"no AP-MAE checkpoint registered as {self.cfg.checkpoint!r} yet")
-        path, sha, tag = cur
+        path, sha, tag, read_off_the_file = cur
         if sha == self.sha:
             return
-        if sha256_file(path / "model.safetensors") != sha:
+        # the registry's sha256 against the file, in full (a new checkpoint, once)
+        if not read_off_the_file and sha256_file(path / "model.safetensors") != sha:
             raise Retryable(f"checkpoint {path} does not match its registered SHA-256 (still being written?)")
         self.model, meta = from_pretrained(path, self.device)
         self.sha, self.tag = sha, tag
@@ -88,8 +92,8 @@ class Encoder:
         log.info("embedding with %s (%s)", tag, path)
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
-        """Embed a batch: patterns decoded together (one bf16 conversion and one scatter per
-        batch, :func:`apmae.codec.decode_many`), one unmasked forward per ``batch_size``."""
+        """Embed a batch: one unmasked forward per ``batch_size`` patterns, fed their packed lower
+        triangles as they came off the wire (:meth:`apmae.mae.APMAE.patches`: no square is built)."""
         self.ensure_model()
         out: list[Output | DeadLetter] = []
         size = self.model.cfg.pattern_size
@@ -102,12 +106,12 @@ class Encoder:
         for dtype, group in by_dtype.items():
             for k in range(0, len(group), self.cfg.batch_size):
                 chunk = group[k:k + self.cfg.batch_size]
-                x, kept, bad = decode_many([m.record.payload for m in chunk], size, dtype)
+                bits, kept, bad = read_packed([m.record.payload for m in chunk], size, dtype)
                 out += [DeadLetter(chunk[i], reason) for i, reason in bad.items()]
                 if not kept:
                     continue
                 with torch.inference_mode():
-                    emb = self.model.embed(x.to(self.device)).float().cpu().numpy()
+                    emb = self.model.embed(packed_values(bits, self.device)).float().cpu().numpy()
                 for i, e in zip(kept, emb, strict=True):
                     r = chunk[i].record
                     out.append(Output(EMBEDDINGS, EmbeddingRecord(

@@ -311,7 +311,13 @@ class Producer:
                 cap_s = self.lm.capture.seconds - cap0
                 SECONDS.labels("capture").inc(cap_s)
                 SECONDS.labels("model").inc(res.model_s - cap_s)
-                pending.append(self._publisher.submit(self.publish, chunk, res))
+                if torch.device(self.lm.device).type == "cpu":
+                    # torch's CPU work stays on this thread: a torch op on the publisher thread
+                    # gave it its own OpenMP team, and beside it the forward ran at ~0.8x
+                    # (benchmarks/omp_threads.py); the publisher only sends
+                    pending.append(self._publisher.submit(self.send_all, self.outputs_for(chunk, res)))
+                else:  # a GPU forward overlaps the device-to-host copies and the encoding
+                    pending.append(self._publisher.submit(self.publish, chunk, res))
                 t_wait = time.perf_counter()
                 while len(pending) > self.cfg.pipeline_depth:  # back-pressure: the publisher is behind
                     self._wait(pending.popleft())
@@ -338,7 +344,10 @@ class Producer:
 
     def publish(self, chunk: list[Job], res: BatchResult) -> None:
         """Encode one chunk's samples and patterns and queue them on the bus (publisher thread)."""
-        outs = self.outputs_for(chunk, res)
+        self.send_all(self.outputs_for(chunk, res))
+
+    def send_all(self, outs: list[Output]) -> None:
+        """Queue one chunk's outputs on the bus (publisher thread)."""
         t0 = time.perf_counter()
         for o in outs:
             self.bus.send(o)

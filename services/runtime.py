@@ -149,7 +149,8 @@ def restart_process(processor, service: str) -> None:
 
 
 LOOP_OPTIONS = [
-    click.option("--max-messages", type=int, default=None, help="Stop after this many input messages"),
+    click.option("--max-messages", type=int, default=None,
+                 help="Stop after this many input messages (per process, with --processes)"),
     click.option("--idle-timeout", "idle_timeout_s", type=float, default=None,
                  help="Stop when nothing arrived for this many seconds (default: run forever)"),
     click.option("--until-caught-up", is_flag=True, default=False,
@@ -165,7 +166,8 @@ def loop_options(fn):
     def command(max_messages, idle_timeout_s, until_caught_up, **kw):
         from services.bus import RunLimits
 
-        return fn(limits=RunLimits(max_messages, idle_timeout_s, until_caught_up), **kw)
+        return fn(limits=RunLimits(max_messages=max_messages, idle_timeout_s=idle_timeout_s,
+                                   until_caught_up=until_caught_up), **kw)
 
     for opt in reversed(LOOP_OPTIONS):
         command = opt(command)

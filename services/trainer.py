@@ -102,7 +102,10 @@ class Trainer:
         recipe = cfg.train
         torch.manual_seed(recipe.seed)
         self.model = APMAE(recipe.model_config()).to(self.device)
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model)
+        # the model's buffers are constants (patch indices, the padding mask): nothing to
+        # broadcast from rank 0 before every forward
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+                    if self.world > 1 else self.model)
         self.schedule = recipe.schedule(self.world)
         self.opt = make_optimizer(self.model, self.schedule.lr, recipe.weight_decay)
         self.step = 0
@@ -286,7 +289,7 @@ class Trainer:
                 batch = batch or wait_for_batch(self.prefetch, deadline, self.stop)
                 if not self.all_ready(batch is not None):
                     break
-                x = batch.x.to(self.device)
+                x = batch.patterns(self.device)
                 lr = self.schedule.at(self.step)
                 self.last_loss = train_step(self.ddp, self.opt, x, lr, self.gen)
                 self.prefetch.progress.on_trained(batch.items)

@@ -2,9 +2,10 @@
 
 A prefetch thread owns the Kafka consumer (kafka-python's consumer is not thread-safe). It
 reads a block of up to ``shuffle_window`` trainable patterns from this rank's partitions,
-shuffles it with the previous block's leftovers (:func:`apmae.train.shuffle_block`), decodes
-whole batches at once (:func:`apmae.codec.decode_many`) and hands them over through a queue
-of ``depth`` batches. The training thread only takes batches.
+shuffles it with the previous block's leftovers (:func:`apmae.train.shuffle_block`), checks and
+stacks whole batches of packed lower triangles at once (:func:`apmae.codec.read_packed`, numpy)
+and hands them over through a queue of ``depth`` batches. The training thread takes batches
+and converts them to float32 (:meth:`Batch.patterns`).
 
 What has been trained is tracked per partition so a checkpoint can resume exactly although
 batches are drawn out of order: the *low watermark* (the smallest offset read but not yet
@@ -31,10 +32,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
-from apmae.codec import BadPattern, decode_many, payload_is_finite
+from apmae.codec import BadPattern, packed_values, payload_is_finite, read_packed
 from apmae.messages import InvalidMessage, decode
 from apmae.topics import PatternRecord
 from apmae.train import shuffle_block
@@ -54,8 +56,17 @@ class Pending:
 
 @dataclass(frozen=True)
 class Batch:
-    x: torch.Tensor  # (B, S, S) float32 probabilities
+    packed: list[np.ndarray]  # per wire dtype in the batch: (G, S (S + 1) / 2) lower-triangle bits
+    size: int  # S (the packed length is S (S + 1) / 2)
     items: list[Pending]
+
+    def patterns(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """(B, S (S + 1) / 2) float32 probabilities, packed lower triangles on ``device``
+        (what :meth:`apmae.mae.APMAE.patches` takes), converted by the caller: the training
+        thread, on torch's threads or the GPU (no torch op on the prefetch thread:
+        :func:`apmae.codec.read_packed`)."""
+        xs = [packed_values(bits, device) for bits in self.packed]
+        return xs[0] if len(xs) == 1 else torch.cat(xs)
 
 
 class Progress:
@@ -256,21 +267,22 @@ class Prefetcher:
         return Pending(partition, r.offset, rec.id, rec)
 
     def _decode(self, chunk: list[Pending]) -> Batch:
-        """Decode a batch at once (one call per wire dtype in it)."""
+        """Check and stack a batch's packed patterns at once (one call per wire dtype in it);
+        the training thread converts them (:meth:`Batch.patterns`)."""
         by_dtype: dict[str, list[int]] = {}
         for i, item in enumerate(chunk):
             by_dtype.setdefault(item.record.dtype, []).append(i)
         xs, kept, bad = [], [], {}
         for dtype, idx in by_dtype.items():
-            x, k, b = decode_many([chunk[i].record.payload for i in idx], self.pattern_size, dtype)
-            xs.append(x)
+            bits, k, b = read_packed([chunk[i].record.payload for i in idx], self.pattern_size, dtype)
+            xs.append(bits)
             kept += [idx[j] for j in k]
             bad |= {idx[j]: reason for j, reason in b.items()}
         for i, reason in bad.items():  # checked on read already; kept as a last guard
             self.dead_letter(_AsRaw(self.topic, chunk[i]), reason)
         if bad:
             self.progress.on_trained([chunk[i] for i in bad])  # done with: must not hold the watermark
-        return Batch(xs[0] if len(xs) == 1 else torch.cat(xs), [chunk[i] for i in kept])
+        return Batch(xs, self.pattern_size, [chunk[i] for i in kept])
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,52 @@ def test_produce_consume_commit(bus_cfg):
     assert again.run(idle_timeout_s=4) == 0
 
 
+def test_keepalive_runs_the_work_on_the_calling_thread_and_keeps_the_group(bus_cfg, monkeypatch):
+    """A batch whose work outlasts max_poll_interval (8 s here), as one long call and as many
+    short ones, keeps its partitions: the helper thread polls paused whenever a poll is due,
+    so the batch commits once and no input is handled twice. The work runs on the caller's
+    thread (it ran on a fresh thread per call, whose torch ops got their own OpenMP team:
+    a forward at ~0.8x beside it). A member that lost the group and rejoined would also
+    commit once (the old heartbeat rejoined within the long call), so the assignments are
+    counted too: one, the first."""
+    from services import metrics
+
+    bus = Bus(bus_cfg, "t-keepalive")
+    publish(bus, files(6, "keepalive"))
+    seen: list[str] = []
+    on_caller: set[bool] = set()
+    p: Processor
+
+    def work(seconds: float) -> None:
+        on_caller.add(threading.get_ident() == caller)
+        time.sleep(seconds)
+
+    def handler(msgs):
+        nonlocal caller
+        caller = threading.get_ident()
+        if not seen:  # the first batch: 20 short pieces (10 s), then one long one (9 s)
+            for _ in range(20):
+                p.keepalive(lambda: work(0.5))
+            p.keepalive(lambda: work(9))
+        seen.extend(m.record.id for m in msgs)
+        return score(msgs)
+
+    caller = 0
+    assignments: list[int] = []
+    joined = Processor.on_partitions_assigned
+    monkeypatch.setattr(Processor, "on_partitions_assigned",
+                        lambda self, assigned: (assignments.append(len(assigned)), joined(self, assigned)))
+    errors = sum(s.value for s in metrics.ERRORS.collect()[0].samples
+                 if s.name.endswith("_total") and s.labels["service"] == "t-keepalive")
+    p = Processor(bus, "g-keepalive", [FILES], handler, batch_size=6)
+    assert p.run(until_caught_up=True, idle_timeout_s=30) == 6
+    assert on_caller == {True}  # on the calling thread, every time
+    assert len(assignments) == 1  # never expelled: no second assignment
+    assert sorted(seen) == sorted(f.id for f in files(6, "keepalive"))  # once each: the batch kept its partitions
+    assert sum(s.value for s in metrics.ERRORS.collect()[0].samples
+               if s.name.endswith("_total") and s.labels["service"] == "t-keepalive") == errors
+
+
 def test_a_tenants_group_is_not_rebalanced_by_another_tenants_members(bus_cfg):
     """Group ids are under the topic prefix. Unprefixed, tenant B's member joining "g-tenant"
     rebalanced tenant A's group of that name: A, busy in a long batch, was revoked and B

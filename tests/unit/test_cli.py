@@ -91,3 +91,26 @@ def test_eval_on_parquet_files_needs_no_broker(tmp_path):
     assert "no Kafka broker reachable" not in offline.output, offline.output
     online = CliRunner().invoke(main, ["eval", "--checkpoint", str(ck), *broker])  # the default source is a topic
     assert online.exit_code == 1 and "no Kafka broker reachable" in online.output
+
+
+def test_the_loop_options_reach_a_command_as_one_run_limits():
+    """Every consuming command takes --max-messages, --idle-timeout and --until-caught-up as
+    one RunLimits (handed to Processor.run as it is), not three values threaded by hand."""
+    import click
+
+    from services.bus import RunLimits
+    from services.runtime import loop_options
+
+    got: list[RunLimits] = []
+
+    @click.command()
+    @loop_options
+    def cmd(limits: RunLimits) -> None:
+        got.append(limits)
+
+    assert CliRunner().invoke(cmd, ["--max-messages", "5", "--idle-timeout", "2", "--until-caught-up"]).exit_code == 0
+    assert CliRunner().invoke(cmd, []).exit_code == 0
+    assert got == [RunLimits(max_messages=5, idle_timeout_s=2.0, until_caught_up=True), RunLimits()]
+    for name in ("encode", "produce", "assign"):
+        helptext = CliRunner().invoke(main, [name, "--help"]).output
+        assert all(flag in helptext for flag in ("--max-messages", "--idle-timeout", "--until-caught-up")), name

@@ -9,8 +9,11 @@ from apmae.codec import (
     encode_pattern,
     pack_lower,
     packed_length,
+    packed_values,
+    read_packed,
+    unpack,
 )
-from apmae.scaling import log_scale
+from apmae.scaling import log_scale, pattern_log_min
 
 
 def causal_softmax(n: int, seed: int = 0, sharp: float = 8.0) -> np.ndarray:
@@ -82,6 +85,8 @@ def test_decode_many_equals_decode_pattern_and_sorts_out_bad_payloads(dtype):
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32
     for row, i in enumerate(kept):
         assert np.array_equal(x[row].numpy(), decode_pattern(bytes(batch[i]), 64, dtype))
+    bits, kept_too, _ = read_packed(batch, 64, dtype)  # the trainer's two halves, on two threads
+    assert kept_too == kept and torch.equal(unpack(bits, 64), x)
     with pytest.raises(BadPattern):
         decode_pattern(bytes(nan), 64, dtype)
 
@@ -118,3 +123,85 @@ def test_gpu_encode_through_the_pinned_buffer_gives_the_same_bytes():
         assert pinned[3] is None and why[3] == why2[3] != ""
     big = torch.rand(40, 64, 64, device="cuda")  # a larger batch after a smaller one: the buffer grows
     assert len(encode_many(big)[0]) == 40
+
+
+def _native_threads() -> set[int]:
+    """Thread ids of this process that are not Python threads (OpenMP's workers are not)."""
+    import os
+    import threading
+
+    return {int(t) for t in os.listdir("/proc/self/task")} - {t.native_id for t in threading.enumerate()}
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
+def test_reading_packed_patterns_on_a_side_thread_starts_no_openmp_team():
+    """The trainer reads patterns on its prefetch thread. A torch op there (the old decode)
+    gave that thread its own OpenMP team, whose parked worker stays for the thread's life;
+    with more OpenMP threads than cores libgomp shortens its spin, and the training step ran
+    at 0.80x (small) and 0.87x (paper) beside an idle such thread (benchmarks/omp_threads.py,
+    2026-12-03). read_packed is numpy: a side thread that reads leaves no thread behind; the
+    conversion (torch) runs on the training thread."""
+    import threading
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: OpenMP makes no team to detect")
+    rng = np.random.default_rng(0)
+    pats = [np.tril(rng.random((256, 256))).astype(np.float32) for _ in range(16)]
+    bufs = [encode_pattern(p / p.sum(1, keepdims=True)) for p in pats]
+    (torch.zeros(16, 256, 256) + 1).sum()  # this thread's team exists before the count
+
+    def workers_beside(work) -> int:
+        """Threads that are not Python's, started while a side thread did ``work``, counted
+        while it is still alive (as the prefetch thread is through training: a team lives as
+        long as its thread). Other threads starting or ending meanwhile do not count."""
+        did, release = threading.Event(), threading.Event()
+
+        def side() -> None:
+            work()
+            did.set()
+            release.wait(30)
+
+        before = _native_threads()
+        t = threading.Thread(target=side)
+        t.start()
+        did.wait(30)
+        n = len(_native_threads() - before)
+        release.set()
+        t.join()
+        return n
+
+    assert workers_beside(lambda: read_packed(bufs, 256)) == 0
+    # the count sees a team: after a torch op, a worker beside the side thread
+    assert workers_beside(lambda: (torch.zeros(16, 256, 256) + 1).sum()) > 0
+
+
+@pytest.mark.gpu
+def test_unpack_on_the_gpu_equals_the_cpu():
+    """The trainer and the encoder convert on the model's device: the packed bits go over and
+    the conversion (and, for a square, the scatter) runs there."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the unpack on the device is the GPU path")
+    for dtype in ("bfloat16", "float32"):
+        bufs = [encode_pattern(causal_softmax(64, seed=s), dtype) for s in range(3)]
+        bits, kept, _ = read_packed(bufs, 64, dtype)
+        on_gpu = unpack(bits, 64, "cuda")
+        assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), unpack(bits, 64))
+        values = packed_values(bits, "cuda")
+        assert values.is_cuda and torch.equal(values.cpu(), packed_values(bits))
+
+
+def test_log_scale_of_underflows_and_subnormals_matches_the_formula():
+    """Zeros inside the triangle (underflow) scale to 0 and do not set the minimum; a
+    subnormal probability counts as the smallest normal float (ln of it sets m)."""
+    a = causal_softmax(16, seed=4)
+    a[9, 2] = 0.0
+    s = log_scale(a).numpy()
+    la = np.log(a[a > 0])
+    expected = np.zeros_like(a)
+    expected[a > 0] = (la - la.min()) / (-la.min())
+    assert np.allclose(s, expected, atol=1e-6) and s[9, 2] == 0.0
+    a[11, 3] = 1e-42  # subnormal in float32
+    s = log_scale(a).numpy()
+    tiny = np.log(np.finfo(np.float32).tiny)
+    assert s[11, 3] == 0.0 and float(pattern_log_min(a)) == pytest.approx(tiny, rel=1e-6)
+    assert np.all(s[np.triu_indices(16, 1)] == 0) and s.max() == 1.0

@@ -241,3 +241,29 @@ def test_a_hub_id_is_fetched_as_a_snapshot_of_the_four_files(tmp_path, monkeypat
     assert asked["repo_id"] == "org/apmae-small" and asked["revision"] == "v1"
     assert sorted(asked["allow_patterns"]) == ["README.md", "config.json", "model.safetensors", "trainer_state.json"]
     assert state == {"step": 1} and torch.equal(back.embed(causal_patterns(1)), m.embed(causal_patterns(1)))
+
+
+@pytest.mark.parametrize("log_scale", [True, False])
+def test_packed_triangles_give_the_same_patches_loss_and_embedding_as_squares(log_scale):
+    """The encoder and trainer feed the wire's packed lower triangles (no square is built);
+    a researcher feeds (N, S, S). Same values either way, bit for bit."""
+    from apmae.codec import decode_pattern, encode_pattern, packed_values, read_packed
+
+    m = small(log_scale=log_scale).eval()
+    x = causal_patterns(4)
+    x[0, 40, 3] = 0.0  # an underflow inside the triangle: not a positive, scaled to 0
+    x[1, 50, 7] = 1e-42  # a subnormal: clamped like every other tiny value
+    wire = [encode_pattern(p.numpy()) for p in x]
+    bits, kept, bad = read_packed(wire, 64)
+    assert kept == [0, 1, 2, 3] and not bad
+    packed = packed_values(bits)
+    square = torch.stack([torch.from_numpy(decode_pattern(w, 64)) for w in wire])
+    assert packed.shape == (4, 64 * 65 // 2)
+    assert torch.equal(m.patches(packed), m.patches(square))
+    assert torch.equal(m.patches(square), m.patchify(m.preprocess(square)))
+    assert torch.equal(m.embed(packed), m.embed(square))
+    loss_p, pred_p, mask_p = m(packed, generator=torch.Generator().manual_seed(1))
+    loss_s, pred_s, mask_s = m(square, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loss_p, loss_s) and torch.equal(pred_p, pred_s) and torch.equal(mask_p, mask_s)
+    with pytest.raises(ValueError, match="packed"):
+        m.patches(packed[:, :-1])  # one value short: not a triangle of this model's size

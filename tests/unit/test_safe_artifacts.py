@@ -52,3 +52,25 @@ def test_a_tampered_artifact_is_refused(tmp_path):
     (tmp_path / "store" / "clusters/v1/h.pkl").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="SHA-256"):
         store.read("clusters/v1/h.pkl", sha)
+
+
+def test_a_checkpoint_is_hashed_again_only_when_it_changed(tmp_path, monkeypatch):
+    """The encoder checks a fixed checkpoint directory every few seconds: it hashed the whole
+    file each time. Now a changed file (same size, new bytes) gets its new digest, an
+    unchanged one is not read again."""
+    import os
+
+    from services import registry
+
+    reads: list[Path] = []
+    real = registry.sha256_file
+    monkeypatch.setattr(registry, "sha256_file", lambda p: reads.append(p) or real(p))
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 4096)
+    digest = registry.FileDigests()
+    first = digest(f)
+    assert digest(f) == first == hashlib.sha256(b"a" * 4096).hexdigest() and len(reads) == 1
+    f.write_bytes(b"b" * 4096)
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock must not hide the write
+    assert digest(f) == hashlib.sha256(b"b" * 4096).hexdigest() and len(reads) == 2
