@@ -25,7 +25,7 @@ from benchmarks._common import Clock, cpu_bound, embedded_infra, table, write_re
 from benchmarks.bus import patterns
 
 
-def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
+def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "auto") -> dict:
     import numpy as np
     import torch
 
@@ -64,7 +64,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
     with embedded_infra(("broker", "redis")) as infra:
         def service(k: int) -> tuple[float, float]:
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                                topic_prefix=f"e{k}.", checkpoint=str(ckpt), batch_size=batch,
+                                topic_prefix=f"e{k}.", checkpoint=str(ckpt), batch_size=batch, compression=compression,
                                 state_dir=Path(tempfile.mkdtemp(prefix="apmae-enc-state-")))
             enc = Encoder(cfg)
             proc = enc.processor()
@@ -121,7 +121,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
             """Round k's topic, read by both the service and the consumer alone."""
             from services.bus import Bus
 
-            bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}."), "bench")
+            bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}.",
+                                    compression=compression), "bench")
             bus.ensure_topics([PATTERNS_MINE])
             for r in recs:
                 bus.send(Output(PATTERNS_MINE, r, key=r.key))
@@ -139,7 +140,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int) -> dict:
                 t[name].append(fn())
     med = {k: statistics.median(w for w, _ in v) for k, v in t.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in t.items()}
-    row = {"variant": variant_name, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
+    row = {"variant": variant_name, "compression": compression, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
            "raw_patterns_per_s": n / med["raw"], "service_patterns_per_s": n / med["service"],
            "service_vs_raw": med["raw"] / med["service"],
            # the service runs forward, consume and decode on the same 2 cores: this is its
@@ -161,11 +162,12 @@ def main() -> None:
     ap.add_argument("--variant", default="small")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compression", default="auto", help="the patterns' codec on the wire (auto: zstd)")
     args = ap.parse_args()
-    res = run(args.patterns, args.variant, args.batch, args.rounds)
+    res = run(args.patterns, args.variant, args.batch, args.rounds, args.compression)
     print(table(res["rows"], list(res["rows"][0])))
     print("service_vs_raw = service patterns/s / raw in-memory forward patterns/s (target >= 0.9)")
-    print("wrote", write_result("encoder", res))
+    print("wrote", write_result("encoder" if args.compression == "auto" else f"encoder-{args.compression}", res))
 
 
 if __name__ == "__main__":
