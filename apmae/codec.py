@@ -143,8 +143,9 @@ def read_packed(bufs: list, n: int, dtype: str = "bfloat16") -> tuple[np.ndarray
     its prefetch thread, and a torch op there gave that thread its own OpenMP team, beside
     which the training step ran at 0.80x (small) and 0.87x (paper) (benchmarks/omp_threads.py).
     """
-    if dtype not in WIRE_DTYPES:
-        return np.zeros((0, 1), np.uint16), [], {i: f"unknown wire dtype {dtype!r}" for i in range(len(bufs))}
+    if dtype not in WIRE_DTYPES:  # none kept; as wide as a good batch's bits, so the two stack
+        width = packed_length(n) if isinstance(n, int) and n >= 1 else 1
+        return np.zeros((0, width), np.uint16), [], {i: f"unknown wire dtype {dtype!r}" for i in range(len(bufs))}
     if not isinstance(n, int) or n < 1:
         return (np.zeros((0, 1), np.uint16), [],
                 {i: f"pattern size {n!r} is not a positive integer" for i in range(len(bufs))})

@@ -205,3 +205,14 @@ def test_log_scale_of_underflows_and_subnormals_matches_the_formula():
     tiny = np.log(np.finfo(np.float32).tiny)
     assert s[11, 3] == 0.0 and float(pattern_log_min(a)) == pytest.approx(tiny, rel=1e-6)
     assert np.all(s[np.triu_indices(16, 1)] == 0) and s.max() == 1.0
+
+
+def test_a_batch_with_an_unknown_dtype_group_still_stacks():
+    """The trainer reads a batch per wire dtype and concatenates the packed values: a group
+    whose dtype is unknown (all dead-lettered) must not break the good group's batch."""
+    good = [encode_pattern(causal_softmax(16, seed=s)) for s in range(3)]
+    bits_good, kept_good, _ = read_packed(good, 16)
+    bits_bad, kept_bad, bad = read_packed(good[:2], 16, "float16")
+    assert kept_bad == [] and set(bad) == {0, 1} and "unknown wire dtype" in bad[0]
+    x = torch.cat([packed_values(bits_good), packed_values(bits_bad)])
+    assert x.shape == (3, packed_length(16))
