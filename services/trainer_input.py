@@ -183,7 +183,9 @@ class Prefetcher:
                 self._blocks += 1
                 while len(order) >= self.batch_size and not self.stop.is_set():
                     chunk, order = order[:self.batch_size], order[self.batch_size:]
-                    self._put(self._decode(chunk))
+                    batch = self._decode(chunk)
+                    if batch.items:  # else every pattern of it was dead-lettered: nothing to train
+                        self._put(batch)
                     if len(ahead) < self.window:
                         ahead += self._read(min(self.window - len(ahead), 2 * self.batch_size), polls=1)
                 leftovers = order

@@ -199,3 +199,31 @@ def test_one_epoch_waits_at_the_end_of_the_stream(bus_cfg):
     seen: list[str] = []
     out = Trainer(cfg(bus_cfg, name="once", idle_timeout_s=3.0), on_batch=seen.extend).run()
     assert out["step"] == 3 and sorted(seen) == sorted(ids) and out["epoch"] == 1
+
+
+def test_a_batch_of_unknown_wire_dtypes_is_dead_lettered_and_training_goes_on(bus_cfg):
+    """A wire dtype the codec does not know passes the read-time checks and is caught when the
+    batch is stacked. A whole batch of them (8 such patterns, alone on the topic) left an empty
+    batch for the training thread; mixed with good ones, its group must stack with theirs."""
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    for j in range(8):
+        bus.send(Output(PATTERNS_TRAIN, PatternRecord(
+            id=f"f16-{j}", sample_id="x", model="m", task="random", layer=0, head=j % 3, correct=True, size=SIZE,
+            dtype="float16", payload=encode_pattern(pattern(100 + j)))))
+    bus.flush()
+    out = Trainer(cfg(bus_cfg, steps=2, idle_timeout_s=4.0)).run()
+    assert out["step"] == 0  # nothing to train, and no crash on an empty batch
+    dead = [m.record for m in read_range(Bus(bus_cfg), DEADLETTER)]
+    assert len(dead) == 8
+    assert all("unknown wire dtype" in d.reason for d in dead)
+
+    publish(bus_cfg, 16)
+    for j in range(4):  # mixed into the good ones' batches
+        bus.send(Output(PATTERNS_TRAIN, PatternRecord(
+            id=f"f16-late-{j}", sample_id="x", model="m", task="random", layer=0, head=0, correct=True, size=SIZE,
+            dtype="float16", payload=encode_pattern(pattern(200 + j)))))
+    bus.flush()
+    trained: list[str] = []
+    out = Trainer(cfg(bus_cfg, steps=2, idle_timeout_s=4.0), on_batch=trained.extend).run()
+    assert out["step"] == 2 and not any(i.startswith("f16") for i in trained)
