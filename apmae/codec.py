@@ -211,7 +211,6 @@ def decode_many(bufs: list, n: int, dtype: str = "bfloat16",
     Returns ``(patterns (G, n, n) float32 on device, kept indices (G,), {index: reason} for the
     rest)``: :func:`read_packed` then :func:`unpack`, for a caller that wants squares (the
     encoder and trainer feed the model packed triangles instead: :func:`packed_values`).
-    Per pattern this was the encoder's largest cost next to the forward pass itself.
     """
     bits, kept, bad = read_packed(bufs, n, dtype)
     if not isinstance(n, int) or n < 1:

@@ -1,6 +1,7 @@
 """Does a second thread that once ran torch ops slow the training step? (issue #14)
 
-The trainer's prefetch thread decodes with torch ops (``apmae.codec.decode_many``). With
+The trainer's prefetch thread decoded with torch ops (``apmae.codec.decode_many``) until
+2026-12-03; it now reads with numpy (``read_packed``). With
 GNU OpenMP, each thread that enters a parallel region gets its own thread team; more busy-
 waiting OpenMP threads than cores makes libgomp shorten its spin, so the training team's
 workers sleep and are woken between regions. This measures the in-memory training loop

@@ -57,7 +57,6 @@ class Pending:
 @dataclass(frozen=True)
 class Batch:
     packed: list[np.ndarray]  # per wire dtype in the batch: (G, S (S + 1) / 2) lower-triangle bits
-    size: int  # S (the packed length is S (S + 1) / 2)
     items: list[Pending]
 
     def patterns(self, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -284,7 +283,7 @@ class Prefetcher:
             self.dead_letter(_AsRaw(self.topic, chunk[i]), reason)
         if bad:
             self.progress.on_trained([chunk[i] for i in bad])  # done with: must not hold the watermark
-        return Batch(xs, self.pattern_size, [chunk[i] for i in kept])
+        return Batch(xs, [chunk[i] for i in kept])
 
 
 @dataclass(frozen=True)
