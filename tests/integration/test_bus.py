@@ -94,6 +94,41 @@ def test_keepalive_runs_the_work_on_the_calling_thread_and_keeps_the_group(bus_c
                if s.name.endswith("_total") and s.labels["service"] == "t-keepalive") == errors
 
 
+def test_consumer_lag_is_probed_lag_every_s_into_a_run_not_at_its_first_batch(bus_cfg, monkeypatch):
+    """The lag probe starts a consumer of its own (bootstrap, metadata, offsets): ~9% of a
+    short consume's CPU on 2 cores when it started at the first batch (benchmarks/bus.py).
+    A run shorter than ``lag_every_s`` never starts it; a run past it hands over its
+    committed positions, and the probe turns them into the true lag."""
+    from prometheus_client import REGISTRY
+
+    from services.bus import LagProbe
+
+    bus = Bus(bus_cfg, "t-lag")
+    publish(bus, files(30, "lag"))
+    observed: list[dict] = []
+    real = LagProbe.observe
+    monkeypatch.setattr(LagProbe, "observe", lambda self, pos: (observed.append(dict(pos)), real(self, pos))[1])
+
+    short = Processor(bus, "g-lag-short", [FILES], score, batch_size=10, lag_every_s=3600)
+    assert short.run(max_messages=10, idle_timeout_s=20) == 10
+    assert observed == []  # never due: the probe was never started
+
+    due = Processor(bus, "g-lag", [FILES], score, batch_size=10, lag_every_s=0.0)
+    assert due.run(max_messages=20, idle_timeout_s=20) == 20
+    assert observed and sum(observed[-1].values()) == 20  # after the last batch: its commits
+
+    probe = LagProbe(bus, "t-lag", "g-lag", every_s=0.1)
+    probe.observe(observed[-1])
+    try:
+        deadline = time.monotonic() + 60
+        labels = {"service": "t-lag", "topic": FILES.name}
+        while REGISTRY.get_sample_value("apmae_consumer_lag_messages", labels) != 10 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert REGISTRY.get_sample_value("apmae_consumer_lag_messages", labels) == 10  # 30 in, 20 read
+    finally:
+        probe.close()
+
+
 def test_a_tenants_group_is_not_rebalanced_by_another_tenants_members(bus_cfg):
     """Group ids are under the topic prefix. Unprefixed, tenant B's member joining "g-tenant"
     rebalanced tenant A's group of that name: A, busy in a long batch, was revoked and B
