@@ -78,6 +78,20 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, f
     return med, xs[k - 1], xs[n - k], coverage(k)
 
 
+def add_allocator_option(ap) -> None:
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="leave glibc's malloc thresholds as they are; the services tune them at start "
+                         "(services.runtime.tune_allocator), and so does a benchmark by default")
+
+
+def tune_allocator(args) -> bool:
+    """What the services do at start, unless ``--glibc-malloc``: both sides of a comparison run
+    in this one process, so both get the same allocator. Returns whether it is tuned."""
+    from services.runtime import tune_allocator as tune
+
+    return False if args.glibc_malloc else tune()
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     line = "  ".join(c.ljust(widths[c]) for c in cols)

@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import Clock, cpu_bound, embedded_infra, table, write_result
+from benchmarks._common import (
+    Clock,
+    add_allocator_option,
+    cpu_bound,
+    embedded_infra,
+    table,
+    tune_allocator,
+    write_result,
+)
 from benchmarks.bus import patterns
 
 
@@ -163,11 +171,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compression", default="auto", help="the patterns' codec on the wire (auto: zstd)")
+    add_allocator_option(ap)
     args = ap.parse_args()
+    tuned = tune_allocator(args)
     res = run(args.patterns, args.variant, args.batch, args.rounds, args.compression)
     print(table(res["rows"], list(res["rows"][0])))
     print("service_vs_raw = service patterns/s / raw in-memory forward patterns/s (target >= 0.9)")
-    print("wrote", write_result("encoder" if args.compression == "auto" else f"encoder-{args.compression}", res))
+    print("wrote", write_result("encoder" if args.compression == "auto" else f"encoder-{args.compression}",
+                                {"allocator_tuned": tuned, **res}))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import Clock, cpu_bound, embedded_infra, table, write_result  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Clock,
+    add_allocator_option,
+    cpu_bound,
+    embedded_infra,
+    table,
+    tune_allocator,
+    write_result,
+)
 
 CACHE = ROOT / ".apmae" / "models"
 
@@ -102,10 +110,11 @@ def one_mode(mode: str, n: int, batch: int) -> dict:
             "peak_rss_MB": peak / 1024, "rss_growth_MB": (peak - rss0) / 1024, "max_abs_diff_vs_eager": diff}
 
 
-def part1(n: int, batch: int) -> list[dict]:
+def part1(n: int, batch: int, glibc_malloc: bool = False) -> list[dict]:
     rows = []
     for mode in ("sdpa", "capture25", "capture", "eager"):
-        out = subprocess.run([sys.executable, __file__, "--one-mode", mode, "--inputs", str(n), "--batch", str(batch)],
+        out = subprocess.run([sys.executable, __file__, "--one-mode", mode, "--inputs", str(n), "--batch", str(batch)]
+                             + (["--glibc-malloc"] if glibc_malloc else []),
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]["seconds"]
@@ -243,14 +252,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-capture", action="store_true", help="only part 2")
     ap.add_argument("--one-mode", default=None)
+    add_allocator_option(ap)
     args = ap.parse_args()
+    tuned = tune_allocator(args)
     if args.one_mode:
         print(json.dumps(one_mode(args.one_mode, args.inputs, args.batch)))
         return
     from apmae.target import materialize_smollm2
 
     materialize_smollm2(CACHE)
-    rows = [] if args.skip_capture else part1(args.inputs, args.batch)
+    rows = [] if args.skip_capture else part1(args.inputs, args.batch, args.glibc_malloc)
     if rows:
         print(table(rows, ["mode", "inputs", "seconds", "inputs_per_s", "vs_sdpa", "vs_eager", "peak_rss_MB",
                            "rss_growth_MB", "max_abs_diff_vs_eager"]))
@@ -261,7 +272,7 @@ def main() -> None:
     if not rows:  # keep the last capture measurement rather than dropping it from the result
         old = ROOT / "benchmarks" / "results" / "producer.json"
         rows = json.loads(old.read_text()).get("capture", []) if old.exists() else []
-    print("wrote", write_result("producer", {"capture": rows, "end_to_end": e2e}))
+    print("wrote", write_result("producer", {"allocator_tuned": tuned, "capture": rows, "end_to_end": e2e}))
 
 
 if __name__ == "__main__":

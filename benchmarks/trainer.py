@@ -32,7 +32,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import Clock, cpu_bound, embedded_infra, table, write_result  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Clock,
+    add_allocator_option,
+    cpu_bound,
+    embedded_infra,
+    table,
+    tune_allocator,
+    write_result,
+)
 
 
 def patterns(n: int, size: int = 256) -> list[np.ndarray]:
@@ -136,12 +144,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--paper-steps", type=int, default=30)
     ap.add_argument("--paper-batch", type=int, default=16)
+    add_allocator_option(ap)
     args = ap.parse_args()
+    tuned = tune_allocator(args)
     with embedded_infra(("broker", "redis")) as infra:
         rows = [run("small", args.steps, args.batch, infra), run("paper", args.paper_steps, args.paper_batch, infra)]
     print(table(rows, list(rows[0])))
     print("broker_vs_memory = patterns/s from the broker / from RAM (1.0 = the input pipeline is free)")
-    print("wrote", write_result("trainer", {"rows": rows}))
+    print("wrote", write_result("trainer", {"allocator_tuned": tuned, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from apmae import config as C
-from services.runtime import loop_options, run_loop, setup_logging, start_service
+from services.runtime import loop_options, run_loop, setup_logging, start_service, tune_allocator
 from services.settings import ConfigGroup, build, config_options
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ log = logging.getLogger("apmae")
 def main(verbose: int, log_format: str) -> None:
     """apmae: mine the attention patterns of code LLMs at scale (AP-MAE), on Kafka."""
     setup_logging(verbose, log_format == "json")
+    tune_allocator()
 
 
 # every command that prints a result can print it as one JSON document instead

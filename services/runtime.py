@@ -54,6 +54,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+# glibc's malloc serves a block above its mmap threshold (128 KB at first, raised on each free
+# of such a block up to 32 MB) with fresh pages from the kernel and unmaps it on free, and trims
+# the heap's free top above 2x that: the float32 temporaries of a training step (a few MB to
+# hundreds) came back as new pages that the kernel zeroed, every step. perf on the trainer:
+# clear_page_erms 23% of the machine's samples during its early steps. Thresholds above the
+# step's largest temporaries keep them in the heap, reused (PyTorch's CPU tuning guide reaches
+# the same end with jemalloc or tcmalloc, which would be a system dependency here). Measured,
+# small AP-MAE training from RAM: 521-583 -> 622-637 patterns/s (benchmarks/trainer.py's
+# memory side, paired runs, 2026-12-03); the trim threshold alone made it worse (345-352): it
+# fixes the mmap threshold at 128 KB.
+MMAP_THRESHOLD = 256 << 20
+TRIM_THRESHOLD = 2 << 30
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory for reuse instead of returning it to the kernel (see above): the
+    process keeps its peak heap resident. True when set (glibc), False elsewhere."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): their allocators decide
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
 def require_broker(bootstrap_servers: str, timeout_s: float = 2.0) -> None:
     """Fail fast, in one line, when no bootstrap server accepts a connection: the Kafka
     client would otherwise retry for ~35 s, logging an error per attempt, then raise."""

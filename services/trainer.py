@@ -50,6 +50,7 @@ from services.registry import sha256_file
 from services.trainer_input import Batch, Prefetcher, wait_for_batch
 
 log = logging.getLogger("apmae.trainer")
+LAG_EVERY_S = 5.0  # how often the lag gauge is refreshed (a probe consumer on its own thread)
 LOSS = Gauge("apmae_trainer_loss", "Last training loss", ["run"])
 STEPS = Counter("apmae_trainer_steps_total", "Optimisation steps", ["run"])
 PATTERNS_TRAINED = Counter("apmae_trainer_patterns_total", "Patterns trained on", ["run"])
@@ -98,7 +99,8 @@ class Trainer:
                 self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                 torch.cuda.set_device(self.device)
         self.bus = Bus(cfg, f"trainer-{self.rank}" if self.world > 1 else "trainer")
-        self.lag = LagProbe(self.bus, self.bus.service, cfg.group)
+        self.lag = LagProbe(self.bus, self.bus.service, cfg.group, LAG_EVERY_S)
+        self._lag_due = 0.0  # when observe_lag next hands over offsets (run() sets the first)
         recipe = cfg.train
         torch.manual_seed(recipe.seed)
         self.model = APMAE(recipe.model_config()).to(self.device)
@@ -255,11 +257,13 @@ class Trainer:
             self.committer.close(autocommit=False)
 
     def observe_lag(self) -> None:
-        """Hand this rank's next offsets to the lag probe (its own thread), every 5 s."""
+        """Hand this rank's next offsets to the lag probe (its own thread), every 5 s, the
+        first time 5 s into the run (:meth:`run` sets ``_lag_due``), as the Processor does:
+        the probe starts a consumer of its own, which a run shorter than that never needs."""
         now = time.monotonic()
-        if now < getattr(self, "_lag_due", 0.0):
+        if now < self._lag_due:
             return
-        self._lag_due = now + 5.0
+        self._lag_due = now + LAG_EVERY_S
         if self.prefetch is not None:  # the watermarks, computed when due rather than every step
             self.offsets = self.prefetch.progress.state()[0]
         topic = self.bus.name(PATTERNS_TRAIN)
@@ -277,6 +281,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.open()
+        self._lag_due = time.monotonic() + LAG_EVERY_S
         t_start, trained = time.perf_counter(), 0
         steps = self.cfg.train.steps
         end = min(steps, self.step + max_steps) if max_steps else steps
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point for ``python -m services.trainer`` (torchrun) and ``apmae train``."""
     import click
 
-    from services.runtime import setup_logging
+    from services.runtime import setup_logging, tune_allocator
     from services.settings import build, config_options
 
     @click.command()
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     @config_options(TrainerConfig)
     def cmd(max_steps, **kw):
         setup_logging()
+        tune_allocator()  # torchrun starts this entry point, not the CLI's
         cfg = build(TrainerConfig, kw)
         t = Trainer(cfg)
         for sig in (signal.SIGTERM, signal.SIGINT):
