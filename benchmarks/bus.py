@@ -32,7 +32,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import embedded_infra, median_ci, table, write_result
+from benchmarks._common import (
+    add_allocator_option,
+    embedded_infra,
+    median_ci,
+    table,
+    tune_allocator,
+    write_result,
+)
 
 
 def patterns(n: int, size: int = 256) -> list[bytes]:
@@ -214,8 +221,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=9)  # the fewest for a 95% interval of the median: 6
+    add_allocator_option(ap)
     args = ap.parse_args()
-    res = run(args.messages, args.rounds)
+    tuned = tune_allocator(args)
+    res = {"allocator_tuned": tuned, **run(args.messages, args.rounds)}
     cols = [c for c in res["rows"][0] if c != "seconds"]
     print(table(res["rows"], cols))
     print(table(res["codec_cpu"], list(res["codec_cpu"][0])))

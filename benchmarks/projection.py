@@ -35,7 +35,10 @@ def stages() -> list[dict]:
     sc2 = next(r for r in gpu["producer"] if r["model"] == "sc2-15b")
     embed = next(r for r in gpu["apmae"] if r["stage"] == "encoder embed" and r["dtype"] == "bfloat16")
     train = next(r for r in gpu["apmae"] if r["stage"] == "trainer step" and r["dtype"] == "bfloat16")
-    patterns_codec = next(r for r in bus["rows"] if r["compression"] == "none")
+    from apmae.topics import PATTERNS_MINE
+
+    # the patterns' default codec, as a deployment runs it (rates are of uncompressed bytes)
+    patterns_codec = next(r for r in bus["rows"] if r["compression"] == PATTERNS_MINE.codec)
     publish_mb_s = patterns_codec["ours_produce_MB_s"]
     consume_mb_s = patterns_codec["ours_consume_MB_s"]
     ours_110k = next(r for r in cluster["rows"] if r["pipeline"] == "ours" and r["n"] == 110_000)
@@ -54,7 +57,7 @@ def stages() -> list[dict]:
         {"stage": "publish (one kafka-python client per producer)", "unit": "1 client process",
          "work": f"{(mine_bytes + TRAIN_PATTERNS * MSG_BYTES) / 1e12:.1f} TB", "unit_hours":
          (mine_bytes + TRAIN_PATTERNS * MSG_BYTES) / (publish_mb_s * 1e6) / 3600,
-         "basis": f"{publish_mb_s:.0f} MB/s measured per client on a 2-core CPU, embedded broker; "
+         "basis": f"{publish_mb_s:.0f} MB/s ({PATTERNS_MINE.codec}) measured per client on a 2-core CPU, embedded broker; "
                   f"{wire_per_sample / 1e6:.0f} MB per mined sample"},
         {"stage": "encode (AP-MAE paper variant, bf16)", "unit": f"1 {gpu_name}",
          "work": f"{MINE_SAMPLES * HEADS / 1e6:.1f}M patterns", "unit_hours": MINE_SAMPLES * HEADS / embed["patterns_s"] / 3600,
