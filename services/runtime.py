@@ -7,10 +7,12 @@ Settings and their command-line binding are :mod:`services.settings`; the CLI
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -102,6 +104,9 @@ def start_service(cfg: C.BusConfig, service: str, health=None):
     from services import infra, metrics
     from services.bus import native_crc32c
 
+    # `kill -USR1 <pid>` prints every thread's stack to stderr and the service goes on: a hang
+    # seen only on another machine (CI) is diagnosed from its log, not reproduced
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     metrics.check_native_crc32c(service, native_crc32c())
     mismatch = infra.generation_mismatch(cfg.state_dir, cfg.redis_url)
     metrics.GENERATION_MISMATCH.labels(service).set(mismatch is not None)
@@ -139,10 +144,11 @@ RESTARTS_ENV = "APMAE_STALL_RESTARTS"
 
 
 def _watch_polls(processor, service: str) -> None:
-    """Start the process again when its consumer's poll has not returned for
-    ``processor.poll_hang_s``. Safe at any point of a poll: a batch's outputs are marked done
-    only after their flush and committed after that, so whatever the poll interrupted is
-    redone by the next process, and the done marks drop what was already durable."""
+    """Start the process again when a call into its Kafka client (a poll, a commit, the close:
+    :meth:`~services.bus.Processor._watched`) has not returned for ``processor.poll_hang_s``.
+    Safe at any point: a batch's outputs are marked done only after their flush and committed
+    after that, so whatever the hang interrupted is redone by the next process, and the done
+    marks drop what was already durable."""
     while True:
         time.sleep(min(5.0, processor.poll_hang_s / 4))
         hung = processor.poll_hung()
@@ -150,7 +156,8 @@ def _watch_polls(processor, service: str) -> None:
             from services import metrics
 
             metrics.CONSUMER_STALLED.labels(service).inc()
-            logging.getLogger("apmae").error("%s: the consumer's poll has not returned for %.0f s", service, hung)
+            logging.getLogger("apmae").error(
+                "%s: a call into the Kafka client (poll, commit, close) has not returned for %.0f s", service, hung)
             restart_process(processor, service)
 
 

@@ -104,10 +104,11 @@ class Processor:
     # Nothing fetched for this long while the broker confirms unread records: the consumer
     # is wedged (ConsumerStalled). Well above a healthy rejoin (session timeout <= 10 s).
     stall_after_s: float = 30.0
-    # A poll that has not returned for this long never will (see ConsumerStalled); a service's
-    # watchdog then starts the process again (services.runtime.run_loop).
+    # A call into the Kafka client (a poll, a commit, a lookup, the close) that has not returned
+    # for this long never will (see ConsumerStalled); a service's watchdog then starts the
+    # process again (services.runtime.run_loop).
     poll_hang_s: float = 120.0
-    poll_since: float | None = None  # when the poll in progress began (None: not polling)
+    poll_since: float | None = None  # when the client call in progress began (None: none is)
     polled_at: float = 0.0  # when the last poll returned (time.monotonic)
     # until_caught_up: how often a member whose partitions are read asks after the group's
     # others (a broker round trip per partition), and the bound on each commit lookup
@@ -139,7 +140,11 @@ class Processor:
         beginning of what the broker holds now; done marks drop anything seen before."""
         assigned, self._assigned_now = self._assigned_now, []
         for tp in assigned:
-            if tp in self._committed and self.consumer.committed(tp, timeout_ms=self.group_check_timeout_ms) is None:
+            if tp not in self._committed:
+                continue
+            with self._watched():
+                gone = self.consumer.committed(tp, timeout_ms=self.group_check_timeout_ms) is None
+            if gone:
                 name = self.bus.logical(tp.topic).name
                 metrics.OFFSETS_RESET.labels(self.bus.service, name).inc()
                 log.error("%s: the committed offset %d of %s vanished: broker restarted and lost its topics? "
@@ -184,13 +189,20 @@ class Processor:
 
     @contextmanager
     def _watched(self) -> Iterator[None]:
-        """Time a call into kafka-python for the watchdog (``poll_hung``): the consumer's poll,
-        and the probes of ends and commits, which poll and wait on the same kind of client."""
-        self.poll_since = time.monotonic()
+        """Time a call into kafka-python for the watchdog (``poll_hung``). Every blocking call
+        the loop makes is one: the poll, the commit, position and commit lookups, the probes of
+        ends, the close. Each waits on the client's IO thread the way the poll does, and the
+        watchdog covered only the polls and probes until a fault-matrix encoder sat 600 s
+        past a durable broker restart (CI, 2026-12-04) with its last log line a failed commit.
+        Nested (a heartbeat's poll inside a watched call) the outer call's clock keeps running."""
+        outer = self.poll_since
+        if outer is None:
+            self.poll_since = time.monotonic()
         try:
             yield
         finally:
-            self.poll_since = None
+            if outer is None:
+                self.poll_since = None
 
     def poll_hung(self) -> float | None:
         """Seconds the poll in progress has run, when that is past ``poll_hang_s``."""
@@ -323,7 +335,8 @@ class Processor:
             tp = TopicPartition(r.topic, r.partition)
             if tp not in offsets or offsets[tp].offset <= r.offset:
                 offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
-        self.consumer.commit(offsets)
+        with self._watched():
+            self.consumer.commit(offsets)
         self._committed.update({tp: om.offset for tp, om in offsets.items()})
         if self.on_commit:
             self.on_commit({tp: om.offset for tp, om in offsets.items()})
@@ -379,14 +392,14 @@ class Processor:
     def _positions_and_ends(self) -> dict[TopicPartition, tuple[int, int | None]]:
         """(position, confirmed end; None when the broker cannot say now) per assigned partition."""
         assigned = list(self.consumer.assignment())
-        try:
-            with self._watched():
+        with self._watched():  # a position not known yet is a broker round trip
+            try:
                 ends = true_end_offsets(self.bus, assigned, self._ends_probe())
-        except TRANSIENT as e:
-            log.debug("end offsets unavailable: %s", e)
-            self._drop_probe()  # a client that failed a request may be wedged: a new one next time
-            return {tp: (self.consumer.position(tp), None) for tp in assigned}
-        return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
+            except TRANSIENT as e:
+                log.debug("end offsets unavailable: %s", e)
+                self._drop_probe()  # a client that failed a request may be wedged: a new one next time
+                return {tp: (self.consumer.position(tp), None) for tp in assigned}
+            return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
 
     @staticmethod
     def _read_to_end(state: dict[TopicPartition, tuple[int, int | None]]) -> bool:
@@ -571,7 +584,8 @@ class Processor:
                     log.error("batch failed, not committed, will retry: %s", e)
                     if isinstance(e, KafkaError):  # a restarted broker may have lost the topics
                         try:
-                            self.bus.ensure_topics()
+                            with self._watched():  # an admin request: it waits like the others
+                                self.bus.ensure_topics()
                         except Exception as again:  # noqa: BLE001 - still down: the retry loop waits
                             log.debug("ensure_topics failed: %s", again)
                     self._rewind(raws)
@@ -583,9 +597,10 @@ class Processor:
                 self._observe_lag()
         finally:
             self._lag.close()
-            self._drop_probe()
-            self.bus.flush()
-            self.consumer.close(autocommit=False)
+            with self._watched():
+                self._drop_probe()
+                self.bus.flush()
+                self.consumer.close(autocommit=False)
             self.consumer = None
         if stalled is not None:
             raise stalled

@@ -332,16 +332,19 @@ run_loop(p, "t-restart", cfg, RunLimits(idle_timeout_s=5))
     assert {m.record.sample_id for m in read_all(bus, SCORES)} >= {f.id for f in files(40, "restart")}
 
 
-def test_a_service_whose_poll_never_returns_starts_itself_again(bus_cfg):
+@pytest.mark.parametrize("call", ["poll", "commit", "close"])
+def test_a_service_whose_client_call_never_returns_starts_itself_again(bus_cfg, call):
     """kafka-python 3.0.12's poll sometimes never returned after a durable broker restart (its
-    main thread waits for the IO thread without a timeout). The service's watchdog starts the
-    process again, which then reads every input."""
+    main thread waits for the IO thread without a timeout), and its commit and close wait on
+    that thread the same way. Whichever call hangs, the second one after some input was
+    handled (the close: the first), the service's watchdog starts the process again, which
+    then reads every input."""
     import os
     import subprocess
     import sys
 
-    bus = Bus(bus_cfg, "t-hang")
-    publish(bus, files(24, "hang"))
+    bus = Bus(bus_cfg, f"t-hang-{call}")
+    publish(bus, files(24, f"hang-{call}"))
     code = f"""
 import os, time
 from dataclasses import replace
@@ -353,23 +356,23 @@ from services.runtime import run_loop
 from tests.integration.test_bus import score
 cfg = replace(BusConfig(), bootstrap_servers={bus_cfg.bootstrap_servers!r}, redis_url={bus_cfg.redis_url!r},
               topic_prefix={bus_cfg.topic_prefix!r}, state_dir=Path({str(bus_cfg.state_dir)!r}))
-p = Processor(Bus(cfg, "t-hang"), "g-hang", [FILES], score, batch_size=8, poll_hang_s=4)
-if "APMAE_STALL_RESTARTS" not in os.environ:  # the first process: its 2nd poll never returns
-    polls = []
-    real = p.connect().poll
-    def poll(**kw):
-        polls.append(1)
-        if len(polls) > 1 and p.processed:
+p = Processor(Bus(cfg, "t-hang"), "g-hang-{call}", [FILES], score, batch_size=8, poll_hang_s=4)
+if "APMAE_STALL_RESTARTS" not in os.environ:  # the first process: its {call} hangs
+    calls = []
+    real = getattr(p.connect(), {call!r})
+    def hang(*a, **kw):
+        calls.append(1)
+        if {call!r} == "close" or (len(calls) > 1 and p.processed):
             time.sleep(1e9)
-        return real(**kw)
-    p.consumer.poll = poll
+        return real(*a, **kw)
+    setattr(p.consumer, {call!r}, hang)
 run_loop(p, "t-hang", cfg, RunLimits(idle_timeout_s=5))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "poll has not returned" in out.stderr and "starting again (1 of 5)" in out.stderr
-    assert {m.record.sample_id for m in read_all(bus, SCORES)} >= {f.id for f in files(24, "hang")}
+    assert "has not returned" in out.stderr and "starting again (1 of 5)" in out.stderr
+    assert {m.record.sample_id for m in read_all(bus, SCORES)} >= {f.id for f in files(24, f"hang-{call}")}
 
 
 class CrashBeforeCommit(Processor):

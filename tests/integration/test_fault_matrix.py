@@ -58,6 +58,7 @@ from tests.integration.test_cluster_service import synthetic_embeddings
 from tests.integration.test_faults import (
     account,
     by_sample,
+    communicate,
     count_so_far,
     dead_lettered,
     envelope,
@@ -285,7 +286,7 @@ def test_every_input_is_one_output_or_one_dead_letter(service, fault, cfg, durab
 
     if fault in FAILPOINTS:
         first = start([*args, "--idle-timeout", "10"], cfg, APMAE_FAILPOINTS=FAILPOINTS[fault], **env)
-        _, err = first.communicate(timeout=600)
+        _, err = communicate(first)
         if fault.startswith("kill"):
             assert first.returncode == -9, f"the failpoint never fired: {err[-2000:]}"
             # the restart waits out the dead member's session before its partitions come back
@@ -307,7 +308,7 @@ def test_every_input_is_one_output_or_one_dead_letter(service, fault, cfg, durab
         topic, k = svc.progress
         wait_then(proc, lambda: count_so_far(bus, topic)() >= k, outage)
         bus = Bus(cfg, "test")  # the test's own clients reconnect too
-        out, err = proc.communicate(timeout=600)
+        out, err = communicate(proc)
         own = [line for line in err.splitlines() if " kafka." not in line]  # the client's retries drown the rest
         print(f"--- {service} log after the {fault}:\n" + "\n".join(own[-80:]))  # shown when the cell fails
         assert proc.returncode == 0, err[-3000:]

@@ -67,8 +67,24 @@ def start(args: list[str], bus_cfg, module: str = "services.cli", **extra) -> su
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def communicate(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    """``proc.communicate``; a service that has not ended in ``timeout`` first prints every
+    thread's stack (SIGUSR1: :func:`services.runtime.start_service`), and the failure shows
+    them with its own log: a hang on the CI machine is diagnosed from that run's report."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        own = [line for line in err.splitlines() if " kafka." not in line]  # the client's retries drown the rest
+        pytest.fail(f"{' '.join(proc.args[2:])} did not end in {timeout:.0f} s; its stacks and log:\n"
+                    + "\n".join(own[-200:]))
+
+
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, err = proc.communicate(timeout=timeout)
+    out, err = communicate(proc, timeout)
     assert proc.returncode == 0, err[-3000:]
     return out
 
@@ -456,7 +472,7 @@ def test_broker_restart_is_detected_said_and_survived(bus_cfg, infra_cfg, redis_
     bus.ensure_topics()
     # new work after the restart, fewer messages than the encoder had consumed
     after = patterns(bus, 200, tag="after", topics=(PATTERNS_MINE,))
-    out, log = proc.communicate(timeout=600)
+    out, log = communicate(proc)
     assert proc.returncode == 0, log[-3000:]
     embs = [m.record.sample_id for m in read_range(bus, EMBEDDINGS)]
     # the topics now hold only what was published after the restart
