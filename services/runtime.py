@@ -98,15 +98,19 @@ def require_broker(bootstrap_servers: str, timeout_s: float = 2.0) -> None:
                                f"`apmae infra up`, or point --bootstrap-servers / APMAE_BOOTSTRAP_SERVERS at yours")
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` prints every thread's stack to stderr and the service goes on: a
+    hang seen only on another machine (CI) is diagnosed from its log, not reproduced."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def start_service(cfg: C.BusConfig, service: str, health=None):
     """Start the /metrics + /healthz endpoint; register it with an embedded Prometheus if one
     runs under the same state directory (production scrapes via deploy/prometheus.yml)."""
     from services import infra, metrics
     from services.bus import native_crc32c
 
-    # `kill -USR1 <pid>` prints every thread's stack to stderr and the service goes on: a hang
-    # seen only on another machine (CI) is diagnosed from its log, not reproduced
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    dump_stacks_on_sigusr1()
     metrics.check_native_crc32c(service, native_crc32c())
     mismatch = infra.generation_mismatch(cfg.state_dir, cfg.redis_url)
     metrics.GENERATION_MISMATCH.labels(service).set(mismatch is not None)
