@@ -194,7 +194,9 @@ class Processor:
         ends, the close. Each waits on the client's IO thread the way the poll does, and the
         watchdog covered only the polls and probes until a fault-matrix encoder sat 600 s
         past a durable broker restart (CI, 2026-12-04) with its last log line a failed commit.
-        Nested (a heartbeat's poll inside a watched call) the outer call's clock keeps running."""
+        Nested (``connect`` inside a watched region) the outer call's clock keeps running. One
+        thread at a time: the keepalive helper's polls run while the loop thread is in the
+        handler, which makes no watched call, and the helper is joined before the next one."""
         outer = self.poll_since
         if outer is None:
             self.poll_since = time.monotonic()
@@ -365,15 +367,16 @@ class Processor:
             return
         self._lag_due = now + self.lag_every_s
         positions = {}
-        for tp in self.consumer.assignment():
-            pos = self._committed.get(tp)
-            if pos is None:
-                try:
-                    pos = self.consumer.position(tp, timeout_ms=0)
-                except Exception:  # noqa: BLE001 - not known yet: skip it this time
-                    pos = None
-            if pos is not None:
-                positions[tp] = pos
+        with self._watched():
+            for tp in self.consumer.assignment():
+                pos = self._committed.get(tp)
+                if pos is None:
+                    try:
+                        pos = self.consumer.position(tp, timeout_ms=0)
+                    except Exception:  # noqa: BLE001 - not known yet: skip it this time
+                        pos = None
+                if pos is not None:
+                    positions[tp] = pos
         if positions:
             self._lag.observe(positions)
 
@@ -389,25 +392,32 @@ class Processor:
             self._probe.close(autocommit=False)
             self._probe = None
 
-    def _positions_and_ends(self) -> dict[TopicPartition, tuple[int, int | None]]:
-        """(position, confirmed end; None when the broker cannot say now) per assigned partition."""
+    def _positions_and_ends(self) -> dict[TopicPartition, tuple[int | None, int | None]]:
+        """(position, confirmed end) per assigned partition; both None when the client cannot
+        say within ``group_check_timeout_ms`` (a position not known yet is a lookup of the
+        group's commit, which without a bound retries for as long as the coordinator is
+        unknown: a broker that is away), the end None when the broker cannot say now."""
         assigned = list(self.consumer.assignment())
-        with self._watched():  # a position not known yet is a broker round trip
+        with self._watched():
             try:
                 ends = true_end_offsets(self.bus, assigned, self._ends_probe())
             except TRANSIENT as e:
                 log.debug("end offsets unavailable: %s", e)
                 self._drop_probe()  # a client that failed a request may be wedged: a new one next time
-                return {tp: (self.consumer.position(tp), None) for tp in assigned}
-            return {tp: (self.consumer.position(tp), ends.get(tp, 0)) for tp in assigned}
+                ends = None
+            state = {}
+            for tp in assigned:
+                pos = self.consumer.position(tp, timeout_ms=self.group_check_timeout_ms)
+                state[tp] = (pos, None if pos is None or ends is None else ends.get(tp, 0))
+            return state
 
     @staticmethod
-    def _read_to_end(state: dict[TopicPartition, tuple[int, int | None]]) -> bool:
+    def _read_to_end(state: dict[TopicPartition, tuple[int | None, int | None]]) -> bool:
         """Every partition of ``state`` read to its confirmed end; true of none (a member of a
         group left with no partitions then counts every partition by the group's commits)."""
         return all(end is not None and pos >= end for pos, end in state.values())
 
-    def _caught_up(self, state: dict[TopicPartition, tuple[int, int | None]] | None = None) -> bool:
+    def _caught_up(self, state: dict[TopicPartition, tuple[int | None, int | None]] | None = None) -> bool:
         """This member has partitions, each read to its (confirmed) end (``state``: positions
         and ends already probed, else probed here)."""
         state = self._positions_and_ends() if state is None else state
@@ -443,7 +453,7 @@ class Processor:
         return {tp: (committed[tp], ends.get(tp, 0)) for tp in others if committed[tp] < ends.get(tp, 0)}
 
     @staticmethod
-    def _behind(state: dict[TopicPartition, tuple[int, int | None]]) -> bool:
+    def _behind(state: dict[TopicPartition, tuple[int | None, int | None]]) -> bool:
         """The broker confirms records past some partition's position."""
         return any(end is not None and pos < end for pos, end in state.values())
 
@@ -458,7 +468,7 @@ class Processor:
             return f"(client state unavailable: {type(e).__name__})"
 
     def _stalled_error(self, quiet_s: float, why: str,
-                       state: dict[TopicPartition, tuple[int, int | None]]) -> ConsumerStalled:
+                       state: dict[TopicPartition, tuple[int | None, int | None]]) -> ConsumerStalled:
         """Log where every partition stands (``state``, as just probed) and what the client
         believes, and count it: the next stall is then diagnosed from the log, not reproduced."""
         metrics.CONSUMER_STALLED.labels(self.bus.service).inc()
@@ -471,7 +481,8 @@ class Processor:
     def connect(self) -> KafkaConsumer:
         """The group consumer on the inputs (made once; ``run`` calls this)."""
         if self.consumer is None:
-            self.consumer = self.bus.consumer(self.group, self.inputs, listener=_OffsetsWatch(self))
+            with self._watched():  # the bootstrap waits on the client's IO thread like a poll
+                self.consumer = self.bus.consumer(self.group, self.inputs, listener=_OffsetsWatch(self))
         return self.consumer
 
     def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None,
@@ -596,12 +607,19 @@ class Processor:
                 last_data = time.monotonic()
                 self._observe_lag()
         finally:
+            # one watched call each: their own bounds (probe close ~30 s, a flush of 30 s per
+            # producer, the close 30 s) summed in one clock could pass poll_hang_s while the
+            # broker is away and start the process again for no hang
             self._lag.close()
             with self._watched():
                 self._drop_probe()
-                self.bus.flush()
-                self.consumer.close(autocommit=False)
-            self.consumer = None
+            try:
+                with self._watched():
+                    self.bus.flush(30)
+            finally:
+                with self._watched():
+                    self.consumer.close(autocommit=False)
+                self.consumer = None
         if stalled is not None:
             raise stalled
         return self.processed
