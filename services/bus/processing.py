@@ -114,6 +114,12 @@ class Processor:
     # others (a broker round trip per partition), and the bound on each commit lookup
     group_check_every_s: float = 2.0
     group_check_timeout_ms: int = 2000
+    # until_caught_up: the group's other members committed nothing of their unread partitions
+    # for this long while this member's are read: ConsumerStalled, and the process starts
+    # again with a fresh join. After a durable broker restart the fault matrix's lone encoder
+    # held 2-3 of 8 partitions and waited 600 s on the others, which no member ever read
+    # (make test, 2026-12-04): a wait with no bound is a hang.
+    peers_stall_s: float = 120.0
 
     def __post_init__(self) -> None:
         svc = self.bus.service
@@ -515,6 +521,7 @@ class Processor:
         stalled: ConsumerStalled | None = None
         next_check = 0.0  # the next time the quiet input's ends are probed (a broker round trip)
         next_group_check = next_wait_log = 0.0  # until_caught_up: the group's other partitions
+        others_seen, others_since = None, 0.0  # ... as last probed, and since when unchanged
         backoff = 0.5
         try:
             while not self.stop_event.is_set():
@@ -545,13 +552,21 @@ class Processor:
                             left = self._others_left(set(state))
                             if left == {}:
                                 break  # the group has read every partition to its end
-                            if left:  # waiting on the group's other members is neither idle nor a stall
+                            if left:  # waiting on the group's other members is neither idle nor a stall...
                                 last_data = now
+                                if left != others_seen:
+                                    others_seen, others_since = left, now
+                                others = {f"{tp.topic}[{tp.partition}]": ce for tp, ce in left.items()}
+                                if now - others_since > self.peers_stall_s:  # ...until they commit nothing
+                                    stalled = self._stalled_error(
+                                        now - others_since, f"and the group's other members committed nothing of "
+                                        f"their partitions (committed, end): {others}; of its own", state)
+                                    break
                                 if now >= next_wait_log:
                                     next_wait_log = now + 60
-                                    log.info("%s: its partitions are read; waiting for the group's others "
+                                    log.info("%s: its partitions %s are read; waiting for the group's others "
                                              "(committed, end): %s", svc,
-                                             {f"{tp.topic}[{tp.partition}]": ce for tp, ce in left.items()})
+                                             sorted(f"{tp.topic}[{tp.partition}]" for tp in state), others)
                                 continue
                     quiet = now - (last_data if joined else started)
                     idle = idle_timeout_s is not None and quiet > idle_timeout_s * (1 if joined else 4)

@@ -252,6 +252,47 @@ def test_a_batch_stage_stops_on_its_peers_commits(bus_cfg):
     assert scored | read_by_peer == {f.id for f in files(40, "peer")}
 
 
+def test_a_batch_stage_whose_peers_never_commit_raises_after_committing_its_own(bus_cfg):
+    """A member that stays in the group and reads nothing (after a durable broker restart the
+    fault matrix's lone encoder held 2-3 of 8 partitions, and no member ever read the rest)
+    kept the stage waiting forever. Now a wait on peers that commit nothing for
+    ``peers_stall_s`` is a stall, raised after the stage's own share is committed."""
+    from services.bus import ConsumerStalled
+
+    bus = Bus(bus_cfg, "t-idle-peer")
+    publish(bus, files(40, "idle-peer"))
+    stage = Processor(bus, "g-idle-peer", [FILES], score, batch_size=8, peers_stall_s=5)
+    peer = bus.consumer("g-idle-peer", [FILES])
+    finished = threading.Event()
+
+    def stay_and_read_nothing() -> None:
+        while not finished.is_set():
+            peer.pause(*peer.assignment())
+            peer.poll(200)
+        peer.close(autocommit=False)
+
+    joined(peer)
+    holder = threading.Thread(target=stay_and_read_nothing, daemon=True)
+    holder.start()
+    try:
+        with pytest.raises(ConsumerStalled, match="other members committed nothing"):
+            stage.run(until_caught_up=True, idle_timeout_s=30)
+        assert holder.is_alive()  # the peer was in the group throughout
+    finally:
+        finished.set()
+        holder.join(30)
+    own = stage.processed
+    assert 0 < own < 40
+    admin = bus.admin()
+    try:  # the group's commits, read without joining it: the stage's whole share, nothing of the peer's
+        group = bus.group_id("g-idle-peer")
+        committed = admin.list_group_offsets(group)[group]
+    finally:
+        admin.close()
+    assert sum(o.offset for tp, o in committed.items() if tp.topic == bus.name(FILES) and o.offset > 0) == own
+    assert len({m.record.sample_id for m in read_all(bus, SCORES)}) == own
+
+
 def joined(consumer, timeout_s: float = 30) -> set[str]:
     """Poll ``consumer`` until its group assigns it partitions; the ids it read meanwhile
     (not committed)."""
