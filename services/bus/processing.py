@@ -598,6 +598,7 @@ class Processor:
                     stalled = self._stalled_error(quiet, "and the input is not read to its end", state)
                     break
                 last_data = time.monotonic()
+                others_seen = None  # data again (a rebalance moved partitions here): a wait after it starts anew
                 try:
                     self.process_batch(raws)
                     self._commit(raws)
