@@ -478,7 +478,7 @@ class Processor:
         """Log where every partition stands (``state``, as just probed) and what the client
         believes, and count it: the next stall is then diagnosed from the log, not reproduced."""
         metrics.CONSUMER_STALLED.labels(self.bus.service).inc()
-        where = {f"{tp.topic}[{tp.partition}]": pe for tp, pe in state.items()}
+        where = _by_name(state)
         msg = (f"{self.bus.service}: nothing fetched for {quiet_s:.0f} s, {why} (position, end): {where}; "
                f"client: {self._describe_client()}")
         log.error("%s; stopping so that the process starts again", msg)
@@ -556,7 +556,7 @@ class Processor:
                                 last_data = now
                                 if left != others_seen:
                                     others_seen, others_since = left, now
-                                others = {f"{tp.topic}[{tp.partition}]": ce for tp, ce in left.items()}
+                                others = _by_name(left)
                                 if now - others_since > self.peers_stall_s:  # ...until they commit nothing
                                     stalled = self._stalled_error(
                                         now - others_since, f"and the group's other members committed nothing of "
@@ -566,7 +566,7 @@ class Processor:
                                     next_wait_log = now + 60
                                     log.info("%s: its partitions %s are read; waiting for the group's others "
                                              "(committed, end): %s", svc,
-                                             sorted(f"{tp.topic}[{tp.partition}]" for tp in state), others)
+                                             sorted(_by_name(state)), others)
                                 continue
                     quiet = now - (last_data if joined else started)
                     idle = idle_timeout_s is not None and quiet > idle_timeout_s * (1 if joined else 4)
@@ -639,6 +639,11 @@ class Processor:
         if stalled is not None:
             raise stalled
         return self.processed
+
+
+def _by_name(per_partition: dict[TopicPartition, Any]) -> dict[str, Any]:
+    """``per_partition`` keyed "topic[partition]", as the stall and wait logs print it."""
+    return {f"{tp.topic}[{tp.partition}]": v for tp, v in per_partition.items()}
 
 
 class _OffsetsWatch(ConsumerRebalanceListener):
