@@ -107,6 +107,12 @@ def _fmt(v) -> str:
 
 
 def write_result(name: str, payload: dict) -> Path:
+    """``results/NAME.json``, or ``results/NAME-TAG.json`` with ``APMAE_BENCH_TAG=TAG`` set: a
+    run on another machine (benchmarks/spare_cores.sh) sits beside this machine's, never over it."""
+    import os
+
+    if os.environ.get("APMAE_BENCH_TAG"):
+        name = f"{name}-{os.environ['APMAE_BENCH_TAG']}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
                "cpus": __import__("os").cpu_count(), **payload}
