@@ -40,12 +40,13 @@ EOF
 # Each benchmark with torch's default threads (one per core), then with the model held to 4
 # threads, the rest of the cores left to the client, the broker and Redis (tag coresN-t4).
 rc=0
+cores=$(nproc)  # before any OMP_NUM_THREADS: nproc honours it
 bench() {  # bench THREADS TIMEOUT SCRIPT ARGS...
     local threads=$1 limit=$2; shift 2
     if [ "$threads" = default ]; then
-        APMAE_BENCH_TAG=cores$(nproc) timeout "$limit" python3 "$@" || rc=$?
+        APMAE_BENCH_TAG=cores$cores timeout "$limit" python3 "$@" || rc=$?
     else
-        OMP_NUM_THREADS=$threads APMAE_BENCH_TAG=cores$(nproc)-t$threads timeout "$limit" python3 "$@" || rc=$?
+        OMP_NUM_THREADS=$threads APMAE_BENCH_TAG=cores$cores-t$threads timeout "$limit" python3 "$@" || rc=$?
     fi
     [ "$out" = benchmarks/results ] || cp benchmarks/results/*-cores*.json "$out"/ 2>/dev/null
 }
