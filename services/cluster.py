@@ -334,10 +334,12 @@ class Assigner:
         Checked on assignment, not on revocation: kafka-python's eager protocol revokes every
         partition before each rebalance and usually hands most of them back."""
         owned = {(tp.topic, tp.partition) for tp in assigned}
-        gone = [k for k, tp in self.head_partition.items() if tp not in owned]
+        # a copy: this runs inside a poll, and a helper thread's poll (the processor's
+        # prefetch or keepalive) runs while the handler adds heads on the loop's thread
+        gone = [k for k, tp in list(self.head_partition.items()) if tp not in owned]
         n = HEAD_SERIES.forget(lambda k: k not in gone)
         for k in gone:
-            del self.head_partition[k]
+            self.head_partition.pop(k, None)
         return n
 
     def processor(self) -> Processor:

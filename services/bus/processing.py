@@ -120,6 +120,11 @@ class Processor:
     # held 2-3 of 8 partitions and waited 600 s on the others, which no member ever read
     # (make test, 2026-12-04): a wait with no bound is a hang.
     peers_stall_s: float = 120.0
+    # Fetch the next batch while the handler runs on this one (a helper thread polls, the
+    # handler stays on the loop's thread): kafka-python parses and decompresses a fetch on the
+    # polling thread, and with the poll in line the encoder ran at its serial bound, 0.51x a
+    # raw forward with 12 of 16 cores idle (benchmarks/spare_cores.sh, 2026-12-04).
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         svc = self.bus.service
@@ -136,6 +141,8 @@ class Processor:
         self._lag = LagProbe(self.bus, svc, self.group, self.lag_every_s)
         self._lag_due = 0.0
         self._probe: KafkaConsumer | None = None
+        self._prefetched: list[Any] = []  # the next batch, fetched while the handler ran
+        self._helper: threading.Thread | None = None  # while set, that thread alone uses the consumer
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self._assigned_now = list(assigned)  # checked after poll returns (the client forbids calls from here)
@@ -170,8 +177,8 @@ class Processor:
         can fail, and the retried batch is then dropped by the done marks: a rebalance costs
         no recomputation.
         """
-        if self.consumer is None:
-            return
+        if self.consumer is None or self._helper not in (None, threading.current_thread()):
+            return  # a helper thread has the consumer, and keeps the membership itself
         try:
             parts = self.consumer.assignment()
             self.consumer.pause(*parts)
@@ -229,22 +236,57 @@ class Processor:
         thread beside the caller's team ran at ~0.8x (benchmarks/omp_threads.py). The helper
         has the consumer to itself: the work does not touch it, and the helper is joined
         before this returns. A poll is due ``every_s`` after the last one, whoever made it:
-        many short calls in a row keep the membership as one long call does."""
+        many short calls in a row keep the membership as one long call does. Inside a handler
+        that :meth:`_prefetching` already covers, its helper keeps the membership."""
+        if self._helper is not None:
+            return fn()
+        with self._helper_thread(lambda done: self._beat_until(done, every_s), "keepalive-heartbeat"):
+            out = fn()
+        self.heartbeat_if_due(every_s)
+        return out
+
+    def _beat_until(self, done: threading.Event, every_s: float = 1.0) -> None:
+        while not done.wait(every_s / 4):
+            self.heartbeat_if_due(every_s)
+
+    @contextmanager
+    def _helper_thread(self, body: Callable[[threading.Event], None], name: str) -> Iterator[None]:
+        """Run ``body(done)`` on a helper thread that has the consumer to itself until the
+        block ends (``done`` is then set, and the helper joined)."""
         done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(every_s / 4):
-                self.heartbeat_if_due(every_s)
-
-        helper = threading.Thread(target=beat, name="keepalive-heartbeat", daemon=True)
+        helper = threading.Thread(target=body, args=(done,), name=name, daemon=True)
+        self._helper = helper
         helper.start()
         try:
-            out = fn()
+            yield
         finally:
             done.set()
             helper.join()
-        self.heartbeat_if_due(every_s)
-        return out
+            self._helper = None
+
+    @contextmanager
+    def _prefetching(self, limit: int) -> Iterator[None]:
+        """While the block runs the handler, a helper thread polls the next batch (at most
+        ``limit`` records, into ``_prefetched``), then keeps the membership alive. The
+        handler stays on this thread: torch gives each thread its own OpenMP team, and a
+        forward beside another team ran at ~0.8x (benchmarks/omp_threads.py); the poll's
+        parsing and decompression release the forward's cores, not its thread. A poll that
+        fails leaves nothing fetched: the loop's own next poll meets the error."""
+        if limit <= 0 or self.consumer is None or self._helper is not None:
+            yield
+            return
+
+        def fetch_then_beat(done: threading.Event) -> None:
+            try:
+                while not done.is_set() and not self._prefetched:
+                    polled = self._poll(min(50, self.poll_timeout_ms), limit)
+                    self._prefetched = [r for part in polled.values() for r in part]
+            except Exception as e:  # noqa: BLE001 - the loop's next poll meets it and decides
+                log.debug("%s: prefetch poll failed: %s", self.bus.service, e)
+            self._beat_until(done)
+
+        with self._helper_thread(fetch_then_beat, "prefetch"):
+            yield
 
     def heartbeat_if_due(self, every_s: float = 1.0) -> None:
         """:meth:`heartbeat` when the last poll, or the last try, is ``every_s`` old: for work
@@ -290,8 +332,9 @@ class Processor:
                 out.extend(self._handle([m]))
             return out
 
-    def process_batch(self, raws: list[Any]) -> int:
-        """One turn of the loop over already-polled raw records; returns messages handled."""
+    def process_batch(self, raws: list[Any], prefetch: int = 0) -> int:
+        """One turn of the loop over already-polled raw records; returns messages handled.
+        ``prefetch``: fetch up to this many records of the next batch while the handler runs."""
         t0 = time.perf_counter()
         if self.on_batch_start:
             self.on_batch_start()
@@ -310,7 +353,8 @@ class Processor:
         if len(fresh) < len(msgs):
             self._duplicates.inc(len(msgs) - len(fresh))
         if fresh:
-            verdicts.extend(self._handle(fresh))
+            with self._prefetching(prefetch):
+                verdicts.extend(self._handle(fresh))
         t_pub = time.perf_counter()
         half = len(verdicts) // 2
         for i, v in enumerate(verdicts, 1):
@@ -337,6 +381,15 @@ class Processor:
         self._processing_s.observe(time.perf_counter() - t0)
         return len(raws)
 
+    def _take_prefetched(self) -> list[Any]:
+        """The batch fetched while the last handler ran, less any partition that a rebalance
+        during its heartbeats moved away (its new owner reads it from the committed offset)."""
+        raws, self._prefetched = self._prefetched, []
+        if not raws:
+            return raws
+        mine = self.consumer.assignment()
+        return [r for r in raws if TopicPartition(r.topic, r.partition) in mine]
+
     def _commit(self, raws: list[Any]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for r in raws:
@@ -350,6 +403,8 @@ class Processor:
             self.on_commit({tp: om.offset for tp, om in offsets.items()})
 
     def _rewind(self, raws: list[Any]) -> None:
+        """Seek back to the batch's first offsets, and past nothing fetched ahead of it."""
+        raws, self._prefetched = raws + self._prefetched, []
         first: dict[TopicPartition, int] = {}
         for r in raws:
             tp = TopicPartition(r.topic, r.partition)
@@ -531,7 +586,10 @@ class Processor:
                 if max_messages is not None:
                     limit = min(limit, max_messages - self.processed)
                 try:
-                    polled = self._poll(self.poll_timeout_ms, limit)
+                    raws = self._take_prefetched()
+                    if not raws:
+                        polled = self._poll(self.poll_timeout_ms, limit)
+                        raws = [r for part in polled.values() for r in part]
                     if self._assigned_now:
                         self._check_vanished_offsets()
                 except TRANSIENT as e:  # the broker is away: keep the process, wait, poll again
@@ -542,7 +600,6 @@ class Processor:
                     continue
                 if not joined and self.consumer.assignment():
                     joined, last_data = True, time.monotonic()
-                raws = [r for part in polled.values() for r in part]
                 if not raws:
                     now = time.monotonic()
                     if joined and until_caught_up and now >= next_group_check:
@@ -599,8 +656,12 @@ class Processor:
                     break
                 last_data = time.monotonic()
                 others_seen = None  # data again (a rebalance moved partitions here): a wait after it starts anew
+                ahead = 0
+                if self.prefetch:
+                    ahead = self.batch_size if max_messages is None else \
+                        min(self.batch_size, max_messages - self.processed - len(raws))
                 try:
-                    self.process_batch(raws)
+                    self.process_batch(raws, prefetch=ahead)
                     self._commit(raws)
                     self.processed += len(raws)
                     backoff = 0.5
