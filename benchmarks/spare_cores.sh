@@ -11,7 +11,8 @@
 #             weights cannot travel: random weights of the same shape are made there, the same
 #             arithmetic, so the same speed), and the first 700 files of the JDK corpus
 #
-#   benchmarks/spare_cores.sh [OUTDIR]      (device: carry .whl and .devkit; OUTDIR=$OUT)
+#   benchmarks/spare_cores.sh [OUTDIR [NAME:THREADS ...]]   (device: carry .whl and .devkit; OUTDIR=$OUT)
+#   e.g. benchmarks/spare_cores.sh $OUT encoder:4 trainer:default
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results}
@@ -50,9 +51,14 @@ bench() {  # bench THREADS TIMEOUT SCRIPT ARGS...
     fi
     [ "$out" = benchmarks/results ] || cp benchmarks/results/*-cores*.json "$out"/ 2>/dev/null
 }
-bench default 120 benchmarks/encoder.py
-bench default 150 benchmarks/producer.py --skip-capture
-bench default 150 benchmarks/trainer.py
-bench 4 100 benchmarks/encoder.py
-bench 4 150 benchmarks/producer.py --skip-capture
+# which runs: NAME:THREADS after OUTDIR (default: all five below)
+runs=("${@:2}")
+[ ${#runs[@]} -gt 0 ] || runs=(encoder:default producer:default trainer:default encoder:4 producer:4)
+for r in "${runs[@]}"; do
+    case ${r%%:*} in
+        encoder) bench "${r#*:}" 120 benchmarks/encoder.py ;;
+        producer) bench "${r#*:}" 150 benchmarks/producer.py --skip-capture ;;
+        trainer) bench "${r#*:}" 150 benchmarks/trainer.py ;;
+    esac
+done
 exit $rc
