@@ -6,7 +6,9 @@ feed the model packed lower triangles, the wire's layout (``APMAE.patches``); ``
 is the same forward fed (N, S, S) squares, the way the encoder did until 2026-12-03. Service:
 the same patterns as PatternRecords on ``patterns.mine`` of the embedded broker; the
 encoder's Processor (consume, decode, embed, publish embeddings, flush, done marks, commit)
-runs with its group joined before the clock starts. Rounds alternate which goes first.
+runs with its group joined before the clock starts; ``service_inline`` is the same service
+with the next batch polled after the handler, not during it (``Processor.prefetch`` off, the
+loop until 2026-12-04), on its own copy of the topic. Rounds alternate which goes first.
 
     python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2]
 """
@@ -70,12 +72,17 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
         return forward(squares)
 
     with embedded_infra(("broker", "redis")) as infra:
-        def service(k: int) -> tuple[float, float]:
+        chosen: list[bool] = []
+
+        def service(k: int, prefetch: bool = True) -> tuple[float, float]:
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                                topic_prefix=f"e{k}.", checkpoint=str(ckpt), batch_size=batch, compression=compression,
+                                topic_prefix=f"e{k}." if prefetch else f"e{k}i.", checkpoint=str(ckpt),
+                                batch_size=batch, compression=compression,
                                 state_dir=Path(tempfile.mkdtemp(prefix="apmae-enc-state-")))
             enc = Encoder(cfg)
             proc = enc.processor()
+            chosen.append(proc.prefetch)
+            proc.prefetch = prefetch
             enc.ensure_model()  # load the checkpoint before the clock (the raw side has it loaded too)
             proc.connect()
             while not proc.consumer.assignment():
@@ -126,31 +133,40 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             return clock.stop()
 
         def publish(k: int) -> None:
-            """Round k's topic, read by both the service and the consumer alone."""
+            """Round k's topic, read by the service and the consumer alone, and its copy for
+            the inline service (each service's group and done marks are its own)."""
             from services.bus import Bus
 
-            bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=f"e{k}.",
-                                    compression=compression), "bench")
-            bus.ensure_topics([PATTERNS_MINE])
-            for r in recs:
-                bus.send(Output(PATTERNS_MINE, r, key=r.key))
-            bus.close()
+            for prefix in (f"e{k}.", f"e{k}i."):
+                bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=prefix,
+                                        compression=compression), "bench")
+                bus.ensure_topics([PATTERNS_MINE])
+                for r in recs:
+                    bus.send(Output(PATTERNS_MINE, r, key=r.key))
+                bus.close()
 
         raw(), raw_square()  # warm-up
-        t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "consume_alone": [], "decode_alone": [],
-                                                   "raw_square": []}
+        t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "service_inline": [],
+                                                   "consume_alone": [], "decode_alone": [], "raw_square": []}
         for k in range(rounds):
             publish(k)
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
+                     ("service_inline", lambda k=k: service(k, prefetch=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
                      ("raw_square", raw_square)]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
+    prefetch_chosen = chosen[0]
     med = {k: statistics.median(w for w, _ in v) for k, v in t.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in t.items()}
     row = {"variant": variant_name, "compression": compression, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
            "raw_patterns_per_s": n / med["raw"], "service_patterns_per_s": n / med["service"],
            "service_vs_raw": med["raw"] / med["service"],
+           "inline_patterns_per_s": n / med["service_inline"], "inline_vs_raw": med["raw"] / med["service_inline"],
+           # paired per round: the same round's topic, the two services back to back
+           "prefetch_speedup": statistics.median(i[0] / s[0] for s, i in zip(t["service"], t["service_inline"], strict=True)),
+           # what the encoder chooses on this machine with these threads (Encoder.a_core_to_spare)
+           "prefetch_chosen": prefetch_chosen,
            # the service runs forward, consume and decode on the same 2 cores: this is its
            # ratio if none of them overlapped
            "serial_bound": med["raw"] / (med["raw"] + med["consume_alone"] + med["decode_alone"]),
