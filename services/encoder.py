@@ -135,4 +135,5 @@ class Encoder:
         are cores. benchmarks/encoder.py, paired rounds on 2 cores (2026-12-04): with one
         torch thread the prefetching service ran 1.14x the inline one (0.89x a raw forward);
         with two, 0.95x: the poll then only takes the forward's cores."""
-        return torch.device(self.device).type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0))  # the cores this process may run on (a container's cpuset)
+        return torch.device(self.device).type != "cpu" or torch.get_num_threads() < cores

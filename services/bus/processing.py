@@ -142,7 +142,8 @@ class Processor:
         self._lag_due = 0.0
         self._probe: KafkaConsumer | None = None
         self._prefetched: list[Any] = []  # the next batch, fetched while the handler ran
-        self._helper: threading.Thread | None = None  # while set, that thread alone uses the consumer
+        # while alive, that thread alone uses the consumer; setting its event stops it
+        self._helper: tuple[threading.Thread, threading.Event] | None = None
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self._assigned_now = list(assigned)  # checked after poll returns (the client forbids calls from here)
@@ -152,11 +153,15 @@ class Processor:
         (the embedded one keeps topics in memory). Consumption then restarts from the
         beginning of what the broker holds now; done marks drop anything seen before."""
         assigned, self._assigned_now = self._assigned_now, []
-        for tp in assigned:
+        for i, tp in enumerate(assigned):
             if tp not in self._committed:
                 continue
-            with self._watched():
-                gone = self.consumer.committed(tp, timeout_ms=self.group_check_timeout_ms) is None
+            try:
+                with self._watched():
+                    gone = self.consumer.committed(tp, timeout_ms=self.group_check_timeout_ms) is None
+            except BaseException:
+                self._assigned_now = assigned[i:]  # the lookup failed: check the rest after the next poll
+                raise
             if gone:
                 name = self.bus.logical(tp.topic).name
                 metrics.OFFSETS_RESET.labels(self.bus.service, name).inc()
@@ -177,8 +182,8 @@ class Processor:
         can fail, and the retried batch is then dropped by the done marks: a rebalance costs
         no recomputation.
         """
-        if self.consumer is None or self._helper not in (None, threading.current_thread()):
-            return  # a helper thread has the consumer, and keeps the membership itself
+        if self.consumer is None or self._helper_has_consumer():
+            return  # a prefetch's helper has the consumer; its polls keep the membership
         try:
             parts = self.consumer.assignment()
             self.consumer.pause(*parts)
@@ -237,55 +242,65 @@ class Processor:
         has the consumer to itself: the work does not touch it, and the helper is joined
         before this returns. A poll is due ``every_s`` after the last one, whoever made it:
         many short calls in a row keep the membership as one long call does. Inside a handler
-        that :meth:`_prefetching` already covers, its helper keeps the membership."""
-        if self._helper is not None:
-            return fn()
-        with self._helper_thread(lambda done: self._beat_until(done, every_s), "keepalive-heartbeat"):
+        whose next batch is being fetched (:meth:`_prefetching`), that fetch stops first."""
+        self._stop_helper()
+
+        def beat(done: threading.Event) -> None:
+            while not done.wait(every_s / 4):
+                self.heartbeat_if_due(every_s)
+
+        with self._helper_thread(beat, "keepalive-heartbeat"):
             out = fn()
         self.heartbeat_if_due(every_s)
         return out
 
-    def _beat_until(self, done: threading.Event, every_s: float = 1.0) -> None:
-        while not done.wait(every_s / 4):
-            self.heartbeat_if_due(every_s)
-
     @contextmanager
     def _helper_thread(self, body: Callable[[threading.Event], None], name: str) -> Iterator[None]:
-        """Run ``body(done)`` on a helper thread that has the consumer to itself until the
-        block ends (``done`` is then set, and the helper joined)."""
+        """Run ``body(done)`` on a helper thread that has the consumer to itself until it
+        returns or the block ends (``done`` is then set, and the helper joined)."""
         done = threading.Event()
         helper = threading.Thread(target=body, args=(done,), name=name, daemon=True)
-        self._helper = helper
+        self._helper = (helper, done)
         helper.start()
         try:
             yield
         finally:
-            done.set()
-            helper.join()
-            self._helper = None
+            self._stop_helper()
+
+    def _helper_has_consumer(self) -> bool:
+        """Whether a helper thread other than this one is using the consumer now."""
+        h = self._helper
+        return h is not None and h[0] is not threading.current_thread() and h[0].is_alive()
+
+    def _stop_helper(self) -> None:
+        h, self._helper = self._helper, None
+        if h is not None:
+            h[1].set()
+            h[0].join()
 
     @contextmanager
     def _prefetching(self, limit: int) -> Iterator[None]:
         """While the block runs the handler, a helper thread polls the next batch (at most
-        ``limit`` records, into ``_prefetched``), then keeps the membership alive. The
-        handler stays on this thread: torch gives each thread its own OpenMP team, and a
-        forward beside another team ran at ~0.8x (benchmarks/omp_threads.py); the poll's
-        parsing and decompression release the forward's cores, not its thread. A poll that
-        fails leaves nothing fetched: the loop's own next poll meets the error."""
+        ``limit`` records, into ``_prefetched``) and then ends. The handler stays on this
+        thread: torch gives each thread its own OpenMP team, and a forward beside another team
+        ran at ~0.8x (benchmarks/omp_threads.py); the poll's parsing and decompression take
+        a spare core, not the forward's thread. The helper does not keep the membership past
+        its fetch: a handler that hangs must still lose its partitions after
+        max_poll_interval, as before; long work asks for that with :meth:`keepalive`. A poll
+        that fails leaves nothing fetched: the loop's own next poll meets the error."""
         if limit <= 0 or self.consumer is None or self._helper is not None:
             yield
             return
 
-        def fetch_then_beat(done: threading.Event) -> None:
+        def fetch(stop: threading.Event) -> None:
             try:
-                while not done.is_set() and not self._prefetched:
+                while not stop.is_set() and not self._prefetched:
                     polled = self._poll(min(50, self.poll_timeout_ms), limit)
                     self._prefetched = [r for part in polled.values() for r in part]
             except Exception as e:  # noqa: BLE001 - the loop's next poll meets it and decides
                 log.debug("%s: prefetch poll failed: %s", self.bus.service, e)
-            self._beat_until(done)
 
-        with self._helper_thread(fetch_then_beat, "prefetch"):
+        with self._helper_thread(fetch, "prefetch"):
             yield
 
     def heartbeat_if_due(self, every_s: float = 1.0) -> None:
@@ -585,6 +600,7 @@ class Processor:
                 limit = self.batch_size
                 if max_messages is not None:
                     limit = min(limit, max_messages - self.processed)
+                raws: list[Any] = []
                 try:
                     raws = self._take_prefetched()
                     if not raws:
@@ -595,6 +611,8 @@ class Processor:
                 except TRANSIENT as e:  # the broker is away: keep the process, wait, poll again
                     metrics.ERRORS.labels(svc, type(e).__name__).inc()
                     log.error("poll failed, will retry: %s", e)
+                    if raws:  # fetched, the position past them, not handled: read them again
+                        self._rewind(raws)
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, 30)
                     continue
