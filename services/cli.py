@@ -261,10 +261,13 @@ def cluster_plan_cmd(**kw: Any) -> None:
 def cluster_worker_cmd(limits: RunLimits, **kw: Any) -> None:
     """Fit heads from the job queue (--processes N: one per core; start more on other machines)."""
     from services.cluster import ClusterServiceConfig, run_workers
+    from services.runtime import restart_process
 
     cfg = build(ClusterServiceConfig, kw)
     start_service(cfg, "cluster-fit")
-    click.echo(json.dumps({"jobs": run_workers(cfg, limits)}))
+    jobs = run_workers(cfg, limits, service="cluster-fit",
+                       on_broken=lambda registered: restart_process(registered, "cluster-fit"))
+    click.echo(json.dumps({"jobs": jobs}))
 
 
 @cluster.command("fit")

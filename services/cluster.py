@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,28 +198,58 @@ class FitWorker:
         return self.proc
 
 
-def run_workers(cfg: ClusterServiceConfig, limits: RunLimits, jobs: int | None = None) -> int:
+def run_workers(cfg: ClusterServiceConfig, limits: RunLimits, jobs: int | None = None,
+                service: str | None = None, on_broken: Callable[[int], None] | None = None) -> int:
     """Run ``cfg.processes`` fit workers (one per core) until ``limits``; returns jobs done
     (``limits.max_messages`` bounds each worker).
 
-    With ``jobs`` (the plan's count), a progress bar follows the heads registered."""
+    With ``jobs`` (the plan's count), a progress bar follows the heads registered.
+
+    ``service`` (the ``cluster worker`` command): one worker runs supervised in this process
+    (:func:`services.runtime.supervise`: a stall or a client call that never returns starts
+    the command again). Worker processes (``processes`` > 1) each have the watchdog, and one
+    that stalls, hangs or dies ends the pool: the processes of a
+    ``multiprocessing.Pool`` were replaced silently and the lost worker's result never came,
+    so the caller waited forever. Then ``on_broken(heads registered meanwhile)`` (the command
+    passes a restart), or, without it, ``BrokenProcessPool`` is raised here."""
+    from concurrent.futures import ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
+
+    from services.runtime import supervise
 
     bar = tqdm(total=jobs, desc="cluster", unit="head", leave=False, disable=jobs is None)
     if cfg.processes <= 1:
+        proc = FitWorker(cfg).processor()
         with bar:
-            return FitWorker(cfg).processor().run(**vars(limits), progress=bar.update)
+            if service is not None:
+                return supervise(proc, service, limits, progress=bar.update)
+            return proc.run(**vars(limits), progress=bar.update)
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
     registry = Registry(redis.Redis.from_url(cfg.redis_url), cfg.topic_prefix)
-    with ctx.Pool(cfg.processes) as pool, bar:
-        pending = pool.starmap_async(_worker_entry, [(cfg, limits)] * cfg.processes)
-        while not pending.ready():
-            pending.wait(2.0)
+    before = len(registry.names("cluster"))
+    broken: BrokenProcessPool | None = None
+    with ProcessPoolExecutor(cfg.processes, mp_context=mp.get_context("spawn")) as pool, bar:
+        futures = [pool.submit(_worker_entry, cfg, limits) for _ in range(cfg.processes)]
+        running = futures
+        while running:
+            _, running = wait(futures, timeout=2.0)
             bar.n = len(registry.names("cluster"))
             bar.refresh()
-        done = sum(pending.get())
+        try:
+            done = sum(f.result() for f in futures)
+        except BrokenProcessPool as e:  # the executor has ended every worker by now
+            broken = e
+    if broken is not None:
+        registered = len(registry.names("cluster")) - before
+        log.error("a fit worker process ended without its result (%s); %d heads registered meanwhile",
+                  broken, registered)
+        if on_broken is None:
+            raise broken
+        on_broken(registered)
+        return registered
     publish_fit_metrics(cfg)  # the worker processes are gone: report their results from the registry
     return done
 
@@ -237,10 +268,27 @@ def publish_fit_metrics(cfg: ClusterServiceConfig) -> None:
 
 
 def _worker_entry(cfg: ClusterServiceConfig, limits: RunLimits) -> int:
+    """One worker process of :func:`run_workers`. A stall or a hung client call ends the
+    process at once (exit 75), which breaks the pool: a pool's worker cannot start itself again."""
     import os
 
+    from services.bus import ConsumerStalled
+    from services.runtime import watch
+
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    return FitWorker(cfg).processor().run(**vars(limits))
+    proc = FitWorker(cfg).processor()
+
+    def end() -> None:
+        logging.shutdown()
+        os._exit(75)
+
+    watch(proc, "cluster-fit", end)
+    try:
+        return proc.run(**vars(limits))
+    except ConsumerStalled:
+        log.exception("fit worker stalled; ending this worker process")
+        end()
+        raise  # not reached
 
 
 class Assigner:

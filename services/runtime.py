@@ -128,17 +128,29 @@ def run_loop(processor, service: str, cfg: C.BusConfig, limits: RunLimits) -> in
     summary at the end."""
     start_service(cfg, service, health=lambda: {"status": "ok", "service": service,
                                                 "processed": processor.processed})
+    n = supervise(processor, service, limits)
+    click.echo(json.dumps({"service": service, "processed": n}))
+    return n
+
+
+def supervise(processor, service: str, limits: RunLimits, **run_kw) -> int:
+    """``processor.run(limits)`` in a service process: SIGTERM finishes the batch, and the
+    process starts itself again when the loop stalls or a client call never returns."""
     from services.bus import ConsumerStalled
 
     processor.install_signal_handlers()
-    watchdog = threading.Thread(target=_watch_polls, args=(processor, service), name="poll-watchdog", daemon=True)
-    watchdog.start()
+    watch(processor, service, lambda: restart_process(processor.processed, service))
     try:
-        n = processor.run(**vars(limits))
+        return processor.run(**vars(limits), **run_kw)
     except ConsumerStalled:
-        restart_process(processor, service)
-    click.echo(json.dumps({"service": service, "processed": n}))
-    return n
+        restart_process(processor.processed, service)
+        raise  # not reached: restart_process replaces the process or exits
+
+
+def watch(processor, service: str, on_hang) -> None:
+    """Start the watchdog thread of ``processor`` (:func:`_watch_polls`)."""
+    threading.Thread(target=_watch_polls, args=(processor, service, on_hang), name="poll-watchdog",
+                     daemon=True).start()
 
 
 # How many times in a row a service may start itself again after a stall; past it, it exits
@@ -147,9 +159,10 @@ MAX_RESTARTS = 5
 RESTARTS_ENV = "APMAE_STALL_RESTARTS"
 
 
-def _watch_polls(processor, service: str) -> None:
-    """Start the process again when a call into its Kafka client (a poll, a commit, the close:
-    :meth:`~services.bus.Processor._watched`) has not returned for ``processor.poll_hang_s``.
+def _watch_polls(processor, service: str, on_hang) -> None:
+    """``on_hang()`` (start the process again, or end a pool's worker) when a call into its
+    Kafka client (a poll, a commit, the close: :meth:`~services.bus.Processor._watched`) has
+    not returned for ``processor.poll_hang_s``.
     Safe at any point: a batch's outputs are marked done only after their flush and committed
     after that, so whatever the hang interrupted is redone by the next process, and the done
     marks drop what was already durable."""
@@ -162,16 +175,16 @@ def _watch_polls(processor, service: str) -> None:
             metrics.CONSUMER_STALLED.labels(service).inc()
             logging.getLogger("apmae").error(
                 "%s: a call into the Kafka client (poll, commit, close) has not returned for %.0f s", service, hung)
-            restart_process(processor, service)
+            on_hang()
 
 
-def restart_process(processor, service: str) -> None:
+def restart_process(processed: int, service: str) -> None:
     """Replace this process with a fresh run of the same command line (same pid, so whatever
     waits on it keeps waiting). The processing loop flushed and committed before it raised,
     so the new process resumes from the group's commits and loses nothing. Only a new process
     sheds a wedged kafka-python client (see :class:`services.bus.ConsumerStalled`). The count
     of restarts "in a row" starts over once a process got something done."""
-    done = 0 if processor.processed else int(os.environ.get(RESTARTS_ENV, "0"))
+    done = 0 if processed else int(os.environ.get(RESTARTS_ENV, "0"))
     log = logging.getLogger("apmae")
     if done >= MAX_RESTARTS:
         log.error("%s: stalled %d times in a row; giving up", service, done + 1)

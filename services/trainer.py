@@ -45,7 +45,7 @@ from apmae.messages import stable_id
 from apmae.recipe import TrainingConfig
 from apmae.topics import CHECKPOINTS, PATTERNS_TRAIN, CheckpointRecord
 from apmae.train import NonFiniteLoss, make_optimizer, train_step
-from services.bus import Bus, LagProbe, Output
+from services.bus import Bus, ConsumerStalled, LagProbe, Output, Processor
 from services.registry import sha256_file
 from services.trainer_input import Batch, Prefetcher, wait_for_batch
 
@@ -125,6 +125,10 @@ class Trainer:
         self.log_history: list[dict] = []
         self.log_every = max(1, recipe.steps // 1000)
         self.resumed_from: str | None = None
+        # the input's call into the Kafka client that has run this long never returns (the
+        # processing loop's bound: services.bus.Processor.poll_hang_s)
+        self.poll_hang_s = Processor.poll_hang_s
+        self.first_step = 0
         self.resume()
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -281,6 +285,7 @@ class Trainer:
         from tqdm import tqdm
 
         self.open()
+        self.first_step = self.step  # steps this process trained: self.step - self.first_step
         self._lag_due = time.monotonic() + LAG_EVERY_S
         t_start, trained = time.perf_counter(), 0
         steps = self.cfg.train.steps
@@ -291,7 +296,7 @@ class Trainer:
         try:
             while self.step < end:
                 deadline = time.monotonic() + self.cfg.idle_timeout_s if self.cfg.idle_timeout_s else None
-                batch = batch or wait_for_batch(self.prefetch, deadline, self.stop)
+                batch = batch or wait_for_batch(self.prefetch, deadline, self.stop, self.poll_hang_s)
                 if not self.all_ready(batch is not None):
                     break
                 x = batch.patterns(self.device)
@@ -313,6 +318,8 @@ class Trainer:
                 if self.step % self.cfg.checkpoint_every == 0:
                     self.checkpoint()
                 self.observe_lag()
+        except ConsumerStalled:
+            raise  # the process starts again (run_restarting): closing a wedged client could wait forever
         except BaseException:  # the prefetch thread and its consumer must not outlive a failed run
             self.lag.close()
             self.close()
@@ -329,6 +336,24 @@ class Trainer:
                 "loop_seconds": loop_seconds, "duplicates_dropped": self.prefetch.duplicates,
                 "epoch": self.prefetch.progress.epoch + 1, "dropped_last_partial_batch": self.prefetch.dropped_last,
                 "loss": self.last_loss, "resumed_from": self.resumed_from}
+
+
+def run_restarting(t: Trainer, max_steps: int | None = None) -> dict:
+    """``t.run`` as a service: when its input's call into the Kafka client never returns, the
+    process starts itself again (:func:`services.runtime.restart_process`) and resumes from
+    its last checkpoint, exactly (offsets and trained ids are in it; at most
+    ``checkpoint_every`` steps are trained again). A DDP rank raises instead: torchrun restarts
+    the group."""
+    from services.runtime import restart_process
+
+    try:
+        return t.run(max_steps)
+    except ConsumerStalled as e:
+        if t.world > 1:
+            raise
+        log.error("%s", e)
+        restart_process(t.step - t.first_step, "trainer")
+        raise  # not reached: restart_process replaces the process or exits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
 
             start_service(cfg, "trainer")
         try:
-            out = t.run(max_steps)
+            out = run_restarting(t, max_steps)
         except NonFiniteLoss as e:
             raise SystemExit(f"training stopped: {e}") from None
         if t.rank == 0:

@@ -29,7 +29,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +142,7 @@ class Prefetcher:
         self.queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self._blocks = 0
+        self.call_since: float | None = None  # when this thread's call into the client began
         for p, o in start.items():
             consumer.seek(TopicPartition(topic, p), o)
         self._thread = threading.Thread(target=self._run, name="trainer-prefetch", daemon=True)
@@ -160,6 +162,21 @@ class Prefetcher:
     def close(self) -> None:
         self.stop.set()
         self._thread.join(10)
+
+    def hung_for(self) -> float | None:
+        """Seconds the prefetch thread's call into the Kafka client has run (None: none is).
+        kafka-python 3.0.12 waits for its IO thread with no timeout, and after a durable
+        broker restart that wait sometimes never ended (see services.bus.ConsumerStalled)."""
+        since = self.call_since
+        return None if since is None else time.monotonic() - since
+
+    @contextmanager
+    def _client_call(self) -> Iterator[None]:
+        self.call_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.call_since = None
 
     # -- the prefetch thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -191,13 +208,15 @@ class Prefetcher:
         except BaseException as e:  # noqa: BLE001 - handed to the training thread
             self._put(e)
         finally:
-            self.consumer.close(autocommit=False)
+            with self._client_call():
+                self.consumer.close(autocommit=False)
 
     def _read_to_end(self) -> bool:
         """Is every partition read to its end (the end as of now)?"""
         tps = [TopicPartition(self.topic, p) for p in self.progress.read_to]
-        ends = self.consumer.end_offsets(tps)
-        return all(self.consumer.position(tp) >= ends[tp] for tp in tps)
+        with self._client_call():
+            ends = self.consumer.end_offsets(tps)
+            return all(self.consumer.position(tp) >= ends[tp] for tp in tps)
 
     def _next_epoch(self, leftovers: list[Pending]) -> None:
         """Drop the last partial batch, wait until the handed-over batches are trained (the
@@ -209,7 +228,8 @@ class Prefetcher:
         if self.stop.is_set():
             return
         tps = [TopicPartition(self.topic, p) for p in self.progress.read_to]
-        begin = {tp.partition: o for tp, o in self.consumer.beginning_offsets(tps).items()}
+        with self._client_call():
+            begin = {tp.partition: o for tp, o in self.consumer.beginning_offsets(tps).items()}
         self.progress.new_epoch(begin)
         self._skip, self._seen_ids = {}, OrderedDict()  # a new pass trains every pattern once more
         for tp in tps:
@@ -232,8 +252,9 @@ class Prefetcher:
         n = 0
         while len(block) < want and not self.stop.is_set() and (polls is None or n < polls):
             n += 1
-            polled = self.consumer.poll(timeout_ms=300 if polls is None else 0,
-                                        max_records=min(500, want - len(block)))
+            with self._client_call():
+                polled = self.consumer.poll(timeout_ms=300 if polls is None else 0,
+                                            max_records=min(500, want - len(block)))
             if not polled:
                 break
             for tp, recs in polled.items():
@@ -308,9 +329,18 @@ class _AsRaw:
         return encode(self.item.record)
 
 
-def wait_for_batch(prefetch: Prefetcher, deadline: float | None, stop: threading.Event) -> Batch | None:
-    """Block until a batch is ready, the deadline passes or ``stop`` is set."""
+def wait_for_batch(prefetch: Prefetcher, deadline: float | None, stop: threading.Event,
+                   hang_s: float | None = None) -> Batch | None:
+    """Block until a batch is ready, the deadline passes or ``stop`` is set. Raises
+    ConsumerStalled when the prefetch thread's call into the client has run past ``hang_s``:
+    its batches would never come, and only a new process sheds the client."""
+    from services.bus import ConsumerStalled
+
     while not stop.is_set():
+        hung = prefetch.hung_for()
+        if hang_s is not None and hung is not None and hung > hang_s:
+            raise ConsumerStalled(f"the trainer's input: a call into the Kafka client has not returned for "
+                                  f"{hung:.0f} s")
         timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
         b = prefetch.next(timeout)
         if b is not None:

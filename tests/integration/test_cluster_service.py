@@ -130,3 +130,48 @@ def test_encoder_embeds_and_hot_swaps_checkpoints(bus_cfg, redis_client):
     assert len(embs) == 6 and all(e.dim == 64 for e in embs)
     assert Counter(e.checkpoint for e in embs) == {"enc@1": 3, "enc@2": 3}
     assert len(list(read_range(bus, FIT_JOBS))) == 0
+
+
+def test_a_fit_worker_process_that_dies_ends_the_pool_instead_of_hanging_it(bus_cfg, redis_client, monkeypatch):
+    """``cluster worker --processes N``: a worker process killed mid-job (SIGKILL after its
+    first fit's outputs are flushed, before its done marks) hung the command forever
+    (a multiprocessing.Pool replaces the dead process, and the lost result never comes). Now
+    the pool ends and the caller hears of it: ``on_broken`` (the command starts itself again)
+    or BrokenProcessPool. Nothing is lost: a clean worker then fits every head."""
+    import threading
+    from concurrent.futures.process import BrokenProcessPool
+    from dataclasses import replace
+
+    from services.bus import RunLimits
+    from services.cluster import run_workers
+
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    synthetic_embeddings(bus, 90)
+    cfg = ClusterServiceConfig(**vars(bus_cfg), cluster=ClusterConfig(min_cluster_size=10, min_samples=5),
+                               version="v1", processes=2)
+    assert plan(cfg)["jobs"] == 3
+    # the spawned workers read it at import: each dies at its first fit, after the flush
+    monkeypatch.setenv("APMAE_FAILPOINTS", "after-flush=kill@1")
+    outcome: list = []
+
+    def run(**kw) -> None:
+        try:
+            outcome.append(run_workers(cfg, RunLimits(idle_timeout_s=20), **kw))
+        except BaseException as e:  # noqa: BLE001 - the outcome is what the test checks
+            outcome.append(e)
+
+    broken: list[int] = []
+    for kw in ({}, {"on_broken": broken.append}):
+        t = threading.Thread(target=run, kwargs=kw, daemon=True)
+        t.start()
+        t.join(600)  # a hang is the failure this test is about; 600 s is far past any healthy run
+        assert not t.is_alive(), "run_workers hung after a worker process died"
+    assert isinstance(outcome[0], BrokenProcessPool), outcome
+    assert len(broken) == 1 and outcome[1] == broken[0]  # on_broken heard of it, with the heads done meanwhile
+    monkeypatch.delenv("APMAE_FAILPOINTS")
+    run_workers(replace(cfg, processes=1), RunLimits(idle_timeout_s=8))
+    from services.registry import Registry
+
+    fitted = Registry(redis_client, bus_cfg.topic_prefix).names("cluster")
+    assert fitted == sorted(f"{m}/{layer}/{head}" for m, layer, head in HEADS), fitted

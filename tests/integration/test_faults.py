@@ -367,6 +367,49 @@ def test_trainer_killed_mid_run_resumes_from_its_checkpointed_offsets(bus_cfg):
                                "raw_duplicates": 0, "lost": 0}))
 
 
+def test_a_trainer_whose_input_call_never_returns_starts_itself_again(bus_cfg):
+    """The trainer's input thread waits in kafka-python like any consumer, and a call that
+    never returns used to leave training waiting for batches forever (no watchdog). Now the
+    training thread sees the call outlast ``poll_hang_s`` (4 s here), the process starts
+    itself again and resumes from its last checkpoint: every pattern trained once, none
+    skipped. The first process's input thread hangs at its 7th poll."""
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    patterns(bus, 400)
+    args = ["--variant", "tiny", "--pattern-size", "64", "--patch-size", "16", "--batch-size", "8", "--steps", "50",
+            "--checkpoint-every", "5", "--name", "hang", "--idle-timeout-s", "10"]
+    code = f"""
+import os, threading, time
+from services.bus import Processor
+Processor.poll_hang_s = 4.0  # the default the trainer takes (120 s in production)
+if "APMAE_STALL_RESTARTS" not in os.environ:
+    from kafka import KafkaConsumer
+    real, calls = KafkaConsumer.poll, []
+    def poll(self, *a, **kw):
+        if threading.current_thread().name == "trainer-prefetch":
+            calls.append(1)
+            if len(calls) > 6:
+                time.sleep(1e9)
+        return real(self, *a, **kw)
+    KafkaConsumer.poll = poll
+from services.trainer import main
+main({args!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env_for(bus_cfg), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = communicate(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert "has not returned" in err and "starting again (1 of 5)" in err, err[-3000:]
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    resumed_at = int(result["resumed_from"][-8:]) if result["resumed_from"] else 0
+    assert result["step"] == 50 and result["patterns"] == (50 - resumed_at) * 8
+    from services.trainer import TrainerConfig
+
+    run_dir = TrainerConfig(**vars(bus_cfg), name="hang").run_dir
+    meta = json.loads((run_dir / (run_dir / "LATEST").read_text().strip() / "trainer_state.json").read_text())
+    assert sum(meta["offsets"].values()) == 50 * 8  # every pattern once: none skipped, none twice
+
+
 def fit_labelled(bus, bus_cfg, out_dir: Path, classifier: ClassifierConfig):
     """120 labelled samples and their assignments on the bus, and the classifier fit on them
     (the scorer reads and scores these too); returns the rng that drew them, to go on with."""
