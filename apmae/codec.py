@@ -84,13 +84,29 @@ def unpack_lower(v: np.ndarray, n: int | None = None) -> np.ndarray:
     return out
 
 
-def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    bits = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
-    return bits.astype(BF16_BITS, copy=False)  # wire order, whatever the host's (no copy on x86/ARM)
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits in wire order, rounded to nearest even, NaN as 0xFFFF: bit for
+    bit what torch's CPU conversion writes (tests/unit/test_codec.py compares the two over
+    random bit patterns of every class). numpy only, no torch op, so a producer may encode on
+    its publisher thread: a torch op there gave that thread an OpenMP team of its own, beside
+    which torch's work on the forward thread ran at ~0.8x (benchmarks/omp_threads.py)."""
+    x = np.asarray(x, dtype=np.float32)
+    u = x.view(np.uint32) if x.flags.c_contiguous else np.ascontiguousarray(x).view(np.uint32)
+    bits = u >> 16  # in place from here on: one temporary the size of x
+    bits &= 1
+    bits += 0x7FFF
+    bits += u  # no wrap for a finite or infinite value; NaNs are set below
+    bits >>= 16
+    out = bits.astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0xFFFF
+    return out.view(np.int16).astype(BF16_BITS, copy=False)  # wire order whatever the host's
 
 
 def _from_bf16_bits(b: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(b.astype(np.int16)).view(torch.bfloat16).to(torch.float32).numpy()  # host order, a copy
+    """bfloat16 bits -> float32 in host order (a copy): the upper half of a float32, exactly."""
+    return (b.astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def encode_pattern(a: np.ndarray, dtype: str = "bfloat16") -> bytes:
@@ -99,7 +115,7 @@ def encode_pattern(a: np.ndarray, dtype: str = "bfloat16") -> bytes:
     check_pattern(a)
     v = pack_lower(a)
     if dtype == "bfloat16":
-        return _to_bf16_bits(v).tobytes()
+        return bf16_bits(v).tobytes()
     if dtype == "float32":
         return v.astype("<f4").tobytes()
     raise ValueError(f"unknown wire dtype {dtype!r}; choose one of {WIRE_DTYPES}")
@@ -234,31 +250,59 @@ def _pinned(nbytes: int) -> torch.Tensor:
     return buf[:nbytes]
 
 
-def encode_many(probs: torch.Tensor, dtype: str = "bfloat16",
+def encode_many(probs: torch.Tensor | np.ndarray, dtype: str = "bfloat16",
                 pinned: bool = True) -> tuple[list[memoryview | bytes | None], list[str]]:
     """Vectorised ``encode_pattern`` for captured heads.
 
-    probs: ``(N, n, n)`` float32 probabilities (one row per head), on any device. Returns one
-    wire payload per pattern (a view into one host array: no per-pattern copy), or None with
-    a reason for a pattern that must be dead-lettered (NaN/Inf).
-
-    The triangle, the dtype conversion and the finiteness check run on the tensor's device;
-    the host sees one copy of the whole batch and one of the finiteness flags. Asking the
-    device per pattern (``bool(finite[i])``) synchronised a GPU thousands of times per batch
-    (measured on an H100: capture + encoding at 14x the forward pass for SC2-15B).
+    probs: ``(N, n, n)`` float32 probabilities (one row per head): a CUDA tensor, or a host
+    array (a CPU tensor is read as one, without a copy). Returns one wire payload per pattern
+    (a view into one host array: no per-pattern copy), or None with a reason for a pattern
+    that must be dead-lettered (NaN/Inf).
     """
+    if dtype not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype {dtype!r}; choose one of {WIRE_DTYPES}")
+    if isinstance(probs, torch.Tensor):
+        if probs.is_cuda:
+            return _encode_on_device(probs, dtype, pinned)
+        probs = probs.detach().cpu().numpy()
+    return _encode_on_host(np.asarray(probs, dtype=np.float32), dtype)
+
+
+@lru_cache(maxsize=8)
+def tril_flat_index(n: int) -> np.ndarray:
+    """Flat positions in an ``(n, n)`` square of its lower triangle, row-major."""
+    rows, cols = tril_indices(n)
+    return (rows * n + cols).astype(np.intp)
+
+
+def _encode_on_host(probs: np.ndarray, dtype: str) -> tuple[list[memoryview | None], list[str]]:
+    """numpy only, no torch op: the producer encodes on its publisher thread, and a torch op
+    there gave that thread an OpenMP team of its own, beside which the forward ran at ~0.8x
+    (benchmarks/omp_threads.py). Also faster than torch on one thread: 51 vs 153 us a
+    256-token head (np.take of the triangle against torch's advanced indexing, 2026-12-05)."""
+    n = probs.shape[-1]
+    flat = np.take(probs.reshape(len(probs), n * n), tril_flat_index(n), axis=1)  # (N, n (n + 1) / 2)
+    bad = (~np.isfinite(flat)).sum(axis=1).tolist()
+    wire = bf16_bits(flat) if dtype == "bfloat16" else flat.astype("<f4", copy=False)
+    # one copy of the whole batch into bytes (not one per pattern); views of bytes hash and
+    # compare like bytes, so records carrying them behave as before
+    view = memoryview(np.ascontiguousarray(wire).tobytes())
+    row = view.nbytes // max(1, len(wire))
+    return _with_reasons(lambda i: view[i * row:(i + 1) * row], bad)
+
+
+def _encode_on_device(probs: torch.Tensor, dtype: str, pinned: bool) -> tuple[list[memoryview | bytes | None], list[str]]:
+    """The triangle, the dtype conversion and the finiteness check run on the GPU; the host
+    sees one copy of the whole batch and one of the finiteness counts. Asking the device per
+    pattern (``bool(finite[i])``) synchronised a GPU thousands of times per batch (measured
+    on an H100: capture + encoding at 14x the forward pass for SC2-15B)."""
     n = probs.shape[-1]
     rows, cols = (torch.from_numpy(i).to(probs.device) for i in tril_indices(n))
     flat = probs[:, rows, cols]  # (N, n (n + 1) / 2)
-    finite = torch.isfinite(flat).all(dim=1).cpu().tolist()
-    if dtype == "bfloat16":
-        wire = flat.to(torch.bfloat16).view(torch.int16)
-    elif dtype == "float32":
-        wire = flat.float()
-    else:
-        raise ValueError(f"unknown wire dtype {dtype!r}; choose one of {WIRE_DTYPES}")
+    bad = (~torch.isfinite(flat)).sum(dim=1).cpu().tolist()
+    wire = flat.to(torch.bfloat16).view(torch.int16) if dtype == "bfloat16" else flat.float()
     order = BF16_BITS if dtype == "bfloat16" else "<f4"
-    if wire.is_cuda and pinned:
+    if pinned:
         # DMA into a reused page-locked buffer, then one small bytes object per pattern (64 KB
         # each, served from the heap): no large fresh allocation, so no page faults per call
         wire = wire.contiguous()
@@ -266,21 +310,16 @@ def encode_many(probs: torch.Tensor, dtype: str = "bfloat16",
         host.copy_(wire, non_blocking=True)
         torch.cuda.current_stream(wire.device).synchronize()
         arr = host.numpy().astype(order, copy=False)
+        return _with_reasons(lambda i: arr[i].tobytes(), bad)
+    view = memoryview(np.ascontiguousarray(wire.cpu().numpy().astype(order, copy=False)).tobytes())
+    row = view.nbytes // max(1, len(bad))
+    return _with_reasons(lambda i: view[i * row:(i + 1) * row], bad)
 
-        def payload(i: int) -> memoryview | bytes:
-            return arr[i].tobytes()
-    else:
-        # one copy of the whole batch into bytes (not one per pattern); views of bytes hash
-        # and compare like bytes, so records carrying them behave as before
-        arr = wire.cpu().numpy().astype(order, copy=False)
-        view = memoryview(np.ascontiguousarray(arr).tobytes())
-        row = view.nbytes // max(1, arr.shape[0])
 
-        def payload(i: int) -> memoryview | bytes:
-            return view[i * row:(i + 1) * row]
-    out: list[memoryview | bytes | None] = []
-    reasons: list[str] = []
-    for i, ok in enumerate(finite):
-        out.append(payload(i) if ok else None)
-        reasons.append("" if ok else f"pattern has {int((~torch.isfinite(flat[i])).sum())} non-finite values")
+def _with_reasons(payload, bad: list[int]) -> tuple[list, list[str]]:
+    """``payload(i)`` for each pattern with no non-finite value, else None and the reason."""
+    out, reasons = [], []
+    for i, k in enumerate(bad):
+        out.append(payload(i) if k == 0 else None)
+        reasons.append("" if k == 0 else f"pattern has {k} non-finite values")
     return out, reasons

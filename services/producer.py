@@ -26,11 +26,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import redis
 import torch
 from prometheus_client import Counter
 
-from apmae.codec import BF16_BITS, encode_many, tril_indices
+from apmae.codec import bf16_bits, encode_many, pack_lower
 from apmae.config import BusConfig, nested, setting
 from apmae.inputs import InputBuilder, ModelInput, Rejected, Sentinels
 from apmae.messages import stable_id
@@ -198,9 +199,13 @@ class Producer:
         return heads_to_capture(train, mine, self.lm.n_layers, self.lm.n_heads, split, gen)
 
     def outputs_for(self, jobs: list[Job], res: BatchResult) -> list[Output]:
+        """One chunk's samples and patterns, encoded (the publisher thread). A CPU forward's
+        patterns are read as numpy views: no torch op here, so this thread never gets an
+        OpenMP team of its own (beside one, the forward ran at ~0.8x: benchmarks/omp_threads.py)."""
         outs: list[Output] = []
         name = self.lm.name
         t0 = time.perf_counter()
+        patterns = {layer: p.numpy() if p.device.type == "cpu" else p for layer, p in res.patterns.items()}
         for i, job in enumerate(jobs):
             x, pred = job.x, int(res.predicted[i])
             correct = is_correct(pred, x)
@@ -223,20 +228,21 @@ class Producer:
                 gen = torch.Generator().manual_seed(int(job.sample_id[:12], 16))
                 for layer in range(self.lm.n_layers):
                     if captured_all:
-                        heads = training_heads(self.lm.n_heads, self.cfg.split, gen)
-                        probs = res.patterns[layer][i, heads]
+                        heads = training_heads(self.lm.n_heads, self.cfg.split, gen).tolist()
+                        probs = patterns[layer][i, heads]
                     else:
-                        heads, probs = res.heads[layer][i], res.patterns[layer][i]
-                    outs += self._patterns(PATTERNS_TRAIN, "train", job, x, correct, layer, heads.tolist(), probs)
+                        heads, probs = res.heads[layer][i].tolist(), patterns[layer][i]
+                    outs += self._patterns(PATTERNS_TRAIN, "train", job, x, correct, layer, heads, probs)
             if to.mine and captured_all and self.admit(job.sample_id, x.task, correct):
                 for layer in self.mine_layers:
-                    probs = res.patterns[layer][i, self.mine_heads]
+                    probs = patterns[layer][i, self.mine_heads]
                     outs += self._patterns(PATTERNS_MINE, "mine", job, x, correct, layer, self.mine_heads, probs)
         SECONDS.labels("encode").inc(time.perf_counter() - t0)
         return outs
 
     def _patterns(self, topic, kind: str, job: Job, x: ModelInput, correct, layer: int, heads: list[int],
-                  probs: torch.Tensor) -> list[Output]:
+                  probs: torch.Tensor | np.ndarray) -> list[Output]:
+        """probs: (len(heads), T, T), a CUDA tensor or a host array."""
         payloads, reasons = encode_many(probs, self.cfg.pattern_dtype)
         outs = []
         for j, (h, payload, reason) in enumerate(zip(heads, payloads, reasons, strict=True)):
@@ -251,14 +257,13 @@ class Producer:
             PATTERNS.labels(self.lm.name, kind).inc()
         return outs
 
-    def _dead_pattern(self, topic, pid: str, probs: torch.Tensor, reason: str) -> Output:
+    def _dead_pattern(self, topic, pid: str, probs: torch.Tensor | np.ndarray, reason: str) -> Output:
         """The dead letter of one non-finite head: its own id (from the pattern id, so a retry
         repeats it rather than adding one), small (that head's lower triangle as bfloat16,
-        NaN/Inf kept: 64 KiB at 256 tokens, where the whole layer was over the size limit), and
-        converted on the tensor's device (a CUDA tensor has no ``.numpy()``). Published with
-        the batch's outputs, so it is flushed before the input is committed."""
-        rows, cols = (torch.from_numpy(i).to(probs.device) for i in tril_indices(probs.shape[-1]))
-        payload = probs[rows, cols].to(torch.bfloat16).view(torch.int16).cpu().numpy().astype(BF16_BITS).tobytes()
+        NaN/Inf kept: 64 KiB at 256 tokens, where the whole layer was over the size limit).
+        Published with the batch's outputs, so it is flushed before the input is committed."""
+        host = probs.float().cpu().numpy() if isinstance(probs, torch.Tensor) else probs  # one head: a small copy
+        payload = bf16_bits(pack_lower(host)).tobytes()
         metrics.DEADLETTERS.labels(self.bus.service, topic.name).inc()
         log.warning("dead letter for pattern %s: %s", pid, reason)
         rec = DeadLetterRecord(id=stable_id("dlq", pid), source_topic=self.bus.name(topic), partition=-1, offset=-1,
@@ -311,13 +316,8 @@ class Producer:
                 cap_s = self.lm.capture.seconds - cap0
                 SECONDS.labels("capture").inc(cap_s)
                 SECONDS.labels("model").inc(res.model_s - cap_s)
-                if torch.device(self.lm.device).type == "cpu":
-                    # torch's CPU work stays on this thread: a torch op on the publisher thread
-                    # gave it its own OpenMP team, and beside it the forward ran at ~0.8x
-                    # (benchmarks/omp_threads.py); the publisher only sends
-                    pending.append(self._publisher.submit(self.send_all, self.outputs_for(chunk, res)))
-                else:  # a GPU forward overlaps the device-to-host copies and the encoding
-                    pending.append(self._publisher.submit(self.publish, chunk, res))
+                # the encoding runs beside the next forward (on a GPU, the device-to-host copies too)
+                pending.append(self._publisher.submit(self.publish, chunk, res))
                 t_wait = time.perf_counter()
                 while len(pending) > self.cfg.pipeline_depth:  # back-pressure: the publisher is behind
                     self._wait(pending.popleft())

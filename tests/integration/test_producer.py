@@ -90,6 +90,33 @@ def test_training_patterns_are_a_fresh_quarter_of_heads_per_layer(bus_cfg, tiny_
     assert [o.record.id for o in again if o.topic is PATTERNS_TRAIN] == [r.id for r in train]
 
 
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
+def test_a_cpu_forwards_patterns_are_encoded_beside_it_without_a_second_openmp_team(bus_cfg, tiny_model_dir):
+    """The publisher thread encodes chunk k while chunk k+1's forward runs. On CPU it reads the
+    patterns as numpy: a torch op there (the encoding as it was) gives it an OpenMP team of its
+    own, beside which torch's work on the forward thread ran at ~0.8x (tests/openmp.py). Every
+    kind of output is built on the side thread: samples, training heads (a fresh 25%), mined
+    heads; the control shows the count would see the old encoding's team."""
+    from apmae.codec import tril_indices
+    from services.bus import Message
+    from tests.openmp import workers_beside
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: OpenMP makes no team to detect")
+    prod = make(bus_cfg, tiny_model_dir, mine_per_task=1000, balance_slack=1000, random_per_file=16,
+                noise_every=0, train_share=0.5)
+    f = java_files(1, "team")[0]
+    jobs = prod.jobs_for(Message("files", 0, 0, 0, None, b"", f))
+    res = prod.lm.run([j.x for j in jobs], prod.heads_to_capture(jobs, {j.x.task: False for j in jobs},
+                                                                  torch.Generator().manual_seed(0)))
+    res.predicted = torch.tensor([j.x.target_token if j.x.target_token is not None else 0 for j in jobs])
+    outs: list = []
+    assert workers_beside(lambda: outs.extend(prod.outputs_for(jobs, res))) == 0
+    assert {o.topic for o in outs} == {SAMPLES, PATTERNS_TRAIN, PATTERNS_MINE}
+    rows, cols = (torch.from_numpy(i) for i in tril_indices(256))
+    assert workers_beside(lambda: res.patterns[0][:, :, rows, cols].to(torch.bfloat16)) > 0
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_non_finite_heads_are_one_small_dead_letter_each(bus_cfg, tiny_model_dir, device):
     """Two bad heads in one layer: two dead letters (not one carrying the whole layer), with

@@ -117,7 +117,7 @@ def test_gpu_encode_through_the_pinned_buffer_gives_the_same_bytes():
     for dtype in ("bfloat16", "float32"):
         pinned, why = encode_many(a, dtype)
         pageable, why2 = encode_many(a, dtype, pinned=False)
-        cpu, _ = encode_many(a.cpu(), dtype)
+        cpu, _ = encode_many(a.cpu(), dtype)  # the host path: numpy
         assert [None if p is None else bytes(p) for p in pinned] == [None if p is None else bytes(p) for p in cpu]
         assert [None if p is None else bytes(p) for p in pageable] == [None if p is None else bytes(p) for p in cpu]
         assert pinned[3] is None and why[3] == why2[3] != ""
@@ -125,23 +125,12 @@ def test_gpu_encode_through_the_pinned_buffer_gives_the_same_bytes():
     assert len(encode_many(big)[0]) == 40
 
 
-def _native_threads() -> set[int]:
-    """Thread ids of this process that are not Python threads (OpenMP's workers are not)."""
-    import os
-    import threading
-
-    return {int(t) for t in os.listdir("/proc/self/task")} - {t.native_id for t in threading.enumerate()}
-
-
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
 def test_reading_packed_patterns_on_a_side_thread_starts_no_openmp_team():
-    """The trainer reads patterns on its prefetch thread. A torch op there (the old decode)
-    gave that thread its own OpenMP team, whose parked worker stays for the thread's life;
-    with more OpenMP threads than cores libgomp shortens its spin, and the training step ran
-    at 0.80x (small) and 0.87x (paper) beside an idle such thread (benchmarks/omp_threads.py,
-    2026-12-03). read_packed is numpy: a side thread that reads leaves no thread behind; the
-    conversion (torch) runs on the training thread."""
-    import threading
+    """The trainer reads patterns on its prefetch thread: read_packed is numpy, so a side thread
+    that reads leaves no thread behind (tests/openmp.py says why that matters); the conversion
+    (torch) runs on the training thread."""
+    from tests.openmp import workers_beside
 
     if torch.get_num_threads() < 2:
         pytest.skip("one torch thread: OpenMP makes no team to detect")
@@ -149,26 +138,6 @@ def test_reading_packed_patterns_on_a_side_thread_starts_no_openmp_team():
     pats = [np.tril(rng.random((256, 256))).astype(np.float32) for _ in range(16)]
     bufs = [encode_pattern(p / p.sum(1, keepdims=True)) for p in pats]
     (torch.zeros(16, 256, 256) + 1).sum()  # this thread's team exists before the count
-
-    def workers_beside(work) -> int:
-        """Threads that are not Python's, started while a side thread did ``work``, counted
-        while it is still alive (as the prefetch thread is through training: a team lives as
-        long as its thread). Other threads starting or ending meanwhile do not count."""
-        did, release = threading.Event(), threading.Event()
-
-        def side() -> None:
-            work()
-            did.set()
-            release.wait(30)
-
-        before = _native_threads()
-        t = threading.Thread(target=side)
-        t.start()
-        did.wait(30)
-        n = len(_native_threads() - before)
-        release.set()
-        t.join()
-        return n
 
     assert workers_beside(lambda: read_packed(bufs, 256)) == 0
     # the count sees a team: after a torch op, a worker beside the side thread
@@ -216,3 +185,45 @@ def test_a_batch_with_an_unknown_dtype_group_still_stacks():
     assert kept_bad == [] and set(bad) == {0, 1} and "unknown wire dtype" in bad[0]
     x = torch.cat([packed_values(bits_good), packed_values(bits_bad)])
     assert x.shape == (3, packed_length(16))
+
+
+def test_bf16_bits_are_torchs_conversion_bit_for_bit():
+    """The host encoder converts to bfloat16 with numpy (no torch op on the producer's publisher
+    thread); the wire must not change with it: every class of float32 (random bit patterns:
+    normals, subnormals, both zeros, Inf, NaN, ties to even) gives torch's bits."""
+    from apmae.codec import bf16_bits
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 2**16, size=4096, dtype=np.uint32) << 16) | 0x8000  # exactly halfway
+    x = np.concatenate([bits, ties, np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 1, 0x7F7FFFFF],
+                                             np.uint32)]).view(np.float32)
+    ours = bf16_bits(x)
+    theirs = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy()
+    finite_or_inf = ~np.isnan(x)
+    assert np.array_equal(ours[finite_or_inf], theirs[finite_or_inf])
+    back = ours.astype(np.uint16).astype(np.uint32) << 16
+    assert np.isnan(back[~finite_or_inf].view(np.float32)).all()  # a NaN stays a NaN
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_encode_many_on_the_host_writes_what_one_pattern_at_a_time_does(dtype):
+    """encode_many (one gather and one conversion for the batch, numpy) against encode_pattern
+    (per pattern) and a torch conversion of the triangle; a non-finite head is left out with
+    its count, the heads around it kept; a CPU tensor and its array encode alike."""
+    from apmae.codec import encode_many, tril_indices
+
+    a = np.stack([causal_softmax(64, seed=s) for s in range(6)])
+    a[2, 10, 3], a[2, 11, 0], a[4, 0, 0] = np.nan, np.inf, -np.inf
+    payloads, why = encode_many(a, dtype)
+    assert [p is None for p in payloads] == [False, False, True, False, True, False]
+    assert why[2] == "pattern has 2 non-finite values" and why[4] == "pattern has 1 non-finite values"
+    rows, cols = tril_indices(64)
+    for i in (0, 1, 3, 5):
+        assert bytes(payloads[i]) == encode_pattern(a[i], dtype)
+        t = torch.from_numpy(a[i][rows, cols])
+        ref = t.to(torch.bfloat16).view(torch.int16).numpy() if dtype == "bfloat16" else t.numpy()
+        assert bytes(payloads[i]) == ref.tobytes()
+        assert np.allclose(decode_pattern(payloads[i], 64, dtype), a[i], rtol=1e-2, atol=1e-6)
+    from_tensor, _ = encode_many(torch.from_numpy(a), dtype)
+    assert [None if p is None else bytes(p) for p in from_tensor] == [None if p is None else bytes(p) for p in payloads]
