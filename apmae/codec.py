@@ -84,23 +84,23 @@ def unpack_lower(v: np.ndarray, n: int | None = None) -> np.ndarray:
     return out
 
 
-def bf16_bits(x: np.ndarray) -> np.ndarray:
+def bf16_bits(x: np.ndarray, nan_free: bool = False) -> np.ndarray:
     """float32 -> bfloat16 bits in wire order, rounded to nearest even, NaN as 0xFFFF: bit for
     bit what torch's CPU conversion writes (tests/unit/test_codec.py compares the two over
     random bit patterns of every class). numpy only, no torch op, so a producer may encode on
     its publisher thread: a torch op there gave that thread an OpenMP team of its own, beside
-    which torch's work on the forward thread ran at ~0.8x (benchmarks/omp_threads.py)."""
-    x = np.asarray(x, dtype=np.float32)
-    u = x.view(np.uint32) if x.flags.c_contiguous else np.ascontiguousarray(x).view(np.uint32)
+    which torch's work on the forward thread ran at ~0.8x (benchmarks/omp_threads.py).
+    ``nan_free``: the caller has checked ``x`` (the NaN pass is skipped)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32)
     bits = u >> 16  # in place from here on: one temporary the size of x
     bits &= 1
     bits += 0x7FFF
     bits += u  # no wrap for a finite or infinite value; NaNs are set below
     bits >>= 16
     out = bits.astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = 0xFFFF
+    if not nan_free:
+        out[np.isnan(x)] = 0xFFFF
     return out.view(np.int16).astype(BF16_BITS, copy=False)  # wire order whatever the host's
 
 
@@ -278,17 +278,14 @@ def tril_flat_index(n: int) -> np.ndarray:
 def _encode_on_host(probs: np.ndarray, dtype: str) -> tuple[list[memoryview | None], list[str]]:
     """numpy only, no torch op: the producer encodes on its publisher thread, and a torch op
     there gave that thread an OpenMP team of its own, beside which the forward ran at ~0.8x
-    (benchmarks/omp_threads.py). Also faster than torch on one thread: 51 vs 153 us a
-    256-token head (np.take of the triangle against torch's advanced indexing, 2026-12-05)."""
+    (benchmarks/omp_threads.py). Not slower than torch on one thread either (256-token heads, min
+    of 5, beside other work, 2026-12-05): 51 vs 153 us a head in calls of 9 heads, 87-104 vs
+    133-142 us in calls of 270 (np.take of the triangle against torch's advanced indexing)."""
     n = probs.shape[-1]
     flat = np.take(probs.reshape(len(probs), n * n), tril_flat_index(n), axis=1)  # (N, n (n + 1) / 2)
     bad = (~np.isfinite(flat)).sum(axis=1).tolist()
-    wire = bf16_bits(flat) if dtype == "bfloat16" else flat.astype("<f4", copy=False)
-    # one copy of the whole batch into bytes (not one per pattern); views of bytes hash and
-    # compare like bytes, so records carrying them behave as before
-    view = memoryview(np.ascontiguousarray(wire).tobytes())
-    row = view.nbytes // max(1, len(wire))
-    return _with_reasons(lambda i: view[i * row:(i + 1) * row], bad)
+    wire = bf16_bits(flat, nan_free=not any(bad)) if dtype == "bfloat16" else flat.astype("<f4", copy=False)
+    return _with_reasons(_row_views(wire), bad)
 
 
 def _encode_on_device(probs: torch.Tensor, dtype: str, pinned: bool) -> tuple[list[memoryview | bytes | None], list[str]]:
@@ -311,9 +308,15 @@ def _encode_on_device(probs: torch.Tensor, dtype: str, pinned: bool) -> tuple[li
         torch.cuda.current_stream(wire.device).synchronize()
         arr = host.numpy().astype(order, copy=False)
         return _with_reasons(lambda i: arr[i].tobytes(), bad)
-    view = memoryview(np.ascontiguousarray(wire.cpu().numpy().astype(order, copy=False)).tobytes())
-    row = view.nbytes // max(1, len(bad))
-    return _with_reasons(lambda i: view[i * row:(i + 1) * row], bad)
+    return _with_reasons(_row_views(wire.cpu().numpy().astype(order, copy=False)), bad)
+
+
+def _row_views(wire: np.ndarray):
+    """``i -> row i's bytes``: one copy of the whole batch into bytes (not one per pattern);
+    views of bytes hash and compare like bytes, so records carrying them behave as bytes do."""
+    view = memoryview(np.ascontiguousarray(wire).tobytes())
+    row = view.nbytes // max(1, len(wire))
+    return lambda i: view[i * row:(i + 1) * row]
 
 
 def _with_reasons(payload, bad: list[int]) -> tuple[list, list[str]]:
