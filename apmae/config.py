@@ -282,6 +282,11 @@ class BusConfig:
     group_poll_interval_ms: int = setting(
         10_000, "Consumer max_poll_interval_ms (the embedded broker stalls group joins at 300 s)"
     )
+    leave_group: bool = setting(
+        False, "A consumer that stops (or misses max_poll_interval) sends LeaveGroup, so its partitions move at "
+               "once (Kafka). Off: they move when its session expires (<= 10 s). The embedded broker (Tansu 0.6) "
+               "keeps a leader that leaves during a rebalance as the group's leader, and the group never forms again"
+    )
 
     @property
     def artifacts_dir(self) -> Path:

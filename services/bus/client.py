@@ -110,6 +110,27 @@ class DeadLetter:
     reason: str
 
 
+def stay_until_session_expires(consumer: KafkaConsumer) -> None:
+    """Make ``consumer`` leave its group by going silent, never by LeaveGroup.
+
+    Tansu 0.6 (the embedded broker) drops a member that sends LeaveGroup while its group is
+    forming but keeps it as the group's leader; only an evicted leader is replaced, so the
+    group never forms again and every member waits without partitions, restarts included,
+    until the broker restarts. A leader that stops while a newcomer joins triggers it (a
+    fresh member got nothing in 40 s; without the LeaveGroup, all 4 partitions after 15 s),
+    and so does kafka-python's own leave when a fit holds the GIL past max_poll_interval (a
+    CI failure of the dead fit worker test, 2026-12-05). kafka-python sends LeaveGroup from
+    close(), unsubscribe() and its heartbeat thread, all through ``maybe_leave_group_async``:
+    here it forgets the membership locally and sends nothing, and the broker evicts the
+    member when its session expires (<= 10 s), which does replace a leader."""
+    coordinator = consumer._coordinator
+
+    async def forget(reason: str | None = None, timeout_ms: int | None = None) -> None:
+        coordinator.reset_generation()
+
+    coordinator.maybe_leave_group_async = forget
+
+
 class Bus:
     """Producer, admin and consumer factory bound to one BusConfig (and its topic prefix)."""
 
@@ -209,6 +230,8 @@ class Bus:
         )
         opts.update(kw)
         c = KafkaConsumer(**opts)
+        if group is not None and not self.cfg.leave_group:
+            stay_until_session_expires(c)
         if topics:
             c.subscribe([self.name(t) for t in topics], listener=listener)
         return c
