@@ -202,6 +202,12 @@ class Bus:
             )
         return p
 
+    @property
+    def session_timeout_ms(self) -> int:
+        """How long the broker keeps a member that went silent (a crash, or a stop: see
+        :func:`stay_until_session_expires`) before it hands its partitions on."""
+        return min(10_000, self.cfg.group_poll_interval_ms)
+
     def consumer(self, group: str | None, topics: Sequence[Topic | str] = (), listener: Any = None,
                  **kw: Any) -> KafkaConsumer:
         """A consumer of ``topics`` (names under the prefix) in ``group``, or group-less.
@@ -217,7 +223,7 @@ class Bus:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_interval_ms=self.cfg.group_poll_interval_ms,
-            session_timeout_ms=min(10_000, self.cfg.group_poll_interval_ms),
+            session_timeout_ms=self.session_timeout_ms,
             heartbeat_interval_ms=1_000,
             # A group leader that fetched metadata while a restarted broker was still loading
             # its topics assigns no partitions of them, and kafka-python only rejoins when the

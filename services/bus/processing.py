@@ -644,8 +644,12 @@ class Processor:
                                              sorted(_by_name(state)), others)
                                 continue
                     quiet = now - (last_data if joined else started)
-                    idle = idle_timeout_s is not None and quiet > idle_timeout_s * (1 if joined else 4)
-                    if not joined:  # never joined: the join itself gets a generous bound (4x)
+                    # never joined: the join itself gets a generous bound (4x), plus two sessions:
+                    # a member that stopped here just before is evicted only when its session
+                    # expires (consumers leave by going silent: Bus.consumer)
+                    idle = idle_timeout_s is not None and quiet > (
+                        idle_timeout_s if joined else 4 * idle_timeout_s + 2 * self.bus.session_timeout_ms / 1000)
+                    if not joined:
                         if idle:
                             log.warning("%s: no partitions assigned to group %s after %.0f s; stopping",
                                         svc, self.group, quiet)
