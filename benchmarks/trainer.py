@@ -14,7 +14,14 @@ blocks, the first block of input) is a one-time cost of a long run; it was insid
 headline until 2026-12-03 (8% of the paper variant's 12 steps), and is reported apart as
 ``first_step_s`` and in ``with_first_step_vs_memory``. The final checkpoint is not timed.
 
-    python benchmarks/trainer.py [--steps 60] [--paper-steps 30]
+The small variant runs twice: with torch's threads on every core (the default), and held to
+one core fewer (``--spare-cores 1``), so the prefetch thread, the client's network thread and
+the broker have a core that the model's OpenMP team does not. The two rows tell an input
+that does not overlap the step (both low) from one that overlaps only when it is not
+competing with the team for the cores (the second near 1.0): measured, 2026-12-05, it is the
+second.
+
+    python benchmarks/trainer.py [--steps 60] [--paper-steps 30] [--spare-cores 1]
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def run(variant: str, steps: int, batch: int, infra) -> dict:
     wire = [encode_pattern(p) for p in pats]
     state = Path(tempfile.mkdtemp(prefix="apmae-bench-train-"))
     cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url, state_dir=state,
-                        topic_prefix=f"{variant}.", train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
+                        topic_prefix=f"{variant}-t{torch.get_num_threads()}.", train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
                         checkpoint_every=10 ** 9, name=variant, idle_timeout_s=30)
     bus = Bus(cfg, "bench")
     bus.ensure_topics([PATTERNS_TRAIN])
@@ -126,7 +133,8 @@ def run(variant: str, steps: int, batch: int, infra) -> dict:
     input_s, input_cpu = input_alone()
     shutil.rmtree(state, ignore_errors=True)
     params = sum(p.numel() for p in model.parameters())
-    return {"variant": variant, "params_M": params / 1e6, "batch": batch, "steps": steps,
+    return {"variant": variant, "torch_threads": torch.get_num_threads(), "params_M": params / 1e6, "batch": batch,
+            "steps": steps,
             "memory_patterns_s": n / mem_s, "memory_square_patterns_s": n / square_s, "broker_patterns_s": steady_rate,
             "broker_vs_memory": steady_rate / (n / mem_s),
             "first_step_s": out["loop_seconds"] - (stamps[-1] - stamps[0]),
@@ -144,11 +152,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--paper-steps", type=int, default=30)
     ap.add_argument("--paper-batch", type=int, default=16)
+    ap.add_argument("--spare-cores", type=int, default=1,
+                    help="cores left to the input in the small variant's second run (0: no second run)")
     add_allocator_option(ap)
     args = ap.parse_args()
     tuned = tune_allocator(args)
     with embedded_infra(("broker", "redis")) as infra:
         rows = [run("small", args.steps, args.batch, infra), run("paper", args.paper_steps, args.paper_batch, infra)]
+        threads = torch.get_num_threads()
+        if args.spare_cores and threads > args.spare_cores:
+            torch.set_num_threads(threads - args.spare_cores)
+            try:
+                rows.append(run("small", args.steps, args.batch, infra))
+            finally:
+                torch.set_num_threads(threads)
     print(table(rows, list(rows[0])))
     print("broker_vs_memory = patterns/s from the broker / from RAM (1.0 = the input pipeline is free)")
     print("wrote", write_result("trainer", {"allocator_tuned": tuned, "rows": rows}))

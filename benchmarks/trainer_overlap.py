@@ -1,0 +1,155 @@
+"""Does the trainer's input overlap its training step? Paired rounds of three conditions.
+
+``benchmarks/trainer.py`` gives one broker run between two in-memory runs. This one repeats,
+in alternating order, on one model that keeps training:
+
+- ``alone``: ``--steps`` training steps from tensors in RAM;
+- ``beside_input``: the same steps while the trainer's input pipeline (its prefetch thread and
+  consumer, in a thread of this process) reads the same topic, paced at one batch per step:
+  the cost of the input running *beside* the step, the GIL and the cores shared (the float32
+  conversion stays out: the service runs it on the training thread; here it would start a
+  second OpenMP team);
+- ``service``: the trainer service's own loop (``Trainer.run``) from the broker, steps 2..N.
+
+Each condition's rate relative to ``alone`` is the median over ``--rounds`` of the ratio to the
+``alone`` run of the same round. Run it at different torch thread counts (``OMP_NUM_THREADS``)
+to see whether a gap comes from the input or from the cores it shares with torch's team.
+
+    OMP_NUM_THREADS=1 python benchmarks/trainer_overlap.py [--rounds 4] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import (  # noqa: E402
+    add_allocator_option,
+    embedded_infra,
+    median_ci,
+    table,
+    tune_allocator,
+    write_result,
+)
+
+
+def input_paced(cfg, tick_s: float, steps: int, ready: threading.Event) -> None:
+    """The trainer's input pipeline, consumed at one batch per ``tick_s`` (the training pace)."""
+    from services.trainer import Trainer
+    from services.trainer_input import wait_for_batch
+
+    tr = Trainer(cfg)
+    tr.open()
+    try:
+        first = wait_for_batch(tr.prefetch, time.monotonic() + 60, tr.stop)  # its first block, before the clock
+        tr.prefetch.progress.on_trained(first.items)
+        ready.set()
+        t0 = time.perf_counter()
+        for s in range(1, steps):
+            time.sleep(max(0.0, t0 + s * tick_s - time.perf_counter()))
+            b = wait_for_batch(tr.prefetch, time.monotonic() + 60, tr.stop)
+            assert b is not None, "the input pipeline stalled"
+            tr.prefetch.progress.on_trained(b.items)
+    finally:
+        ready.set()
+        tr.close()
+
+
+def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
+    from apmae.codec import encode_pattern, packed_values, read_packed
+    from apmae.mae import APMAE
+    from apmae.mae import variant as make
+    from apmae.recipe import TrainingConfig
+    from apmae.topics import PATTERNS_TRAIN, PatternRecord
+    from apmae.train import Schedule, make_optimizer, scaled_lr, train_step
+    from benchmarks.trainer import patterns
+    from services.bus import Bus, Output
+    from services.trainer import Trainer, TrainerConfig
+
+    n = steps * batch
+    wire = [encode_pattern(p) for p in patterns(n)]
+    with embedded_infra(("broker", "redis")) as infra:
+        cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
+                            state_dir=Path(tempfile.mkdtemp(prefix="apmae-bench-overlap-")), topic_prefix="overlap.",
+                            train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
+                            checkpoint_every=10 ** 9, name="overlap", idle_timeout_s=30)
+        bus = Bus(cfg, "bench")
+        bus.ensure_topics([PATTERNS_TRAIN])
+        for i, payload in enumerate(wire):
+            bus.send(Output(PATTERNS_TRAIN, PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="random",
+                                                          layer=0, head=i % 9, correct=True, size=256, payload=payload),
+                            key=f"m/0/{i}"))
+        bus.flush()
+        bus.close()
+
+        torch.manual_seed(0)
+        model = APMAE(make(variant))
+        opt = make_optimizer(model, scaled_lr(batch))
+        sched = Schedule(scaled_lr(batch), steps)
+        x_all = packed_values(read_packed(wire, 256)[0])
+        g = torch.Generator().manual_seed(0)
+        train_step(model, opt, x_all[:batch], sched.at(0), g)  # warm-up, not timed
+
+        def alone() -> float:
+            t0 = time.perf_counter()
+            for s in range(steps):
+                train_step(model, opt, x_all[s * batch:(s + 1) * batch], sched.at(s), g)
+            return time.perf_counter() - t0
+
+        tick = alone() / steps
+        seconds: dict[str, list[float]] = {"alone": [], "beside_input": [], "service": []}
+        for k in range(rounds):
+            order = list(seconds) if k % 2 == 0 else list(seconds)[::-1]
+            for cond in order:
+                if cond == "alone":
+                    dt = alone()
+                elif cond == "beside_input":
+                    ready = threading.Event()
+                    th = threading.Thread(target=input_paced, args=(replace(cfg, name=f"input{k}"), tick, steps, ready))
+                    th.start()
+                    ready.wait()
+                    dt = alone()
+                    th.join()
+                else:
+                    stamps: list[float] = []
+                    Trainer(replace(cfg, name=f"service{k}"), on_batch=lambda ids, stamps=stamps: stamps.append(time.perf_counter())).run()
+                    dt = (stamps[-1] - stamps[0]) * steps / (len(stamps) - 1)  # steps 2..N, as alone's follow a warm-up
+                seconds[cond].append(dt)
+    rows = []
+    for cond, v in seconds.items():
+        ratios = [a / c for a, c in zip(seconds["alone"], v, strict=True)]
+        med, lo, hi, coverage = median_ci(ratios)
+        rows.append({"condition": cond, "torch_threads": torch.get_num_threads(), "patterns_s": n / statistics.median(v),
+                     "vs_alone": med, "ci": f"{lo:.3f}-{hi:.3f}", "ci_coverage": round(coverage, 3),
+                     "seconds": [round(x, 3) for x in v]})
+    return {"variant": variant, "steps": steps, "batch": batch, "rounds": rounds, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--variant", default="small")
+    add_allocator_option(ap)
+    args = ap.parse_args()
+    tuned = tune_allocator(args)
+    res = {"allocator_tuned": tuned, **run(args.rounds, args.steps, args.batch, args.variant)}
+    print(table(res["rows"], [c for c in res["rows"][0] if c != "seconds"]))
+    print(f"vs_alone: rate / the in-memory rate of the same round, median of {args.rounds} rounds "
+          f"(ci: distribution-free interval of the median, its coverage beside it: below 0.95 with under 6 rounds, where it is the min-max)")
+    threads = torch.get_num_threads()
+    print("wrote", write_result(f"trainer_overlap-t{threads}", res))
+
+
+if __name__ == "__main__":
+    main()
