@@ -61,14 +61,27 @@ def patterns(n: int, size: int = 256) -> list[np.ndarray]:
     return out
 
 
+def publish_training_set(cfg, wire: list[bytes]) -> None:
+    """The encoded patterns as PatternRecords on ``cfg``'s patterns.train, flushed."""
+    from apmae.topics import PATTERNS_TRAIN, PatternRecord
+    from services.bus import Bus, Output
+
+    bus = Bus(cfg, "bench")
+    bus.ensure_topics([PATTERNS_TRAIN])
+    for i, payload in enumerate(wire):
+        bus.send(Output(PATTERNS_TRAIN, PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="random",
+                                                      layer=0, head=i % 9, correct=True, size=256,
+                                                      payload=payload), key=f"m/0/{i}"))
+    bus.flush()
+    bus.close()
+
+
 def run(variant: str, steps: int, batch: int, infra) -> dict:
     from apmae.codec import encode_pattern, packed_values, read_packed, unpack
     from apmae.mae import APMAE
     from apmae.mae import variant as make
     from apmae.recipe import TrainingConfig
-    from apmae.topics import PATTERNS_TRAIN, PatternRecord
     from apmae.train import Schedule, make_optimizer, scaled_lr, train_step
-    from services.bus import Bus, Output
     from services.trainer import Trainer, TrainerConfig
     from services.trainer_input import wait_for_batch
 
@@ -77,15 +90,10 @@ def run(variant: str, steps: int, batch: int, infra) -> dict:
     wire = [encode_pattern(p) for p in pats]
     state = Path(tempfile.mkdtemp(prefix="apmae-bench-train-"))
     cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url, state_dir=state,
-                        topic_prefix=f"{variant}-t{torch.get_num_threads()}.", train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
+                        topic_prefix=f"{variant}-t{torch.get_num_threads()}.",
+                        train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
                         checkpoint_every=10 ** 9, name=variant, idle_timeout_s=30)
-    bus = Bus(cfg, "bench")
-    bus.ensure_topics([PATTERNS_TRAIN])
-    for i, payload in enumerate(wire):
-        bus.send(Output(PATTERNS_TRAIN, PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="random",
-                                                      layer=0, head=i % 9, correct=True, size=256,
-                                                      payload=payload), key=f"m/0/{i}"))
-    bus.flush()
+    publish_training_set(cfg, wire)
 
     # in memory: the same steps on tensors already in RAM, timed before and after the broker
     # run (their mean), so drift of a shared machine falls on both sides

@@ -69,10 +69,8 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
     from apmae.mae import APMAE
     from apmae.mae import variant as make
     from apmae.recipe import TrainingConfig
-    from apmae.topics import PATTERNS_TRAIN, PatternRecord
     from apmae.train import Schedule, make_optimizer, scaled_lr, train_step
-    from benchmarks.trainer import patterns
-    from services.bus import Bus, Output
+    from benchmarks.trainer import patterns, publish_training_set
     from services.trainer import Trainer, TrainerConfig
 
     n = steps * batch
@@ -82,14 +80,7 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
                             state_dir=Path(tempfile.mkdtemp(prefix="apmae-bench-overlap-")), topic_prefix="overlap.",
                             train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
                             checkpoint_every=10 ** 9, name="overlap", idle_timeout_s=30)
-        bus = Bus(cfg, "bench")
-        bus.ensure_topics([PATTERNS_TRAIN])
-        for i, payload in enumerate(wire):
-            bus.send(Output(PATTERNS_TRAIN, PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="random",
-                                                          layer=0, head=i % 9, correct=True, size=256, payload=payload),
-                            key=f"m/0/{i}"))
-        bus.flush()
-        bus.close()
+        publish_training_set(cfg, wire)
 
         torch.manual_seed(0)
         model = APMAE(make(variant))
