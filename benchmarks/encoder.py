@@ -8,7 +8,11 @@ the same patterns as PatternRecords on ``patterns.mine`` of the embedded broker;
 encoder's Processor (consume, decode, embed, publish embeddings, flush, done marks, commit)
 runs with its group joined before the clock starts; ``service_inline`` is the same service
 with the next batch polled after the handler, not during it (``Processor.prefetch`` off, the
-loop until 2026-12-04), on its own copy of the topic. Rounds alternate which goes first.
+loop until 2026-12-04), on its own copy of the topic. ``raw_beside_poll`` is the raw forward
+with a thread fetching the next batch from the broker during each batch's forward (the
+prefetching loop with nothing else in it): the ceiling of the service's design on this
+machine, measured in the same run (``benchmarks/core_sharing.py`` says why it is below raw:
+a busy neighbour core slows the forward here). Rounds alternate which goes first.
 
     python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2]
 """
@@ -100,9 +104,9 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             assert done >= n, f"encoder handled {done} of {n}"
             return last[1]
 
-        def consume_alone(k: int) -> tuple[float, float]:
-            """kafka-python alone reading the same topic (what the service pays before decoding);
-            partitions assigned directly: the cost of fetching, not of a group join."""
+        def assigned_consumer(k: int):
+            """A kafka-python consumer of round k's topic, its partitions assigned directly (the
+            cost of fetching, not of a group join), at the beginning."""
             from kafka import TopicPartition
 
             from services.bus import Bus
@@ -117,12 +121,60 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                 parts = c.partitions_for_topic(name) or set()
             c.assign([TopicPartition(name, p) for p in sorted(parts)])
             c.seek_to_beginning()
+            return c
+
+        def consume_alone(k: int) -> tuple[float, float]:
+            """kafka-python alone reading the same topic (what the service pays before decoding)."""
+            c = assigned_consumer(k)
             got, clock = 0, Clock().start()
             while got < n and time.perf_counter() - clock.wall0 < 120:
                 got += sum(len(v) for v in c.poll(timeout_ms=500, max_records=batch).values())
             out = clock.stop()
             c.close()
             assert got >= n, f"consumer alone got {got} of {n}"
+            return out
+
+        def raw_beside_poll(k: int) -> tuple[float, float]:
+            """The raw forward while a thread fetches the next batch of round k's topic during
+            each batch's forward, as the prefetching service's helper does (and then waits for
+            it, as the service does): the service's loop with nothing else in it. Its rate over
+            ``raw``'s is what the poll beside the forward costs (the GIL and the shared cores);
+            the service's over its own is what the rest of the loop costs."""
+            import threading
+
+            c = assigned_consumer(k)
+            go, fetched, stop = threading.Event(), threading.Event(), threading.Event()
+            got = [0]
+
+            def helper() -> None:
+                while go.wait() and not stop.is_set():
+                    go.clear()
+                    want = min(batch, n - got[0])
+                    while want > 0:
+                        k_got = sum(len(v) for v in c.poll(timeout_ms=500, max_records=want).values())
+                        got[0] += k_got
+                        want -= k_got
+                    fetched.set()
+
+            th = threading.Thread(target=helper, daemon=True)
+            th.start()
+            go.set()  # the first batch, before the clock (the service's first poll is not overlapped either)
+            fetched.wait(60)
+            clock = Clock().start()
+            with torch.inference_mode():
+                for k_b in range(0, n, batch):
+                    fetched.clear()
+                    if k_b + batch < n:
+                        go.set()  # the next batch, fetched during this one's forward
+                    model.embed(packed[k_b:k_b + batch])
+                    if k_b + batch < n and not fetched.wait(60):
+                        raise RuntimeError("the poll beside the forward stalled")
+            out = clock.stop()
+            stop.set()
+            go.set()
+            th.join(10)
+            c.close()
+            assert got[0] >= n, f"the poll beside the forward got {got[0]} of {n}"
             return out
 
         def decode_alone() -> tuple[float, float]:
@@ -147,16 +199,22 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
 
         raw(), raw_square()  # warm-up
         t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "service_inline": [],
-                                                   "consume_alone": [], "decode_alone": [], "raw_square": []}
+                                                   "consume_alone": [], "decode_alone": [], "raw_square": [],
+                                                   "raw_beside_poll": []}
         for k in range(rounds):
             publish(k)
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
                      ("service_inline", lambda k=k: service(k, prefetch=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
-                     ("raw_square", raw_square)]
+                     ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k))]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
     prefetch_chosen = chosen[0]
+
+    def paired(a: str, b: str) -> float:
+        """Median over rounds of a's wall seconds over b's in the same round."""
+        return statistics.median(x[0] / y[0] for x, y in zip(t[a], t[b], strict=True))
+
     med = {k: statistics.median(w for w, _ in v) for k, v in t.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in t.items()}
     row = {"variant": variant_name, "compression": compression, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
@@ -175,7 +233,12 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
            "raw_cores_busy": cpu["raw"] / med["raw"], "service_cores_busy": cpu["service"] / med["service"],
            "cpu_bound": cpu_bound(med["raw"], [cpu["raw"], cpu["consume_alone"], cpu["decode_alone"]]),
            "consume_alone_patterns_per_s": n / med["consume_alone"], "decode_alone_patterns_per_s": n / med["decode_alone"],
-           "raw_square_patterns_per_s": n / med["raw_square"]}
+           "raw_square_patterns_per_s": n / med["raw_square"],
+           # the prefetching loop with nothing in it but the poll (paired per round): what the
+           # poll beside the forward costs the forward, and what the rest of the service costs
+           "beside_poll_patterns_per_s": n / med["raw_beside_poll"],
+           "beside_poll_vs_raw": paired("raw", "raw_beside_poll"),
+           "service_vs_beside_poll": paired("raw_beside_poll", "service")}
     return {"rows": [row], "seconds": {k: [w for w, _ in v] for k, v in t.items()},
             "cpu_seconds": {k: [c for _, c in v] for k, v in t.items()}}
 
