@@ -10,9 +10,11 @@ runs with its group joined before the clock starts; ``service_inline`` is the sa
 with the next batch polled after the handler, not during it (``Processor.prefetch`` off, the
 loop until 2026-12-04), on its own copy of the topic. ``raw_beside_poll`` is the raw forward
 with a thread fetching the next batch from the broker during each batch's forward (the
-prefetching loop with nothing else in it): the ceiling of the service's design on this
-machine, measured in the same run (``benchmarks/core_sharing.py`` says why it is below raw:
-a busy neighbour core slows the forward here). Rounds alternate which goes first.
+prefetching loop with nothing else in it); ``handler_alone`` is ``Encoder.handle`` on the
+same patterns as decoded Messages, no bus (the handler's own work). Together they are the
+ceiling of the service's design on this machine, measured in the same run
+(``benchmarks/core_sharing.py`` says why the poll beside the forward costs it: a busy
+neighbour core slows the forward here). Rounds alternate which goes first.
 
     python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2]
 """
@@ -177,6 +179,27 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             assert got[0] >= n, f"the poll beside the forward got {got[0]} of {n}"
             return out
 
+        handler_enc: list = []
+
+        def handler_alone() -> tuple[float, float]:
+            """The encoder's handler (``Encoder.handle``: read, convert, embed, build the
+            EmbeddingRecords) on the same patterns as decoded Messages, no bus: what the
+            service's work costs beside the raw forward before any consuming or publishing."""
+            from apmae.messages import decode, encode
+            from services.bus import Message
+
+            if not handler_enc:  # one encoder, its model loaded once (the service's is too)
+                enc = Encoder(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
+                                            checkpoint=str(ckpt), batch_size=batch))
+                enc.ensure_model()
+                handler_enc.append((enc, [Message(PATTERNS_MINE.name, 0, i, 0, None, w, decode(w, PatternRecord, 1 << 30))
+                                          for i, w in enumerate(encode(r) for r in recs)]))
+            enc, msgs = handler_enc[0]
+            clock = Clock().start()
+            for k_b in range(0, n, batch):
+                enc.handle(msgs[k_b:k_b + batch])
+            return clock.stop()
+
         def decode_alone() -> tuple[float, float]:
             """What the encoder does to a batch's payloads before the forward (its handle)."""
             clock = Clock().start()
@@ -200,13 +223,14 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
         raw(), raw_square()  # warm-up
         t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "service_inline": [],
                                                    "consume_alone": [], "decode_alone": [], "raw_square": [],
-                                                   "raw_beside_poll": []}
+                                                   "raw_beside_poll": [], "handler_alone": []}
         for k in range(rounds):
             publish(k)
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
                      ("service_inline", lambda k=k: service(k, prefetch=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
-                     ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k))]
+                     ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k)),
+                     ("handler_alone", handler_alone)]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
     prefetch_chosen = chosen[0]
@@ -238,7 +262,9 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
            # poll beside the forward costs the forward, and what the rest of the service costs
            "beside_poll_patterns_per_s": n / med["raw_beside_poll"],
            "beside_poll_vs_raw": paired("raw", "raw_beside_poll"),
-           "service_vs_beside_poll": paired("raw_beside_poll", "service")}
+           "service_vs_beside_poll": paired("raw_beside_poll", "service"),
+           # the handler's own work (fresh input tensors, records built), no bus, paired
+           "handler_patterns_per_s": n / med["handler_alone"], "handler_vs_raw": paired("raw", "handler_alone")}
     return {"rows": [row], "seconds": {k: [w for w, _ in v] for k, v in t.items()},
             "cpu_seconds": {k: [c for _, c in v] for k, v in t.items()}}
 
