@@ -65,7 +65,7 @@ def _encoder_forward(n: int, batch: int):
     return forward
 
 
-def _neighbour(kind: str, cpu: int, n: int, batch: int, ready, stop) -> None:
+def _neighbour(kind: str, cpu: int, batch: int, ready, stop) -> None:
     """Run ``kind`` on ``cpu`` until ``stop`` is set; ``ready`` once it is doing its work."""
     _pin(cpu)
     if kind == "spin":
@@ -121,7 +121,7 @@ def measure(n: int, batch: int, rounds: int) -> dict:
                 seconds[name].append(forward())
                 continue
             ready, stop = ctx.Event(), ctx.Event()
-            p = ctx.Process(target=_neighbour, args=(name, 1, n, batch, ready, stop), daemon=True)
+            p = ctx.Process(target=_neighbour, args=(name, 1, batch, ready, stop), daemon=True)
             p.start()
             if not ready.wait(120):
                 p.kill()

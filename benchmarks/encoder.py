@@ -161,7 +161,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             th = threading.Thread(target=helper, daemon=True)
             th.start()
             go.set()  # the first batch, before the clock (the service's first poll is not overlapped either)
-            fetched.wait(60)
+            if not fetched.wait(60):
+                raise RuntimeError("the first poll beside the forward stalled")
             clock = Clock().start()
             with torch.inference_mode():
                 for k_b in range(0, n, batch):
@@ -179,25 +180,24 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             assert got[0] >= n, f"the poll beside the forward got {got[0]} of {n}"
             return out
 
-        handler_enc: list = []
+        from apmae.messages import decode, encode
+        from services.bus import Message
+
+        # the handler's own encoder, its model loaded before any clock (the service's is too),
+        # and the patterns as the Processor hands them over: decoded Messages
+        handler_enc = Encoder(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
+                                            checkpoint=str(ckpt), batch_size=batch))
+        handler_enc.ensure_model()
+        msgs = [Message(PATTERNS_MINE.name, 0, i, 0, None, w, decode(w, PatternRecord, 1 << 30))
+                for i, w in enumerate(encode(r) for r in recs)]
 
         def handler_alone() -> tuple[float, float]:
             """The encoder's handler (``Encoder.handle``: read, convert, embed, build the
-            EmbeddingRecords) on the same patterns as decoded Messages, no bus: what the
-            service's work costs beside the raw forward before any consuming or publishing."""
-            from apmae.messages import decode, encode
-            from services.bus import Message
-
-            if not handler_enc:  # one encoder, its model loaded once (the service's is too)
-                enc = Encoder(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                                            checkpoint=str(ckpt), batch_size=batch))
-                enc.ensure_model()
-                handler_enc.append((enc, [Message(PATTERNS_MINE.name, 0, i, 0, None, w, decode(w, PatternRecord, 1 << 30))
-                                          for i, w in enumerate(encode(r) for r in recs)]))
-            enc, msgs = handler_enc[0]
+            EmbeddingRecords) on the same patterns, no bus: what the service's work costs
+            beside the raw forward before any consuming or publishing."""
             clock = Clock().start()
             for k_b in range(0, n, batch):
-                enc.handle(msgs[k_b:k_b + batch])
+                handler_enc.handle(msgs[k_b:k_b + batch])
             return clock.stop()
 
         def decode_alone() -> tuple[float, float]:
@@ -246,7 +246,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
            "service_vs_raw": med["raw"] / med["service"],
            "inline_patterns_per_s": n / med["service_inline"], "inline_vs_raw": med["raw"] / med["service_inline"],
            # paired per round: the same round's topic, the two services back to back
-           "prefetch_speedup": statistics.median(i[0] / s[0] for s, i in zip(t["service"], t["service_inline"], strict=True)),
+           "prefetch_speedup": paired("service_inline", "service"),
            # what the encoder chooses on this machine with these threads (Encoder.a_core_to_spare)
            "prefetch_chosen": prefetch_chosen,
            # the service runs forward, consume and decode on the same 2 cores: this is its
