@@ -8,7 +8,10 @@ the same patterns as PatternRecords on ``patterns.mine`` of the embedded broker;
 encoder's Processor (consume, decode, embed, publish embeddings, flush, done marks, commit)
 runs with its group joined before the clock starts; ``service_inline`` is the same service
 with the next batch polled after the handler, not during it (``Processor.prefetch`` off, the
-loop until 2026-12-04), on its own copy of the topic. ``raw_beside_poll`` is the raw forward
+loop until 2026-12-04), on its own copy of the topic; ``service_ending_inline`` prefetches but
+ends each batch (publish, flush, done marks, commit) on the loop's thread, not beside the next
+batch's forward (``Processor.overlap_ending`` off, the loop until 2026-12-06), on a third
+copy. ``raw_beside_poll`` is the raw forward
 with a thread fetching the next batch from the broker during each batch's forward (the
 prefetching loop with nothing else in it); ``handler_alone`` is ``Encoder.handle`` on the
 same patterns as decoded Messages, no bus (the handler's own work). Together they are the
@@ -80,15 +83,16 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     with embedded_infra(("broker", "redis")) as infra:
         chosen: list[bool] = []
 
-        def service(k: int, prefetch: bool = True) -> tuple[float, float]:
+        def service(k: int, prefetch: bool = True, overlap: bool = True) -> tuple[float, float]:
+            prefix = f"e{k}." if prefetch and overlap else f"e{k}e." if prefetch else f"e{k}i."
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                                topic_prefix=f"e{k}." if prefetch else f"e{k}i.", checkpoint=str(ckpt),
+                                topic_prefix=prefix, checkpoint=str(ckpt),
                                 batch_size=batch, compression=compression,
                                 state_dir=Path(tempfile.mkdtemp(prefix="apmae-enc-state-")))
             enc = Encoder(cfg)
             proc = enc.processor()
             chosen.append(proc.prefetch)
-            proc.prefetch = prefetch
+            proc.prefetch, proc.overlap_ending = prefetch, prefetch and overlap
             enc.ensure_model()  # load the checkpoint before the clock (the raw side has it loaded too)
             proc.connect()
             while not proc.consumer.assignment():
@@ -212,7 +216,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             the inline service (each service's group and done marks are its own)."""
             from services.bus import Bus
 
-            for prefix in (f"e{k}.", f"e{k}i."):
+            for prefix in (f"e{k}.", f"e{k}i.", f"e{k}e."):
                 bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=prefix,
                                         compression=compression), "bench")
                 bus.ensure_topics([PATTERNS_MINE])
@@ -222,12 +226,14 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
 
         raw(), raw_square()  # warm-up
         t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "service_inline": [],
+                                                   "service_ending_inline": [],
                                                    "consume_alone": [], "decode_alone": [], "raw_square": [],
                                                    "raw_beside_poll": [], "handler_alone": []}
         for k in range(rounds):
             publish(k)
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
                      ("service_inline", lambda k=k: service(k, prefetch=False)),
+                     ("service_ending_inline", lambda k=k: service(k, overlap=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
                      ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k)),
                      ("handler_alone", handler_alone)]
@@ -247,6 +253,9 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
            "inline_patterns_per_s": n / med["service_inline"], "inline_vs_raw": med["raw"] / med["service_inline"],
            # paired per round: the same round's topic, the two services back to back
            "prefetch_speedup": paired("service_inline", "service"),
+           # the ending beside the next forward vs on the loop's thread (both prefetching)
+           "ending_inline_patterns_per_s": n / med["service_ending_inline"],
+           "overlap_speedup": paired("service_ending_inline", "service"),
            # what the encoder chooses on this machine with these threads (Encoder.a_core_to_spare)
            "prefetch_chosen": prefetch_chosen,
            # the service runs forward, consume and decode on the same 2 cores: this is its

@@ -125,9 +125,14 @@ class Encoder:
 
     def processor(self) -> Processor:
         self.bus.ensure_topics([PATTERNS_MINE, EMBEDDINGS])
+        # with a core to spare the helper fetches the next batch and ends the last one (publish,
+        # flush, marks, commit) while the forward runs; the handler never touches the bus
+        spare = self.a_core_to_spare()
+        log.info("%s a core to spare: the next batch's fetch and the last one's ending %s the forward",
+                 "with" if spare else "without", "beside" if spare else "after")
         return Processor(self.bus, self.cfg.group, [PATTERNS_MINE], self.handle,
                          done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group),
-                         batch_size=self.cfg.batch_size, prefetch=self.a_core_to_spare())
+                         batch_size=self.cfg.batch_size, prefetch=spare, overlap_ending=spare)
 
     def a_core_to_spare(self) -> bool:
         """Whether fetching the next batch during the forward has a core to run on: a GPU

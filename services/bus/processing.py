@@ -17,6 +17,12 @@ topic with the reason and its original bytes; the service keeps running.
 Per-message work here is kept to the decode itself: payloads stay views of the fetched
 bytes, metrics are counted per batch, duplicates are looked up in one Redis round trip per
 batch, and consumer lag is measured on another thread (:class:`~services.bus.offsets.LagProbe`).
+
+A stage with a core to spare may overlap each batch's ending with the next batch's handler
+(``Processor.overlap_ending``): batch k+1 is handled on the loop's thread while a helper
+publishes, flushes, marks and commits batch k, in that order, and then fetches batch k+2.
+The protocol is the same, one batch later: a commit still follows its own batch's flush,
+and a failed ending rewinds both batches.
 """
 
 from __future__ import annotations
@@ -125,8 +131,18 @@ class Processor:
     # polling thread, and with the poll in line the encoder ran at its serial bound, 0.51x a
     # raw forward with 12 of 16 cores idle (benchmarks/spare_cores.sh, 2026-12-04).
     prefetch: bool = True
+    # End each batch (publish, flush, done marks, commit) on the helper thread while the
+    # handler runs on the next one. With the ending in line, the encoder's loop spent ~7% of
+    # its thread on it with one torch thread and a core spare (py-spy, 2026-12-06: sends 3.4%,
+    # flush 1.6%, marks 1.0%, commit 0.5%, beside the forward's 87%). For a handler that
+    # neither uses the bus itself nor keeps state for on_flushed / on_batch_start: its batch k+1
+    # runs before batch k's outputs are durable.
+    overlap_ending: bool = False
 
     def __post_init__(self) -> None:
+        if self.overlap_ending and (self.on_flushed or self.on_batch_start):
+            raise ValueError("overlap_ending: a handler's on_flushed / on_batch_start state would see the next "
+                             "batch begin before this one's outputs are durable")
         svc = self.bus.service
         for t in self.inputs:  # dead-letter and lag series exist (at 0) from the start
             metrics.DEADLETTERS.labels(svc, t.name)
@@ -144,6 +160,9 @@ class Processor:
         self._prefetched: list[Any] = []  # the next batch, fetched while the handler ran
         # while alive, that thread alone uses the consumer; setting its event stops it
         self._helper: tuple[threading.Thread, threading.Event] | None = None
+        self._handled: _Handled | None = None  # overlap_ending: the batch whose ending is still to come
+        self._ending_error: BaseException | None = None  # ... and what its ending raised on the helper
+        self._progress: Callable[[int], Any] | None = None  # run()'s, told of each committed batch
 
     def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         self._assigned_now = list(assigned)  # checked after poll returns (the client forbids calls from here)
@@ -291,16 +310,35 @@ class Processor:
         if limit <= 0 or self.consumer is None or self._helper is not None:
             yield
             return
+        with self._helper_thread(lambda stop: self._fetch_ahead(stop, limit), "prefetch"):
+            yield
 
-        def fetch(stop: threading.Event) -> None:
+    def _fetch_ahead(self, stop: threading.Event, limit: int) -> None:
+        """Poll (on a helper) until the next batch, at most ``limit`` records, is in
+        ``_prefetched`` or ``stop`` is set."""
+        try:
+            while limit > 0 and not stop.is_set() and not self._prefetched:
+                polled = self._poll(min(50, self.poll_timeout_ms), limit)
+                self._prefetched = [r for part in polled.values() for r in part]
+        except Exception as e:  # noqa: BLE001 - the loop's next poll meets it and decides
+            log.debug("%s: prefetch poll failed: %s", self.bus.service, e)
+
+    @contextmanager
+    def _ending_beside(self, handled: _Handled, limit: int) -> Iterator[None]:
+        """While the block runs the next batch's handler, a helper thread ends ``handled``
+        (:meth:`_finish`: publish, flush, marks, commit) and then fetches up to ``limit``
+        records of the batch after, as :meth:`_prefetching` does. What the ending raises is
+        kept in ``_ending_error`` for the loop's thread (no fetch follows a failed ending)."""
+
+        def end_then_fetch(stop: threading.Event) -> None:
             try:
-                while not stop.is_set() and not self._prefetched:
-                    polled = self._poll(min(50, self.poll_timeout_ms), limit)
-                    self._prefetched = [r for part in polled.values() for r in part]
-            except Exception as e:  # noqa: BLE001 - the loop's next poll meets it and decides
-                log.debug("%s: prefetch poll failed: %s", self.bus.service, e)
+                self._finish(handled)
+            except BaseException as e:  # noqa: BLE001 - raised again on the loop's thread
+                self._ending_error = e
+                return
+            self._fetch_ahead(stop, limit)
 
-        with self._helper_thread(fetch, "prefetch"):
+        with self._helper_thread(end_then_fetch, "ending"):
             yield
 
     def heartbeat_if_due(self, every_s: float = 1.0) -> None:
@@ -348,9 +386,21 @@ class Processor:
             return out
 
     def process_batch(self, raws: list[Any], prefetch: int = 0) -> int:
-        """One turn of the loop over already-polled raw records; returns messages handled.
-        ``prefetch``: fetch up to this many records of the next batch while the handler runs."""
+        """One turn of the loop over already-polled raw records, all but its commit; returns
+        messages handled. ``prefetch``: fetch up to this many records of the next batch while
+        the handler runs."""
         t0 = time.perf_counter()
+        fresh, verdicts = self._begin(raws)
+        if fresh:
+            with self._prefetching(prefetch):
+                verdicts.extend(self._handle(fresh))
+        self._end(_Handled(raws, fresh, verdicts, t0))
+        return len(raws)
+
+    def _begin(self, raws: list[Any], in_flight: frozenset[str] = frozenset()) -> tuple[list[Message], list]:
+        """Decode a batch (what fails becomes a dead letter) and drop the inputs already done:
+        those the done store has marked and ``in_flight``'s (the batch before, handled, its
+        ending still under way). Returns (the fresh messages, the verdicts so far)."""
         if self.on_batch_start:
             self.on_batch_start()
         msgs: list[Message] = []
@@ -364,12 +414,15 @@ class Processor:
         for m in msgs:
             first.setdefault(f"{m.topic}:{m.record.id}", m)
         already = self.done.seen(list(first)) if self.done else set()
-        fresh = [m for i, m in first.items() if i not in already]
+        fresh = [m for i, m in first.items() if i not in already and i not in in_flight]
         if len(fresh) < len(msgs):
             self._duplicates.inc(len(msgs) - len(fresh))
-        if fresh:
-            with self._prefetching(prefetch):
-                verdicts.extend(self._handle(fresh))
+        return fresh, verdicts
+
+    def _end(self, handled: _Handled) -> None:
+        """Publish a handled batch's verdicts (outputs and dead letters), flush, and mark its
+        fresh inputs done: the batch's turn but its commit. Raises if the flush fails: no mark."""
+        raws, fresh, verdicts = handled.raws, handled.fresh, handled.verdicts
         t_pub = time.perf_counter()
         half = len(verdicts) // 2
         for i, v in enumerate(verdicts, 1):
@@ -393,8 +446,52 @@ class Processor:
             self.done.mark([f"{m.topic}:{m.record.id}" for m in fresh])
         for topic, n in Counter(r.topic for r in raws).items():
             self._in[self.bus.logical(topic).name].inc(n)
-        self._processing_s.observe(time.perf_counter() - t0)
-        return len(raws)
+        self._processing_s.observe(time.perf_counter() - handled.t0)
+
+    def _finish(self, handled: _Handled) -> None:
+        """End a handled batch and commit it (overlap_ending: on the helper, beside the next
+        batch's handler, or on the loop's thread when nothing follows it)."""
+        self._end(handled)
+        self._commit(handled.raws)
+        self._count(len(handled.raws))
+        if self._handled is handled:
+            self._handled = None
+
+    def _count(self, n: int) -> None:
+        """``n`` inputs committed."""
+        self.processed += n
+        if self._progress:
+            self._progress(n)
+
+    def _overlapped_turn(self, raws: list[Any], ahead: int) -> None:
+        """overlap_ending's turn: handle ``raws`` on this thread while a helper ends the batch
+        before (publish, flush, marks, commit) and then fetches up to ``ahead`` records of the
+        next; this batch's ending waits for the next turn (or for :meth:`_settle`). Raises what
+        the handler or the ending raised; ``_handled`` then still holds an ending that failed,
+        for the loop to rewind with ``raws``."""
+        t0 = time.perf_counter()
+        before = self._handled
+        fresh, verdicts = self._begin(raws, before.ids() if before else frozenset())
+        beside = self._ending_beside(before, ahead) if before else self._prefetching(ahead)
+        try:
+            with beside:
+                if fresh:
+                    verdicts.extend(self._handle(fresh))
+        finally:  # a failed ending stays in _handled, to be read again, whatever the handler did
+            error, self._ending_error = self._ending_error, None
+        if error is not None:
+            raise error
+        self._handled = _Handled(raws, fresh, verdicts, t0)
+
+    def _settle(self) -> None:
+        """overlap_ending: end and commit the batch still in hand, here (nothing to overlap it
+        with: the input is quiet, or the loop stops)."""
+        if self._handled is not None:
+            self._finish(self._handled)
+
+    def _in_hand(self) -> list[Any]:
+        """The raw records of a batch handled but not committed (overlap_ending)."""
+        return self._handled.raws if self._handled is not None else []
 
     def _take_prefetched(self) -> list[Any]:
         """The batch fetched while the last handler ran, less any partition that a rebalance
@@ -404,6 +501,23 @@ class Processor:
             return raws
         mine = self.consumer.assignment()
         return [r for r in raws if TopicPartition(r.topic, r.partition) in mine]
+
+    def _retry_later(self, e: BaseException, raws: list[Any], backoff: float) -> float:
+        """A batch failed retryably: nothing of it is committed. Read ``raws`` again, with any
+        batch in hand whose ending failed (overlap_ending) and anything fetched ahead; wait
+        ``backoff`` seconds. Returns the next backoff."""
+        metrics.ERRORS.labels(self.bus.service, type(e).__name__).inc()
+        log.error("batch failed, not committed, will retry: %s", e)
+        if isinstance(e, KafkaError):  # a restarted broker may have lost the topics
+            try:
+                with self._watched():  # an admin request: it waits like the others
+                    self.bus.ensure_topics()
+            except Exception as again:  # noqa: BLE001 - still down: the retry loop waits
+                log.debug("ensure_topics failed: %s", again)
+        in_hand, self._handled = self._in_hand(), None
+        self._rewind(in_hand + raws)
+        self.stop_event.wait(backoff)
+        return min(backoff * 2, 30)
 
     def _commit(self, raws: list[Any]) -> None:
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -585,6 +699,7 @@ class Processor:
         end)."""
         self.connect()
         svc = self.bus.service
+        self._progress = progress
         started = last_data = time.monotonic()
         self._lag_due = started + self.lag_every_s
         joined = False
@@ -595,11 +710,12 @@ class Processor:
         backoff = 0.5
         try:
             while not self.stop_event.is_set():
-                if max_messages is not None and self.processed >= max_messages:
+                taken = self.processed + len(self._in_hand())  # handled, committed or not
+                if max_messages is not None and taken >= max_messages:
                     break
                 limit = self.batch_size
                 if max_messages is not None:
-                    limit = min(limit, max_messages - self.processed)
+                    limit = min(limit, max_messages - taken)
                 raws: list[Any] = []
                 try:
                     raws = self._take_prefetched()
@@ -618,6 +734,12 @@ class Processor:
                     continue
                 if not joined and self.consumer.assignment():
                     joined, last_data = True, time.monotonic()
+                if not raws and self._handled is not None:
+                    try:  # nothing to overlap the batch in hand with: end and commit it here
+                        self._settle()
+                    except TRANSIENT as e:
+                        backoff = self._retry_later(e, [], backoff)
+                    continue
                 if not raws:
                     now = time.monotonic()
                     if joined and until_caught_up and now >= next_group_check:
@@ -681,30 +803,26 @@ class Processor:
                 ahead = 0
                 if self.prefetch:
                     ahead = self.batch_size if max_messages is None else \
-                        min(self.batch_size, max_messages - self.processed - len(raws))
+                        min(self.batch_size, max_messages - taken - len(raws))
                 try:
-                    self.process_batch(raws, prefetch=ahead)
-                    self._commit(raws)
-                    self.processed += len(raws)
+                    if self.overlap_ending:
+                        self._overlapped_turn(raws, ahead)
+                    else:
+                        self.process_batch(raws, prefetch=ahead)
+                        self._commit(raws)
+                        self._count(len(raws))
                     backoff = 0.5
-                    if progress:
-                        progress(len(raws))
                 except TRANSIENT as e:
-                    metrics.ERRORS.labels(svc, type(e).__name__).inc()
-                    log.error("batch failed, not committed, will retry: %s", e)
-                    if isinstance(e, KafkaError):  # a restarted broker may have lost the topics
-                        try:
-                            with self._watched():  # an admin request: it waits like the others
-                                self.bus.ensure_topics()
-                        except Exception as again:  # noqa: BLE001 - still down: the retry loop waits
-                            log.debug("ensure_topics failed: %s", again)
-                    self._rewind(raws)
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, 30)
+                    backoff = self._retry_later(e, raws, backoff)
                 # quiet counts from the end of the last batch: a batch of long forward passes
                 # must not make the next empty poll look like a stalled consumer
                 last_data = time.monotonic()
                 self._observe_lag()
+            try:
+                self._settle()
+            except TRANSIENT as e:  # stopping: the next run (or the partition's next owner) reads it again
+                metrics.ERRORS.labels(svc, type(e).__name__).inc()
+                log.error("%s: the last batch could not be committed, it will be read again: %s", svc, e)
         finally:
             # one watched call each: their own bounds (probe close ~30 s, a flush of 30 s per
             # producer, the close 30 s) summed in one clock could pass poll_hang_s while the
@@ -722,6 +840,21 @@ class Processor:
         if stalled is not None:
             raise stalled
         return self.processed
+
+
+@dataclass
+class _Handled:
+    """A batch whose handler ran: its raw records, the fresh messages handed to the handler,
+    the verdicts to publish, and when its turn began (for the processing-time metric)."""
+
+    raws: list[Any]
+    fresh: list[Message]
+    verdicts: list[Output | DeadLetter]
+    t0: float
+
+    def ids(self) -> frozenset[str]:
+        """The done-store ids of its fresh inputs."""
+        return frozenset(f"{m.topic}:{m.record.id}" for m in self.fresh)
 
 
 def _by_name(per_partition: dict[TopicPartition, Any]) -> dict[str, Any]:

@@ -210,6 +210,124 @@ def test_a_batch_fetched_ahead_survives_a_failed_check_after_a_rebalance(bus_cfg
     assert sorted(done_ids) == sorted(f.id for f in files(30, "pc"))
 
 
+def test_with_the_ending_overlapped_each_batch_is_committed_beside_the_next_handler_after_its_own_flush(bus_cfg):
+    """overlap_ending: a helper thread, not the handler's, publishes, flushes and commits
+    batch k while batch k+1 is handled; every commit stops at its own batch's last offset
+    (never the batch handled beside it); the last batch is committed when the input runs
+    dry; each input is handled once and the group is committed to the end."""
+    bus = Bus(bus_cfg, "t-overlap")
+    publish(bus, files(30, "overlap"))
+    handler_threads: set[int] = set()
+    batches: list[dict[int, int]] = []  # per handled batch: partition -> last offset
+    commits: list[tuple[int, dict[int, int]]] = []  # (committing thread, partition -> offset)
+    seen: list[str] = []
+
+    def handler(msgs):
+        handler_threads.add(threading.get_ident())
+        last: dict[int, int] = {}
+        for m in msgs:
+            last[m.partition] = max(last.get(m.partition, -1), m.offset)
+        batches.append(last)
+        seen.extend(m.record.id for m in msgs)
+        return score(msgs)
+
+    def on_commit(offsets):
+        commits.append((threading.get_ident(), {tp.partition: off for tp, off in offsets.items()}))
+
+    p = Processor(bus, "g-overlap", [FILES], handler, batch_size=10, on_commit=on_commit, overlap_ending=True)
+    assert p.run(idle_timeout_s=5) == 30
+    assert sorted(seen) == sorted(f.id for f in files(30, "overlap"))
+    assert len(batches) >= 2 and len(commits) == len(batches)
+    # batch k's commit is its own offsets + 1, in order
+    assert [c for _, c in commits] == [{part: off + 1 for part, off in b.items()} for b in batches]
+    # all but the last were committed by the helper, beside the next batch's handler
+    assert all(t not in handler_threads for t, _ in commits[:-1]), (handler_threads, commits)
+    assert commits[-1][0] in handler_threads  # nothing to overlap the last one with: the loop's own thread
+    assert sorted(m.record.sample_id for m in read_all(bus, SCORES)) == sorted(seen)
+    assert Processor(bus, "g-overlap", [FILES], score).run(idle_timeout_s=4) == 0
+
+
+def test_a_failed_ending_reads_its_batch_and_the_one_handled_beside_it_again(bus_cfg):
+    """overlap_ending: when batch k's flush fails on the helper (a broker that stops
+    acknowledging), neither batch k nor batch k+1, handled meanwhile, is committed; both are
+    read again and handled again; nothing else is repeated and nothing is skipped."""
+    from kafka.errors import KafkaTimeoutError
+
+    bus = Bus(bus_cfg, "t-overlap-fail")
+    publish(bus, files(40, "of"))
+    handled: list[list[str]] = []
+    flushes = [0]
+    real_flush = bus.flush
+
+    def flush(timeout=60.0):
+        flushes[0] += 1
+        if flushes[0] == 2:  # the 2nd batch's ending
+            raise KafkaTimeoutError("not acknowledged")
+        return real_flush(timeout)
+
+    bus.flush = flush
+
+    def handler(msgs):
+        handled.append([m.record.id for m in msgs])
+        return score(msgs)
+
+    p = Processor(bus, "g-overlap-fail", [FILES], handler, batch_size=10, overlap_ending=True)
+    assert p.run(until_caught_up=True, idle_timeout_s=20) == 40
+    ids = [i for b in handled for i in b]
+    assert set(ids) == {f.id for f in files(40, "of")}  # none skipped
+    twice = {i for i in ids if ids.count(i) == 2}
+    assert twice == set(handled[1]) | set(handled[2])  # the failed batch and the one beside it, once more each
+    assert max(map(ids.count, ids)) == 2
+
+
+def test_with_the_ending_overlapped_an_input_resent_in_the_next_batch_is_handled_once(bus_cfg, redis_client):
+    """A producer's retry puts a copy right after the original, so with one input per batch
+    the copy arrives while the original's ending (and its done mark) is still to come: the
+    done store cannot know it yet, the batch in hand does."""
+    bus = Bus(bus_cfg, "t-overlap-dup")
+    recs = files(8, "od")
+    bus.ensure_topics()
+    for r in recs:
+        bus.send(Output(FILES, r))
+        bus.send(Output(FILES, r))  # the retry's copy, next in its partition
+    bus.flush()
+    seen: list[str] = []
+
+    def handler(msgs):
+        seen.extend(m.record.id for m in msgs)
+        return score(msgs)
+
+    p = Processor(bus, "g-overlap-dup", [FILES], handler, done=DoneStore(redis_client, "g-overlap-dup"),
+                  batch_size=1, overlap_ending=True)
+    assert p.run(until_caught_up=True, idle_timeout_s=20) == 16
+    assert sorted(seen) == sorted(r.id for r in recs)  # each once
+
+
+def test_with_the_ending_overlapped_a_graceful_stop_commits_the_batch_in_hand(bus_cfg):
+    """A stop (SIGTERM) while a batch is handled: the loop ends it (publish, flush, commit)
+    before it closes, so the group's next member starts right after it."""
+    bus = Bus(bus_cfg, "t-overlap-stop")
+    publish(bus, files(30, "os"))
+    handled = [0]
+    p: Processor
+
+    def handler(msgs):
+        handled[0] += len(msgs)
+        if handled[0] >= 15:
+            p.stop_event.set()  # what SIGTERM does, mid-batch
+        return score(msgs)
+
+    p = Processor(bus, "g-overlap-stop", [FILES], handler, batch_size=10, overlap_ending=True)
+    p.run(idle_timeout_s=20)
+    assert p.processed == handled[0]  # every handled batch committed, the last one included
+    assert Processor(bus, "g-overlap-stop", [FILES], score).run(idle_timeout_s=5) == 30 - handled[0]
+
+
+def test_overlap_ending_refuses_a_handler_with_batch_state(bus_cfg):
+    with pytest.raises(ValueError, match="overlap_ending"):
+        Processor(Bus(bus_cfg, "t"), "g", [FILES], score, on_flushed=lambda: None, overlap_ending=True)
+
+
 def test_consumer_lag_is_probed_lag_every_s_into_a_run_not_at_its_first_batch(bus_cfg, monkeypatch):
     """The lag probe starts a consumer of its own (bootstrap, metadata, offsets): ~9% of a
     short consume's CPU on 2 cores when it started at the first batch (benchmarks/bus.py).

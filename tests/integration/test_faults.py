@@ -272,17 +272,24 @@ def account_encoder(bus, inputs: set[str], *, fault: str, max_duplicates: int, e
     return row
 
 
-def test_encoder_killed_mid_batch_then_restarted(bus_cfg, redis_client):
+# One torch thread leaves the encoder a core to spare: it then fetches the next batch and
+# ends the last one (publish, flush, marks, commit) beside each forward (overlap_ending).
+TORCH_THREADS = {"all cores": {}, "a core to spare": {"OMP_NUM_THREADS": "1"}}
+
+
+@pytest.mark.parametrize("threads", list(TORCH_THREADS))
+def test_encoder_killed_mid_batch_then_restarted(bus_cfg, redis_client, threads):
     bus = Bus(bus_cfg, "test")
     bus.ensure_topics()
     inputs = patterns(bus, 1500)
     register_checkpoint(bus_cfg, redis_client, "kill")
     args = ["encode", "--checkpoint", "kill", "--batch-size", "16", "--until-caught-up", "--idle-timeout", "30"]
-    proc = start(args, bus_cfg)
+    proc = start(args, bus_cfg, **TORCH_THREADS[threads])
     wait_then(proc, lambda: count_so_far(bus, EMBEDDINGS)() >= 200, lambda: sigkill(proc))
-    finish(start(args, bus_cfg))
-    # a kill between a batch's flush and its done marks repeats that batch: at most 16
-    account_encoder(bus, inputs, fault="SIGKILL", max_duplicates=16)
+    finish(start(args, bus_cfg, **TORCH_THREADS[threads]))
+    # a kill between a batch's flush and its done marks repeats that batch: at most 16 (with the
+    # ending overlapped too: one batch's ending at a time, the batch beside it not yet sent)
+    account_encoder(bus, inputs, fault=f"SIGKILL, {threads}", max_duplicates=16)
 
 
 # -- poison and oversize input ----------------------------------------------------------------
@@ -312,9 +319,11 @@ def poison_cases(limit: int) -> dict[str, bytes]:
     }
 
 
-def test_encoder_dead_letters_poison_and_oversize_input_and_keeps_going(bus_cfg, redis_client):
+@pytest.mark.parametrize("threads", list(TORCH_THREADS))
+def test_encoder_dead_letters_poison_and_oversize_input_and_keeps_going(bus_cfg, redis_client, threads):
     """Poison between good patterns: each is dead-lettered once (a dead letter always fits,
-    whatever the input's size), every good pattern is embedded, the service never crash-loops."""
+    whatever the input's size), every good pattern is embedded, the service never crash-loops;
+    with the ending in line and overlapped alike (dead letters are sent in the ending)."""
     limit = 1 << 20  # the service's limit; the test's producer (4 MiB) can still write past it
     bus = Bus(bus_cfg, "test")
     bus.ensure_topics()
@@ -327,10 +336,11 @@ def test_encoder_dead_letters_poison_and_oversize_input_and_keeps_going(bus_cfg,
     assert len(poison) == len(poison_cases(limit)) and len(where) == len(inputs) + len(poison)
     register_checkpoint(bus_cfg, redis_client, "poison")
     out = finish(start(["encode", "--checkpoint", "poison", "--batch-size", "16", "--until-caught-up", "--idle-timeout", "10"], bus_cfg,
-                       APMAE_MAX_MESSAGE_BYTES=limit))
+                       APMAE_MAX_MESSAGE_BYTES=limit, **TORCH_THREADS[threads]))
     assert json.loads(out.strip().splitlines()[-1])["service"] == "encoder"
     # one run, no restart: nothing is repeated
-    account_encoder(bus, inputs | poison, fault="poison + oversize input", max_duplicates=0, expect_dead=poison)
+    account_encoder(bus, inputs | poison, fault=f"poison + oversize input, {threads}", max_duplicates=0,
+                    expect_dead=poison)
     for m in read_range(bus, DEADLETTER):
         assert len(m.value) <= limit, (m.record.reason, len(m.value))
 
