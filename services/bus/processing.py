@@ -199,7 +199,8 @@ class Processor:
         to escape from the middle of a batch, before its flush and done marks, so the retry
         redid every forward pass. Now the batch finishes, flushes and marks; only its commit
         can fail, and the retried batch is then dropped by the done marks: a rebalance costs
-        no recomputation.
+        no recomputation. With overlap_ending, but for the batch handled beside that commit:
+        it is not marked yet, and is read and handled again.
         """
         if self.consumer is None or self._helper_has_consumer():
             return  # a prefetch's helper has the consumer; its polls keep the membership
@@ -232,8 +233,9 @@ class Processor:
         watchdog covered only the polls and probes until a fault-matrix encoder sat 600 s
         past a durable broker restart (CI, 2026-12-04) with its last log line a failed commit.
         Nested (``connect`` inside a watched region) the outer call's clock keeps running. One
-        thread at a time: the keepalive helper's polls run while the loop thread is in the
-        handler, which makes no watched call, and the helper is joined before the next one."""
+        thread at a time: the helpers' calls (the keepalive's and the prefetch's polls, an
+        overlapped ending's flush and commit) run while the loop thread is in the handler,
+        which makes no watched call, and each helper is joined before the next one."""
         outer = self.poll_since
         if outer is None:
             self.poll_since = time.monotonic()
@@ -261,7 +263,9 @@ class Processor:
         has the consumer to itself: the work does not touch it, and the helper is joined
         before this returns. A poll is due ``every_s`` after the last one, whoever made it:
         many short calls in a row keep the membership as one long call does. Inside a handler
-        whose next batch is being fetched (:meth:`_prefetching`), that fetch stops first."""
+        whose next batch is being fetched (:meth:`_prefetching`), that fetch stops first; beside
+        an overlapped ending (:meth:`_ending_beside`) it waits for the ending, then the fetch
+        stops."""
         self._stop_helper()
 
         def beat(done: threading.Event) -> None:
@@ -446,6 +450,7 @@ class Processor:
             self.done.mark([f"{m.topic}:{m.record.id}" for m in fresh])
         for topic, n in Counter(r.topic for r in raws).items():
             self._in[self.bus.logical(topic).name].inc(n)
+        # with overlap_ending this ends a turn later: the time includes the next batch's turn
         self._processing_s.observe(time.perf_counter() - handled.t0)
 
     def _finish(self, handled: _Handled) -> None:
@@ -453,9 +458,9 @@ class Processor:
         batch's handler, or on the loop's thread when nothing follows it)."""
         self._end(handled)
         self._commit(handled.raws)
-        self._count(len(handled.raws))
-        if self._handled is handled:
+        if self._handled is handled:  # committed: nothing of it to rewind, whatever follows
             self._handled = None
+        self._count(len(handled.raws))
 
     def _count(self, n: int) -> None:
         """``n`` inputs committed."""
@@ -477,6 +482,11 @@ class Processor:
             with beside:
                 if fresh:
                     verdicts.extend(self._handle(fresh))
+        except BaseException:
+            if self._ending_error is not None:  # the handler's error goes up; the ending's is not lost
+                metrics.ERRORS.labels(self.bus.service, type(self._ending_error).__name__).inc()
+                log.error("%s: the last batch's ending failed too: %s", self.bus.service, self._ending_error)
+            raise
         finally:  # a failed ending stays in _handled, to be read again, whatever the handler did
             error, self._ending_error = self._ending_error, None
         if error is not None:
@@ -688,7 +698,7 @@ class Processor:
         the end). A member whose own partitions are read waits, neither idle nor stalled, while
         the group's other members read theirs (:meth:`_others_left`); short of its own end it
         waits, or stalls, as below. ``progress(n)`` is called with each committed batch's size
-        (a progress bar's update).
+        (a progress bar's update; with overlap_ending a turn later, from the helper thread).
 
         Nothing arrived while the input is not read to its end is not idleness: the broker is
         away (kafka-python's poll returns nothing while disconnected), the group is rejoining,
@@ -824,6 +834,9 @@ class Processor:
                 metrics.ERRORS.labels(svc, type(e).__name__).inc()
                 log.error("%s: the last batch could not be committed, it will be read again: %s", svc, e)
         finally:
+            # a batch in hand, or fetched ahead, was not committed: the next run (or the
+            # partition's next owner) reads it from the committed offset, not from this object
+            self._handled, self._prefetched = None, []
             # one watched call each: their own bounds (probe close ~30 s, a flush of 30 s per
             # producer, the close 30 s) summed in one clock could pass poll_hang_s while the
             # broker is away and start the process again for no hang

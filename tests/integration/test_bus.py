@@ -220,10 +220,24 @@ def test_with_the_ending_overlapped_each_batch_is_committed_beside_the_next_hand
     handler_threads: set[int] = set()
     batches: list[dict[int, int]] = []  # per handled batch: partition -> last offset
     commits: list[tuple[int, dict[int, int]]] = []  # (committing thread, partition -> offset)
+    events: list[str] = []  # flushes and commits, in order
+    beside: list[bool] = []  # per handler after the first: the batch before was committed while it ran
     seen: list[str] = []
+    real_flush = bus.flush
+
+    def flush(timeout=60.0):
+        events.append("flush")
+        return real_flush(timeout)
+
+    bus.flush = flush
 
     def handler(msgs):
         handler_threads.add(threading.get_ident())
+        if batches:  # the batch before ends beside this handler: its commit comes while we wait
+            deadline = time.monotonic() + 20
+            while len(commits) < len(batches) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            beside.append(len(commits) == len(batches))
         last: dict[int, int] = {}
         for m in msgs:
             last[m.partition] = max(last.get(m.partition, -1), m.offset)
@@ -232,16 +246,21 @@ def test_with_the_ending_overlapped_each_batch_is_committed_beside_the_next_hand
         return score(msgs)
 
     def on_commit(offsets):
+        events.append("commit")
         commits.append((threading.get_ident(), {tp.partition: off for tp, off in offsets.items()}))
 
     p = Processor(bus, "g-overlap", [FILES], handler, batch_size=10, on_commit=on_commit, overlap_ending=True)
     assert p.run(idle_timeout_s=5) == 30
     assert sorted(seen) == sorted(f.id for f in files(30, "overlap"))
     assert len(batches) >= 2 and len(commits) == len(batches)
-    # batch k's commit is its own offsets + 1, in order
+    # batch k's commit is its own offsets + 1, in order, each after its own flush (the loop's
+    # closing flush follows)
     assert [c for _, c in commits] == [{part: off + 1 for part, off in b.items()} for b in batches]
-    # all but the last were committed by the helper, beside the next batch's handler
-    assert all(t not in handler_threads for t, _ in commits[:-1]), (handler_threads, commits)
+    assert events[:2 * len(batches)] == ["flush", "commit"] * len(batches), events
+    assert beside and all(beside), beside
+    # the helper, not the handler's thread, committed while the next batch was handled (a
+    # batch the loop found nothing to overlap with is settled on its own thread)
+    assert any(t not in handler_threads for t, _ in commits[:-1]), (handler_threads, commits)
     assert commits[-1][0] in handler_threads  # nothing to overlap the last one with: the loop's own thread
     assert sorted(m.record.sample_id for m in read_all(bus, SCORES)) == sorted(seen)
     assert Processor(bus, "g-overlap", [FILES], score).run(idle_timeout_s=4) == 0
@@ -257,11 +276,13 @@ def test_a_failed_ending_reads_its_batch_and_the_one_handled_beside_it_again(bus
     publish(bus, files(40, "of"))
     handled: list[list[str]] = []
     flushes = [0]
+    failed_on: list[int] = []  # the thread whose flush failed
     real_flush = bus.flush
 
     def flush(timeout=60.0):
         flushes[0] += 1
         if flushes[0] == 2:  # the 2nd batch's ending
+            failed_on.append(threading.get_ident())
             raise KafkaTimeoutError("not acknowledged")
         return real_flush(timeout)
 
@@ -278,6 +299,7 @@ def test_a_failed_ending_reads_its_batch_and_the_one_handled_beside_it_again(bus
     twice = {i for i in ids if ids.count(i) == 2}
     assert twice == set(handled[1]) | set(handled[2])  # the failed batch and the one beside it, once more each
     assert max(map(ids.count, ids)) == 2
+    assert failed_on and failed_on[0] != threading.get_ident()  # it failed on the helper, beside batch 3
 
 
 def test_with_the_ending_overlapped_an_input_resent_in_the_next_batch_is_handled_once(bus_cfg, redis_client):
@@ -320,6 +342,7 @@ def test_with_the_ending_overlapped_a_graceful_stop_commits_the_batch_in_hand(bu
     p = Processor(bus, "g-overlap-stop", [FILES], handler, batch_size=10, overlap_ending=True)
     p.run(idle_timeout_s=20)
     assert p.processed == handled[0]  # every handled batch committed, the last one included
+    assert len(read_all(bus, SCORES)) == handled[0]  # ... and published
     assert Processor(bus, "g-overlap-stop", [FILES], score).run(idle_timeout_s=5) == 30 - handled[0]
 
 

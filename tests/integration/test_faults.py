@@ -274,7 +274,8 @@ def account_encoder(bus, inputs: set[str], *, fault: str, max_duplicates: int, e
 
 # One torch thread leaves the encoder a core to spare: it then fetches the next batch and
 # ends the last one (publish, flush, marks, commit) beside each forward (overlap_ending).
-TORCH_THREADS = {"all cores": {}, "a core to spare": {"OMP_NUM_THREADS": "1"}}
+TORCH_THREADS = {"all cores": {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))},
+                 "a core to spare": {"OMP_NUM_THREADS": "1"}}
 
 
 @pytest.mark.parametrize("threads", list(TORCH_THREADS))
