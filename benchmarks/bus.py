@@ -12,7 +12,11 @@ with a fresh consumer group each; the group is joined before the clock starts, t
 clock runs from seek-to-beginning until every message is in hand and committed (raw: one
 commit per poll; ours: the Processor's decode, done-check, flush and commit per batch).
 Each round's ratio pairs ours with the raw run beside it; the table gives the median of those
-paired ratios with a distribution-free 95% interval (order statistics, ``median_ci``). Each
+paired ratios with a distribution-free 95% interval (order statistics, ``median_ci``). Beside
+the wall-clock ratio, the CPU each side spent over the same clocked span, ours / raw (above 1:
+the adapter costs more): this process's (every thread's: the client's IO thread too) and the
+whole machine's busy CPU (the broker's too). A wall ratio under 1 with CPU ratios of 1 is the
+machine's noise or waiting, not adapter work. Each
 round's topics are deleted at its end, so the in-memory broker holds the same data in every
 round (400 MB a round accumulated before).
 
@@ -28,11 +32,13 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (
+    Clock,
     add_allocator_option,
     embedded_infra,
     median_ci,
@@ -40,6 +46,24 @@ from benchmarks._common import (
     tune_allocator,
     write_result,
 )
+
+
+class Timed(NamedTuple):
+    """One clocked span: wall seconds, this process's CPU-seconds (all threads), the
+    machine's busy CPU-seconds (every process)."""
+
+    wall: float
+    cpu: float
+    busy: float
+
+
+def _cpu_now() -> tuple[float, float]:
+    return time.process_time(), Clock.busy()
+
+
+def _timed(t0: float, c0: tuple[float, float]) -> Timed:
+    c1 = _cpu_now()
+    return Timed(time.perf_counter() - t0, c1[0] - c0[0], c1[1] - c0[1])
 
 
 def patterns(n: int, size: int = 256) -> list[bytes]:
@@ -64,22 +88,22 @@ def _joined(consumer, timeout_s: float = 60.0):
     return consumer
 
 
-def produce_raw(bootstrap: str, topic: str, comp: str, payloads: list[bytes]) -> float:
+def produce_raw(bootstrap: str, topic: str, comp: str, payloads: list[bytes]) -> Timed:
     from kafka import KafkaProducer
 
     p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20,
                       max_request_size=5 << 20, compression_type=None if comp == "none" else comp)
     p.send(topic, value=b"warm-up").get(30)  # metadata and connection before the clock
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_now()
     for i, v in enumerate(payloads):
         p.send(topic, key=f"m/{i % 30}/{i % 9}".encode(), value=v)
     p.flush()
-    dt = time.perf_counter() - t0
+    span = _timed(t0, c0)
     p.close()
-    return dt
+    return span
 
 
-def produce_ours(cfg, records) -> float:
+def produce_ours(cfg, records) -> Timed:
     from apmae.topics import PATTERNS_MINE
     from services.bus import Bus, Output
 
@@ -87,31 +111,31 @@ def produce_ours(cfg, records) -> float:
     warm = dataclasses.replace(records[0], id="warm-up")  # its own id: the loop drops repeated ids
     bus.send(Output(PATTERNS_MINE, warm, key=warm.key))  # warm-up, as for raw
     bus.flush()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_now()
     for r in records:
         bus.send(Output(PATTERNS_MINE, r, key=r.key))
     bus.flush()
-    dt = time.perf_counter() - t0
+    span = _timed(t0, c0)
     bus.close()
-    return dt
+    return span
 
 
-def consume_raw(bus, topic, n: int, group: str) -> float:
+def consume_raw(bus, topic, n: int, group: str) -> Timed:
     """kafka-python's consumer as it comes (made by Bus.consumer only for the same settings)."""
     c = _joined(bus.consumer(group, [topic]))
-    got, t0 = 0, time.perf_counter()
+    got, t0, c0 = 0, time.perf_counter(), _cpu_now()
     while got < n and time.perf_counter() - t0 < 300:
         batch = c.poll(timeout_ms=500, max_records=256)
         got += sum(len(v) for v in batch.values())
         if batch:
             c.commit()
-    dt = time.perf_counter() - t0
+    span = _timed(t0, c0)
     c.close(autocommit=False)
     assert got >= n, f"raw consumer got {got} of {n}"
-    return dt
+    return span
 
 
-def consume_ours(bus, n: int, group: str) -> float:
+def consume_ours(bus, n: int, group: str) -> Timed:
     from apmae.topics import PATTERNS_MINE
     from services.bus import Processor
 
@@ -123,17 +147,17 @@ def consume_ours(bus, n: int, group: str) -> float:
 
     proc = Processor(bus, group, [PATTERNS_MINE], handler, batch_size=256)
     proc.consumer = _joined(bus.consumer(group, [PATTERNS_MINE]))
-    done = [0, 0.0]
+    done: list = [0, None]
 
     def progress(k: int) -> None:  # the clock stops at the commit of the last message, as for raw
         done[0] += k
-        if done[0] >= n:
-            done[1] = time.perf_counter()
+        if done[0] >= n and done[1] is None:
+            done[1] = _timed(t0, c0)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_now()
     proc.run(max_messages=n, idle_timeout_s=30, progress=progress)
-    assert seen[0] >= n, f"our processor got {seen[0]} of {n}"
-    return done[1] - t0
+    assert seen[0] >= n and done[1] is not None, f"our processor got {seen[0]} of {n}"
+    return done[1]
 
 
 def codec_cpu(payloads: list[bytes], batch: int = 64, repeats: int = 20) -> list[dict]:
@@ -198,12 +222,15 @@ def run(n: int, rounds: int) -> dict:
                 admin.delete_topics([raw_topic, bus.name(PATTERNS_MINE)])
                 admin.close()
                 bus.close()
-            med = {name: statistics.median(v) for name, v in t.items()}
+            med = {name: statistics.median(x.wall for x in v) for name, v in t.items()}
             mb = n * msg_bytes / 1e6
             # each round's own ratio (ours and raw ran back to back in it): the noise a ratio
             # from this machine carries is in their spread, hence the interval
-            ci = {way: median_ci([r / o for r, o in zip(t[f"raw_{way}"], t[f"ours_{way}"], strict=True)])
+            ci = {way: median_ci([r.wall / o.wall for r, o in zip(t[f"raw_{way}"], t[f"ours_{way}"], strict=True)])
                   for way in ("produce", "consume")}
+            cpu = {f"{way}_{kind}_ours_raw": median_ci([getattr(o, kind) / getattr(r, kind) for r, o in
+                                                        zip(t[f"raw_{way}"], t[f"ours_{way}"], strict=True)])
+                   for way in ("produce", "consume") for kind in ("cpu", "busy")}
             rows.append({
                 "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
                 "raw_produce_MB_s": mb / med["raw_produce"], "ours_produce_MB_s": mb / med["ours_produce"],
@@ -212,7 +239,10 @@ def run(n: int, rounds: int) -> dict:
                 "consume_ratio": ci["consume"][0], "consume_ci": f"{ci['consume'][1]:.2f}-{ci['consume'][2]:.2f}",
                 "ci_coverage": round(ci["produce"][3], 3),
                 "ours_consume_msg_s": n / med["ours_consume"],
-                "seconds": {name: [round(x, 3) for x in v] for name, v in t.items()},
+                **{k: f"{m:.2f} ({lo:.2f}-{hi:.2f})" for k, (m, lo, hi, _) in cpu.items()},
+                "seconds": {name: [round(x.wall, 3) for x in v] for name, v in t.items()},
+                "cpu_seconds": {name: [round(x.cpu, 3) for x in v] for name, v in t.items()},
+                "busy_cpu_seconds": {name: [round(x.busy, 3) for x in v] for name, v in t.items()},
             })
     return {"native_crc32c": native_crc32c(), "rows": rows, "codec_cpu": codec_cpu(payloads)}
 
@@ -225,11 +255,12 @@ def main() -> None:
     args = ap.parse_args()
     tuned = tune_allocator(args)
     res = {"allocator_tuned": tuned, **run(args.messages, args.rounds)}
-    cols = [c for c in res["rows"][0] if c != "seconds"]
+    cols = [c for c in res["rows"][0] if not c.endswith("seconds")]
     print(table(res["rows"], cols))
     print(table(res["codec_cpu"], list(res["codec_cpu"][0])))
     print(f"ratio = ours / raw kafka-python, median of {args.rounds} paired rounds, ci: its distribution-free "
-          f"interval (coverage in ci_coverage); 1.0 = no adapter overhead; "
+          f"interval (coverage in ci_coverage); 1.0 = no adapter overhead; *_cpu_ours_raw / *_busy_ours_raw: "
+          f"this process's / the machine's CPU-seconds over the same span, ours / raw (above 1: ours costs more); "
           f"native crc32c: {res['native_crc32c']}")
     print("wrote", write_result("bus", res))
 

@@ -22,7 +22,7 @@ from benchmarks.bus import consume_ours, consume_raw, patterns, produce_ours, pr
 def profiled(label: str, fn, top: int) -> float:
     prof = cProfile.Profile()
     prof.enable()
-    seconds = fn()
+    seconds = fn().wall
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
