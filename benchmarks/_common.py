@@ -37,10 +37,20 @@ class Clock:
 
     @staticmethod
     def busy() -> float:
+        """Busy CPU-seconds of this machine, every core: user, nice, system and interrupts.
+        Not steal (a VM's vCPU waiting while the host runs someone else) and not guest time
+        (already inside user and nice): neither is work of ours."""
         import psutil
 
         t = psutil.cpu_times()
-        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    @staticmethod
+    def steal() -> float:
+        """CPU-seconds the host took from this VM's vCPUs (0 on bare metal)."""
+        import psutil
+
+        return getattr(psutil.cpu_times(), "steal", 0.0)
 
     def start(self) -> Clock:
         self.cpu0, self.wall0 = self.busy(), time.perf_counter()

@@ -50,20 +50,28 @@ from benchmarks._common import (
 
 class Timed(NamedTuple):
     """One clocked span: wall seconds, this process's CPU-seconds (all threads), the
-    machine's busy CPU-seconds (every process)."""
+    machine's busy CPU-seconds (every process), and the CPU-seconds the host stole."""
 
     wall: float
     cpu: float
     busy: float
+    steal: float
 
 
-def _cpu_now() -> tuple[float, float]:
-    return time.process_time(), Clock.busy()
+def _cpu_now() -> tuple[float, float, float]:
+    return time.process_time(), Clock.busy(), Clock.steal()
 
 
-def _timed(t0: float, c0: tuple[float, float]) -> Timed:
+def _timed(t0: float, c0: tuple[float, float, float]) -> Timed:
     c1 = _cpu_now()
-    return Timed(time.perf_counter() - t0, c1[0] - c0[0], c1[1] - c0[1])
+    return Timed(time.perf_counter() - t0, *(b - a for a, b in zip(c0, c1, strict=True)))
+
+
+def _cost_ratio(raw: list[Timed], ours: list[Timed], kind: str) -> tuple[float, float, float, float]:
+    """``median_ci`` of ours' / raw's ``kind`` CPU-seconds per round. /proc/stat counts in
+    ticks of 10 ms: a round whose raw side counted none has no ratio (left out)."""
+    ratios = [getattr(o, kind) / getattr(r, kind) for r, o in zip(raw, ours, strict=True) if getattr(r, kind) > 0]
+    return median_ci(ratios) if ratios else (float("nan"),) * 4
 
 
 def patterns(n: int, size: int = 256) -> list[bytes]:
@@ -228,8 +236,7 @@ def run(n: int, rounds: int) -> dict:
             # from this machine carries is in their spread, hence the interval
             ci = {way: median_ci([r.wall / o.wall for r, o in zip(t[f"raw_{way}"], t[f"ours_{way}"], strict=True)])
                   for way in ("produce", "consume")}
-            cpu = {f"{way}_{kind}_ours_raw": median_ci([getattr(o, kind) / getattr(r, kind) for r, o in
-                                                        zip(t[f"raw_{way}"], t[f"ours_{way}"], strict=True)])
+            cpu = {f"{way}_{kind}_ours_raw": _cost_ratio(t[f"raw_{way}"], t[f"ours_{way}"], kind)
                    for way in ("produce", "consume") for kind in ("cpu", "busy")}
             rows.append({
                 "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
@@ -243,6 +250,7 @@ def run(n: int, rounds: int) -> dict:
                 "seconds": {name: [round(x.wall, 3) for x in v] for name, v in t.items()},
                 "cpu_seconds": {name: [round(x.cpu, 3) for x in v] for name, v in t.items()},
                 "busy_cpu_seconds": {name: [round(x.busy, 3) for x in v] for name, v in t.items()},
+                "steal_cpu_seconds": {name: [round(x.steal, 3) for x in v] for name, v in t.items()},
             })
     return {"native_crc32c": native_crc32c(), "rows": rows, "codec_cpu": codec_cpu(payloads)}
 
@@ -258,9 +266,10 @@ def main() -> None:
     cols = [c for c in res["rows"][0] if not c.endswith("seconds")]
     print(table(res["rows"], cols))
     print(table(res["codec_cpu"], list(res["codec_cpu"][0])))
-    print(f"ratio = ours / raw kafka-python, median of {args.rounds} paired rounds, ci: its distribution-free "
-          f"interval (coverage in ci_coverage); 1.0 = no adapter overhead; *_cpu_ours_raw / *_busy_ours_raw: "
-          f"this process's / the machine's CPU-seconds over the same span, ours / raw (above 1: ours costs more); "
+    print(f"*_ratio = ours' rate / raw kafka-python's (raw seconds / ours; below 1: ours is slower), median of "
+          f"{args.rounds} paired rounds, ci: its distribution-free interval (coverage in ci_coverage); 1.0 = no "
+          f"adapter overhead; *_cpu_ours_raw / *_busy_ours_raw: this process's / the machine's CPU-seconds over "
+          f"the same span, ours / raw (a cost: above 1, ours spends more); steal in the JSON; "
           f"native crc32c: {res['native_crc32c']}")
     print("wrote", write_result("bus", res))
 
