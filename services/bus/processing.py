@@ -234,7 +234,7 @@ class Processor:
         past a durable broker restart (CI, 2026-12-04) with its last log line a failed commit.
         Nested (``connect`` inside a watched region) the outer call's clock keeps running. One
         thread at a time: the helpers' calls (the keepalive's and the prefetch's polls, an
-        overlapped ending's flush and commit) run while the loop thread is in the handler,
+        overlapped ending's commit) run while the loop thread is in the handler,
         which makes no watched call, and each helper is joined before the next one."""
         outer = self.poll_since
         if outer is None:
@@ -485,7 +485,8 @@ class Processor:
         except BaseException:
             if self._ending_error is not None:  # the handler's error goes up; the ending's is not lost
                 metrics.ERRORS.labels(self.bus.service, type(self._ending_error).__name__).inc()
-                log.error("%s: the last batch's ending failed too: %s", self.bus.service, self._ending_error)
+                log.error("%s: the last batch's ending failed too: %s", self.bus.service, self._ending_error,
+                          exc_info=self._ending_error)
             raise
         finally:  # a failed ending stays in _handled, to be read again, whatever the handler did
             error, self._ending_error = self._ending_error, None
@@ -698,7 +699,8 @@ class Processor:
         the end). A member whose own partitions are read waits, neither idle nor stalled, while
         the group's other members read theirs (:meth:`_others_left`); short of its own end it
         waits, or stalls, as below. ``progress(n)`` is called with each committed batch's size
-        (a progress bar's update; with overlap_ending a turn later, from the helper thread).
+        (a progress bar's update; with overlap_ending a turn later, from either thread: the
+        helper's while the next batch is handled, so it must not share state with the handler).
 
         Nothing arrived while the input is not read to its end is not idleness: the broker is
         away (kafka-python's poll returns nothing while disconnected), the group is rejoining,
