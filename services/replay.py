@@ -321,8 +321,9 @@ def import_parquet(cfg: BusConfig, path: Path, to_topic: str | None = None, prog
                 if row["schema"] != t.record.SCHEMA:
                     wrong += 1
                     continue
-                # as Bus.send: no record headers, the id is in the envelope's head
-                bus.producer.send(bus.name(t), key=row["key"], value=row["value"], timestamp_ms=row["timestamp_ms"])
+                headers = [("id", row["id"].encode())] if row["id"] else []
+                bus.producer.send(bus.name(t), key=row["key"], value=row["value"], headers=headers,
+                                  timestamp_ms=row["timestamp_ms"])
                 n += 1
             bar.update(batch.num_rows)
         bar.close()
