@@ -87,6 +87,14 @@ def patterns(n: int, size: int = 256) -> list[bytes]:
     return [out[i % len(out)] for i in range(n)]
 
 
+def pattern_records(payloads: list[bytes], id_prefix: str = "") -> list:
+    """The payloads as PatternRecords of one model's 30 x 9 heads, 270 to a sample."""
+    from apmae.topics import PatternRecord
+
+    return [PatternRecord(id=f"{id_prefix}{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
+                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
+
+
 def _joined(consumer, timeout_s: float = 60.0):
     """Poll (fetching at most one record) until the group has assigned partitions."""
     t0 = time.perf_counter()
@@ -200,12 +208,11 @@ def run(n: int, rounds: int) -> dict:
 
     from apmae.config import BusConfig
     from apmae.messages import encode
-    from apmae.topics import PATTERNS_MINE, PatternRecord
+    from apmae.topics import PATTERNS_MINE
     from services.bus import Bus, native_crc32c
 
     payloads = patterns(n)
-    recs = [PatternRecord(id=f"{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
-                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
+    recs = pattern_records(payloads)
     msg_bytes = len(encode(recs[0]))
     rows = []
     with embedded_infra(("broker",)) as infra:

@@ -41,7 +41,7 @@ from benchmarks._common import (
     tune_allocator,
     write_result,
 )
-from benchmarks.bus import patterns
+from benchmarks.bus import pattern_records, patterns
 
 
 def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "auto") -> dict:
@@ -57,8 +57,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     torch.manual_seed(0)
     ckpt = save_pretrained(APMAE(variant(variant_name)), Path(tempfile.mkdtemp(prefix="apmae-enc-")) / "ckpt")
     payloads = patterns(n)
-    recs = [PatternRecord(id=f"p{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
-                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
+    recs = pattern_records(payloads, "p")
     model = APMAE(variant(variant_name))
     from safetensors.torch import load_file
 

@@ -39,21 +39,20 @@ from benchmarks._common import (
     tune_allocator,
     write_result,
 )
-from benchmarks.bus import patterns
+from benchmarks.bus import pattern_records, patterns
 
 
 def run(n: int, batch: int, rounds: int, offcpu_ms: float) -> dict:
     import torch
 
     from apmae.mae import APMAE, save_pretrained, variant
-    from apmae.topics import PATTERNS_MINE, PatternRecord
+    from apmae.topics import PATTERNS_MINE
     from services.bus import Bus, Output
     from services.encoder import Encoder, EncoderConfig
 
     torch.manual_seed(0)
     ckpt = save_pretrained(APMAE(variant("small")), Path(tempfile.mkdtemp(prefix="apmae-eo-")) / "ckpt")
-    recs = [PatternRecord(id=f"p{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
-                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(patterns(n))]
+    recs = pattern_records(patterns(n), "p")
 
     def offcpu(model: APMAE):
         """The stand-in forward: off the CPU for offcpu_ms, then zeros of the model's width."""

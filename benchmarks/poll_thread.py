@@ -32,7 +32,7 @@ from benchmarks._common import (  # noqa: E402
     tune_allocator,
     write_result,
 )
-from benchmarks.bus import patterns  # noqa: E402
+from benchmarks.bus import pattern_records, patterns  # noqa: E402
 
 N, BATCH = 2048, 128
 
@@ -49,8 +49,7 @@ def run(rounds: int) -> list[dict]:
     from services.bus import Bus, Output
 
     payloads = patterns(N)
-    recs = [PatternRecord(id=f"p{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
-                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
+    recs = pattern_records(payloads, "p")
     torch.manual_seed(0)
     model = APMAE(variant("small")).eval()
     packed = packed_values(read_packed(payloads, 256)[0])

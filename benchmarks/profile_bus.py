@@ -16,7 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import embedded_infra  # noqa: E402
-from benchmarks.bus import consume_ours, consume_raw, patterns, produce_ours, produce_raw  # noqa: E402
+from benchmarks.bus import (  # noqa: E402
+    consume_ours,
+    consume_raw,
+    pattern_records,
+    patterns,
+    produce_ours,
+    produce_raw,
+)
 
 
 def profiled(label: str, fn, top: int) -> float:
@@ -34,7 +41,7 @@ def main() -> None:
     from kafka.admin import NewTopic
 
     from apmae.config import BusConfig
-    from apmae.topics import PATTERNS_MINE, PatternRecord
+    from apmae.topics import PATTERNS_MINE
     from services.bus import Bus
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -44,8 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     n, comp = args.messages, args.compression
     payloads = patterns(n)
-    recs = [PatternRecord(id=f"{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
-                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(payloads)]
+    recs = pattern_records(payloads)
     with embedded_infra(("broker",)) as infra:
         cfg = BusConfig(bootstrap_servers=infra.bootstrap_servers, compression=comp, topic_prefix="prof.",
                         group_poll_interval_ms=8000)

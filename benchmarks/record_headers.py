@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import embedded_infra, median_ci, table, write_result  # noqa: E402
-from benchmarks.bus import patterns  # noqa: E402
+from benchmarks.bus import pattern_records, patterns  # noqa: E402
 
 
 def send_all(bootstrap: str, topic: str, keys, values, headers) -> tuple[float, float]:
@@ -48,10 +48,9 @@ def run(n: int, rounds: int) -> dict:
     from kafka.admin import KafkaAdminClient, NewTopic
 
     from apmae.messages import encode
-    from apmae.topics import PATTERNS_MINE, PatternRecord
+    from apmae.topics import PATTERNS_MINE
 
-    recs = [PatternRecord(id=f"{i}", sample_id=f"s{i // 270}", model="m", task="random", layer=i % 30,
-                          head=i % 9, correct=True, size=256, payload=p) for i, p in enumerate(patterns(n))]
+    recs = pattern_records(patterns(n))
     values = [encode(r) for r in recs]
     keys = [r.key.encode() for r in recs]
     headers = [[("id", r.id.encode()), ("schema", r.SCHEMA.encode())] for r in recs]
