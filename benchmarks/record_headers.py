@@ -18,6 +18,7 @@ The table gives with/without per round, median and distribution-free 95% interva
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,8 +70,8 @@ def run(n: int, rounds: int) -> dict:
     rows = []
     for i, what in ((0, "send loop thread CPU"), (1, "wall to the flush")):
         m, lo, hi, cov = median_ci([w[i] / p[i] for p, w in zip(t["without"], t["with"], strict=True)])
-        rows.append({"measure": what, "without_us_per_msg": sorted(p[i] for p in t["without"])[rounds // 2] / n * 1e6,
-                     "with_us_per_msg": sorted(w[i] for w in t["with"])[rounds // 2] / n * 1e6,
+        rows.append({"measure": what, "without_us_per_msg": statistics.median(p[i] for p in t["without"]) / n * 1e6,
+                     "with_us_per_msg": statistics.median(w[i] for w in t["with"]) / n * 1e6,
                      "with_over_without": m, "ci": f"{lo:.2f}-{hi:.2f}", "coverage": round(cov, 3)})
     return {"messages": n, "rounds": rounds, "rows": rows,
             "seconds": {way: [[round(c, 4), round(w, 4)] for c, w in v] for way, v in t.items()}}
