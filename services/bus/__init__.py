@@ -5,10 +5,12 @@
 * :mod:`services.bus.done`       - :class:`DoneStore`: marks of inputs whose outputs are durable
 * :mod:`services.bus.offsets`    - end offsets, ranged reads, and the consumer-lag probe
 * :mod:`services.bus.failpoints` - where fault tests make the loop fail on purpose
+* :mod:`services.bus.kafka_fixes` - two measured fixes to kafka-python's consume path, installed here
 
 Services import the public names from here.
 """
 
+from services.bus import kafka_fixes
 from services.bus.client import (
     TRANSIENT,
     Bus,
@@ -22,6 +24,8 @@ from services.bus.client import (
 from services.bus.done import DoneStore
 from services.bus.offsets import LagProbe, read_range, topic_end_offsets, true_end_offsets
 from services.bus.processing import ConsumerStalled, Handler, Processor, RunLimits
+
+kafka_fixes.install()
 
 __all__ = [
     "TRANSIENT", "Bus", "ConsumerStalled", "DeadLetter", "DoneStore", "Handler", "LagProbe", "Message", "Output", "Processor",

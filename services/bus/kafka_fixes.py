@@ -1,0 +1,105 @@
+"""Two measured fixes to kafka-python 3.0's consume path, installed when the bus is imported.
+
+kafka-python is the product's client and stays it; these replace two of its inner functions
+with ones that give the same bytes at less CPU for large records (a pattern is 65.8 KB):
+
+1. **Socket reads.** ``KafkaTCPTransport._sock_recv`` reads the socket 4 KiB at a time: a
+   pattern costs 17 ``recv`` calls, 17 bytes objects and a join. :func:`sock_recv` reads up to
+   256 KiB a call (what the kernel has ready; small responses still take one call).
+2. **zstd batches.** ``kafka.codec.zstd_decode`` decompresses through a streaming reader
+   that grows its output as it goes. :func:`zstd_decode` decompresses a one-frame batch with a
+   known content size (what kafka-python's and librdkafka's producers write) in one call into
+   an output of exactly that size, and hands anything else (several frames, a streaming frame
+   without its size, Java's producer) to kafka-python's own function, so every batch still
+   decodes.
+
+Measured (``benchmarks/consume_path.py``): the same consumer reading the same patterns, the
+client as shipped vs with these two, paired rounds; the figures are in the README's Throughput
+section. ``APMAE_STOCK_KAFKA=1`` leaves the client as shipped (the benchmark's A side, and a
+way out if a kafka-python release changes these functions: :func:`install` also refuses any
+version but 3.0.x, whose code these were written against).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import kafka
+import kafka.codec
+import kafka.errors
+import kafka.net.transport
+import kafka.record.default_records
+
+log = logging.getLogger("apmae.bus")
+
+RECV_BYTES = 256 * 1024
+_stock: dict[str, object] = {}  # what install() replaced, for uninstall()
+_local = threading.local()  # one ZstdDecompressor a thread: they are not thread-safe
+
+
+def sock_recv(self) -> tuple[bytes, Exception | None]:
+    """``KafkaTCPTransport._sock_recv`` with 256 KiB reads: everything the socket has ready,
+    and the error that ended the read (a disconnect or a socket error), as kafka-python's."""
+    received = []
+    err = None
+    while True:
+        try:
+            data = self._sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            break
+        except BaseException as e:  # noqa: BLE001 - kafka-python's own contract: any error closes
+            log.exception("%s: Error receiving network data closing socket", self)
+            err = kafka.errors.KafkaConnectionError(e)
+            break
+        if not data:
+            log.error("%s: socket disconnected", self)
+            err = kafka.errors.KafkaConnectionError("socket disconnected")
+            break
+        received.append(data)
+    return (received[0] if len(received) == 1 else b"".join(received)), err
+
+
+def zstd_decode(payload: bytes) -> bytes:
+    """A zstd record batch's records: one call into an exact-size output when the batch is one
+    frame that states its size, else kafka-python's streaming decode (same bytes either way)."""
+    import zstandard
+
+    if zstandard.frame_content_size(payload) > 0:
+        d = getattr(_local, "zstd", None)
+        if d is None:
+            d = _local.zstd = zstandard.ZstdDecompressor()
+        try:  # refuses a second frame (allow_extra_data) rather than dropping it
+            return d.decompress(payload, read_across_frames=False, allow_extra_data=False)
+        except zstandard.ZstdError:
+            pass
+    return kafka.codec.zstd_decode(payload)  # kafka-python's own (install() patches the record module's name)
+
+
+def install() -> bool:
+    """Put both fixes in place (idempotent); False, and the client untouched, when
+    ``APMAE_STOCK_KAFKA=1`` or kafka-python is not a 3.0 release."""
+    if os.environ.get("APMAE_STOCK_KAFKA") == "1":
+        return False
+    if not kafka.__version__.startswith("3.0."):
+        log.warning("kafka-python %s: its consume path is not the one services/bus/kafka_fixes.py was "
+                    "written for; running it as shipped", kafka.__version__)
+        return False
+    if not _stock:
+        _stock["sock_recv"] = kafka.net.transport.KafkaTCPTransport._sock_recv
+        _stock["zstd_decode"] = kafka.record.default_records.zstd_decode
+        kafka.net.transport.KafkaTCPTransport._sock_recv = sock_recv
+        kafka.record.default_records.zstd_decode = zstd_decode
+    return True
+
+
+def uninstall() -> None:
+    """The client as shipped again (the benchmark's stock rounds)."""
+    if _stock:
+        kafka.net.transport.KafkaTCPTransport._sock_recv = _stock.pop("sock_recv")
+        kafka.record.default_records.zstd_decode = _stock.pop("zstd_decode")
+
+
+def installed() -> bool:
+    return bool(_stock)

@@ -1,0 +1,201 @@
+"""services/bus/kafka_fixes.py: the two replacements give kafka-python's bytes and errors, with
+fewer socket reads and no streaming decode where a batch allows it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import kafka.codec
+import kafka.errors
+import kafka.net.transport
+import kafka.record.default_records
+import pytest
+import zstandard
+from kafka.record.memory_records import MemoryRecords, MemoryRecordsBuilder
+
+from services.bus import kafka_fixes
+
+pytestmark = pytest.mark.unit
+
+
+class _Counting:
+    """A socket whose recv calls are counted (the transport only calls recv)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.calls = sock, 0
+
+    def recv(self, n: int) -> bytes:
+        self.calls += 1
+        return self.sock.recv(n)
+
+
+class _Transport:  # what sock_recv reads off its transport: the socket
+    def __init__(self, sock):
+        self._sock = sock
+
+
+def _ready_pair(payload: bytes) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    a.sendall(payload)
+    b.setblocking(False)
+    return a, b
+
+
+def test_the_bus_installs_both_fixes():
+    import services.bus  # noqa: F401 - importing the bus installs them
+
+    assert kafka_fixes.installed()
+    assert kafka.net.transport.KafkaTCPTransport._sock_recv is kafka_fixes.sock_recv
+    assert kafka.record.default_records.zstd_decode is kafka_fixes.zstd_decode
+
+
+def test_uninstall_restores_kafka_python_and_install_is_idempotent(monkeypatch):
+    stock_recv = kafka_fixes._stock["sock_recv"]
+    kafka_fixes.uninstall()
+    try:
+        assert kafka.net.transport.KafkaTCPTransport._sock_recv is stock_recv
+        assert kafka.record.default_records.zstd_decode is kafka.codec.zstd_decode
+        monkeypatch.setenv("APMAE_STOCK_KAFKA", "1")
+        assert not kafka_fixes.install() and not kafka_fixes.installed()
+        monkeypatch.delenv("APMAE_STOCK_KAFKA")
+        assert kafka_fixes.install() and kafka_fixes.install()
+        assert kafka_fixes._stock["sock_recv"] is stock_recv  # not the fix saved as "stock"
+    finally:
+        kafka_fixes.install()
+
+
+def test_sock_recv_reads_what_is_ready_in_few_calls():
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    a, b = _ready_pair(payload)
+    try:
+        counting = _Counting(b)
+        got, err = kafka_fixes.sock_recv(_Transport(counting))
+        assert err is None and got == payload
+        # 4 reads of 256 KiB and the one that finds the socket empty; kafka-python's 4 KiB
+        # reads took 257
+        assert counting.calls <= len(payload) // kafka_fixes.RECV_BYTES + 1
+        stock = _Counting(b)
+        a.sendall(payload)
+        got, err = kafka_fixes._stock["sock_recv"](_Transport(stock))
+        assert got == payload and stock.calls > 8 * counting.calls
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sock_recv_reports_a_closed_peer_as_kafka_python_does():
+    results = []
+    for recv in (kafka_fixes.sock_recv, kafka_fixes._stock["sock_recv"]):
+        a, b = _ready_pair(b"last bytes")
+        a.close()
+        try:
+            results.append(recv(_Transport(b)))
+        finally:
+            b.close()
+    (got, err), (stock_got, stock_err) = results
+    assert got == stock_got == b"last bytes"  # what came before the close is handed on with the error
+    assert isinstance(err, kafka.errors.KafkaConnectionError) and type(err) is type(stock_err)
+
+
+def test_sock_recv_turns_a_socket_error_into_a_connection_error():
+    class Broken:
+        def recv(self, n):
+            raise ConnectionResetError("reset by peer")
+
+    got, err = kafka_fixes.sock_recv(_Transport(Broken()))
+    assert got == b"" and isinstance(err, kafka.errors.KafkaConnectionError)
+
+
+def test_sock_recv_keeps_reading_while_a_writer_streams():
+    a, b = socket.socketpair()
+    payload = b"x" * (3 << 20)
+    writer = threading.Thread(target=a.sendall, args=(payload,))
+    writer.start()
+    got = bytearray()
+    try:
+        b.setblocking(False)
+        while len(got) < len(payload):
+            data, err = kafka_fixes.sock_recv(_Transport(b))
+            assert err is None
+            got += data
+    finally:
+        writer.join()
+        a.close()
+        b.close()
+    assert bytes(got) == payload
+
+
+def _frames() -> dict[str, bytes]:
+    blob = bytes(range(256)) * 600
+    one = zstandard.ZstdCompressor().compress(blob)
+    streaming = zstandard.ZstdCompressor().compressobj()
+    return {"one frame": one,
+            "two frames": one + zstandard.ZstdCompressor().compress(b"tail" * 100),
+            "a streaming frame without its size": streaming.compress(blob) + streaming.flush()}
+
+
+@pytest.mark.parametrize("kind", ["one frame", "two frames", "a streaming frame without its size"])
+def test_zstd_decode_gives_kafka_pythons_bytes(kind, monkeypatch):
+    payload = _frames()[kind]
+    want = kafka.codec.zstd_decode(payload)
+    fallbacks = []
+    stock = kafka.codec.zstd_decode
+    monkeypatch.setattr(kafka.codec, "zstd_decode", lambda p: fallbacks.append(1) or stock(p))
+    assert kafka_fixes.zstd_decode(payload) == want
+    # one call into an exact-size output only for the frame that states its size; the rest
+    # go to kafka-python's streaming decode, which reads across frames
+    assert len(fallbacks) == (0 if kind == "one frame" else 1)
+
+
+def _damaged() -> dict[str, bytes]:
+    good = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(range(256)) * 600)
+    mid = len(good) // 2
+    return {"a flipped byte": good[:mid] + bytes([good[mid] ^ 0xFF]) + good[mid + 1:],
+            "a broken frame header": b"\0\0\0\0" + good[4:],
+            "a truncated frame": good[:-10]}
+
+
+@pytest.mark.parametrize("kind", ["a flipped byte", "a broken frame header"])
+def test_zstd_decode_of_a_corrupt_batch_raises_as_kafka_pythons(kind):
+    bad = _damaged()[kind]
+    with pytest.raises(zstandard.ZstdError):
+        kafka.codec.zstd_decode(bad)
+    with pytest.raises(zstandard.ZstdError):
+        kafka_fixes.zstd_decode(bad)
+
+
+def test_zstd_decode_of_a_truncated_batch_is_whatever_kafka_pythons_is():
+    # the one-shot call refuses a frame that ends early; the fallback then gives kafka-python's
+    # own answer (its streaming reader returns what it could decode), so nothing changes here
+    bad = _damaged()["a truncated frame"]
+    assert kafka_fixes.zstd_decode(bad) == kafka.codec.zstd_decode(bad)
+
+
+@pytest.mark.parametrize("compression", [0, 4])  # none, zstd
+def test_record_batches_read_the_same_with_and_without_the_fixes(compression):
+    values = [bytes([i % 251]) * (65_000 + i) for i in range(12)] + [b"", None]
+    builder = MemoryRecordsBuilder(magic=2, compression_type=compression, batch_size=1 << 22)
+    for i, v in enumerate(values):
+        builder.append(timestamp=1_700_000_000_000 + i, key=f"k{i}".encode(), value=v,
+                       headers=[("id", f"{i}".encode())])
+    builder.close()
+    wire = bytes(builder.buffer())
+
+    def read() -> list:
+        records, out = MemoryRecords(wire), []
+        while (batch := records.next_batch()) is not None:
+            out += [(r.offset, r.timestamp, r.key, r.value, r.headers) for r in batch]
+        return out
+
+    assert kafka_fixes.installed()
+    fixed = read()
+    kafka_fixes.uninstall()
+    try:
+        stock = read()
+    finally:
+        kafka_fixes.install()
+    assert fixed == stock and [v for *_, v, _ in fixed] == values
