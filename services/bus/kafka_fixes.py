@@ -5,13 +5,14 @@ with ones that give the same bytes at less CPU for large records (a pattern is 6
 
 1. **Socket reads.** ``KafkaTCPTransport._sock_recv`` reads the socket 4 KiB at a time: a
    pattern costs 17 ``recv`` calls, 17 bytes objects and a join. :func:`sock_recv` reads up to
-   256 KiB a call (what the kernel has ready; small responses still take one call).
+   256 KiB a call (what the kernel has ready; small responses still take one call). TLS
+   connections keep kafka-python's read (``KafkaSSLTransport`` has its own).
 2. **zstd batches.** ``kafka.codec.zstd_decode`` decompresses through a streaming reader
    that grows its output as it goes. :func:`zstd_decode` decompresses a one-frame batch with a
    known content size (what kafka-python's and librdkafka's producers write) in one call into
    an output of exactly that size, and hands anything else (several frames, a streaming frame
-   without its size, Java's producer) to kafka-python's own function, so every batch still
-   decodes.
+   without its size, one stating more than 64 MiB) to kafka-python's own function, so every
+   batch still decodes.
 
 Measured (``benchmarks/consume_path.py``): the same consumer reading the same patterns, the
 client as shipped vs with these two, paired rounds; the figures are in the README's Throughput
@@ -35,6 +36,10 @@ import kafka.record.default_records
 log = logging.getLogger("apmae.bus")
 
 RECV_BYTES = 256 * 1024
+# The one-call decode allocates the size a frame's header states before it reads a byte; a
+# corrupt or hostile header could state gigabytes. Larger frames (a real batch is a few MB:
+# requests are capped at 4 MB and patterns compress 1.25x) take kafka-python's streaming path.
+ONE_CALL_MAX_BYTES = 64 << 20
 _stock: dict[str, object] = {}  # what install() replaced, for uninstall()
 _local = threading.local()  # one ZstdDecompressor a thread: they are not thread-safe
 
@@ -66,7 +71,7 @@ def zstd_decode(payload: bytes) -> bytes:
     frame that states its size, else kafka-python's streaming decode (same bytes either way)."""
     import zstandard
 
-    if zstandard.frame_content_size(payload) > 0:
+    if 0 < zstandard.frame_content_size(payload) <= ONE_CALL_MAX_BYTES:
         d = getattr(_local, "zstd", None)
         if d is None:
             d = _local.zstd = zstandard.ZstdDecompressor()

@@ -151,6 +151,20 @@ def test_zstd_decode_gives_kafka_pythons_bytes(kind, monkeypatch):
     assert len(fallbacks) == (0 if kind == "one frame" else 1)
 
 
+def test_zstd_decode_streams_a_frame_that_states_more_than_the_one_call_cap(monkeypatch):
+    # a header's stated size is allocated before a byte is read: past the cap, the streaming path
+    payload = _frames()["one frame"]
+    monkeypatch.setattr(kafka_fixes, "ONE_CALL_MAX_BYTES", zstandard.frame_content_size(payload) - 1)
+    fallbacks = []
+    stock = kafka.codec.zstd_decode
+    monkeypatch.setattr(kafka.codec, "zstd_decode", lambda p: fallbacks.append(1) or stock(p))
+    assert kafka_fixes.zstd_decode(payload) == stock(payload) and fallbacks == [1]
+
+
+def test_tls_connections_keep_kafka_pythons_own_read():
+    assert kafka.net.transport.KafkaSSLTransport._sock_recv is not kafka_fixes.sock_recv
+
+
 def _damaged() -> dict[str, bytes]:
     good = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(range(256)) * 600)
     mid = len(good) // 2
