@@ -8,17 +8,17 @@ with ones that give the same bytes at less CPU for large records (a pattern is 6
    256 KiB a call (what the kernel has ready; small responses still take one call). TLS
    connections keep kafka-python's read (``KafkaSSLTransport`` has its own).
 2. **zstd batches.** ``kafka.codec.zstd_decode`` decompresses through a streaming reader
-   that grows its output as it goes. :func:`zstd_decode` decompresses a one-frame batch with a
-   known content size (what kafka-python's and librdkafka's producers write) in one call into
-   an output of exactly that size, and hands anything else (several frames, a streaming frame
-   without its size, one stating more than 64 MiB) to kafka-python's own function, so every
-   batch still decodes.
+   that grows its output as it goes. :func:`zstd_decode` decompresses a one-frame batch that
+   states its content size (kafka-python's producer writes it; a batch the broker recompressed
+   or Java's producer wrote may not) in one call into an output of exactly that size, and
+   hands anything else (several frames, no stated size, more than 64 MiB stated, a payload
+   too short for a header) to kafka-python's own function, so every batch decodes as before.
 
 Measured (``benchmarks/consume_path.py``): the same consumer reading the same patterns, the
 client as shipped vs with these two, paired rounds; the figures are in the README's Throughput
 section. ``APMAE_STOCK_KAFKA=1`` leaves the client as shipped (the benchmark's A side, and a
 way out if a kafka-python release changes these functions: :func:`install` also refuses any
-version but 3.0.x, whose code these were written against).
+release but those in ``WRITTEN_FOR``, whose code these were written against).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ RECV_BYTES = 256 * 1024
 # corrupt or hostile header could state gigabytes. Larger frames (a real batch is a few MB:
 # requests are capped at 4 MB and patterns compress 1.25x) take kafka-python's streaming path.
 ONE_CALL_MAX_BYTES = 64 << 20
+# The kafka-python releases whose _sock_recv and zstd_decode these were compared with (line by
+# line, and by tests/unit/test_kafka_fixes.py); any other runs as shipped, with a warning.
+WRITTEN_FOR = ("3.0.12",)
 _stock: dict[str, object] = {}  # what install() replaced, for uninstall()
 _local = threading.local()  # one ZstdDecompressor a thread: they are not thread-safe
 
@@ -71,7 +74,11 @@ def zstd_decode(payload: bytes) -> bytes:
     frame that states its size, else kafka-python's streaming decode (same bytes either way)."""
     import zstandard
 
-    if 0 < zstandard.frame_content_size(payload) <= ONE_CALL_MAX_BYTES:
+    try:  # a payload shorter than a frame header has no size: kafka-python's answer for it
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError:
+        size = -1
+    if 0 < size <= ONE_CALL_MAX_BYTES:  # 0: an empty frame, maybe before another: stream it
         d = getattr(_local, "zstd", None)
         if d is None:
             d = _local.zstd = zstandard.ZstdDecompressor()
@@ -84,10 +91,10 @@ def zstd_decode(payload: bytes) -> bytes:
 
 def install() -> bool:
     """Put both fixes in place (idempotent); False, and the client untouched, when
-    ``APMAE_STOCK_KAFKA=1`` or kafka-python is not a 3.0 release."""
+    ``APMAE_STOCK_KAFKA=1`` or kafka-python is not a release these were checked against."""
     if os.environ.get("APMAE_STOCK_KAFKA") == "1":
         return False
-    if not kafka.__version__.startswith("3.0."):
+    if kafka.__version__ not in WRITTEN_FOR:
         log.warning("kafka-python %s: its consume path is not the one services/bus/kafka_fixes.py was "
                     "written for; running it as shipped", kafka.__version__)
         return False
