@@ -74,6 +74,13 @@ def _cost_ratio(raw: list[Timed], ours: list[Timed], kind: str) -> tuple[float, 
     return median_ci(ratios) if ratios else (float("nan"),) * 4
 
 
+def round_seconds(t: dict[str, list[Timed]]) -> dict[str, dict[str, list[float]]]:
+    """Every round's wall, process CPU, busy and steal seconds, by side: the JSON's raw data."""
+    return {key: {name: [round(getattr(x, field), 3) for x in v] for name, v in t.items()}
+            for key, field in (("seconds", "wall"), ("cpu_seconds", "cpu"),
+                               ("busy_cpu_seconds", "busy"), ("steal_cpu_seconds", "steal"))}
+
+
 def patterns(n: int, size: int = 256) -> list[bytes]:
     from apmae.codec import encode_pattern
 
@@ -136,14 +143,15 @@ def produce_ours(cfg, records) -> Timed:
     return span
 
 
-def consume_raw(bus, topic, n: int, group: str) -> Timed:
-    """kafka-python's consumer as it comes (made by Bus.consumer only for the same settings)."""
+def consume_raw(bus, topic, n: int, group: str, commit: bool = True) -> Timed:
+    """kafka-python's consumer as it comes (made by Bus.consumer only for the same settings);
+    ``commit=False`` leaves the commits out (the consume path alone)."""
     c = _joined(bus.consumer(group, [topic]))
     got, t0, c0 = 0, time.perf_counter(), _cpu_now()
     while got < n and time.perf_counter() - t0 < 300:
         batch = c.poll(timeout_ms=500, max_records=256)
         got += sum(len(v) for v in batch.values())
-        if batch:
+        if batch and commit:
             c.commit()
     span = _timed(t0, c0)
     c.close(autocommit=False)
@@ -254,10 +262,7 @@ def run(n: int, rounds: int) -> dict:
                 "ci_coverage": round(ci["produce"][3], 3),
                 "ours_consume_msg_s": n / med["ours_consume"],
                 **{k: f"{m:.2f} ({lo:.2f}-{hi:.2f})" for k, (m, lo, hi, _) in cpu.items()},
-                "seconds": {name: [round(x.wall, 3) for x in v] for name, v in t.items()},
-                "cpu_seconds": {name: [round(x.cpu, 3) for x in v] for name, v in t.items()},
-                "busy_cpu_seconds": {name: [round(x.busy, 3) for x in v] for name, v in t.items()},
-                "steal_cpu_seconds": {name: [round(x.steal, 3) for x in v] for name, v in t.items()},
+                **round_seconds(t),
             })
     return {"native_crc32c": native_crc32c(), "rows": rows, "codec_cpu": codec_cpu(payloads)}
 

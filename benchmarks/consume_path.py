@@ -1,6 +1,6 @@
 """What services/bus/kafka_fixes.py saves: kafka-python's consumer as shipped vs with the fixes.
 
-The same consumer (made by ``Bus.consumer``, the services' settings) reads the same pattern
+The same consumer (``benchmarks.bus.consume_raw`` without commits: ``Bus.consumer``'s settings) reads the same pattern
 messages (PatternRecords, envelope and all, 65.9 KB) from the embedded broker, once with
 kafka-python's own socket read and zstd decode ("stock") and once with the two fixes
 ("fixed"), for an uncompressed topic and a zstd one (the patterns' default codec). In each
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,20 +29,7 @@ from benchmarks._common import (
     tune_allocator,
     write_result,
 )
-from benchmarks.bus import Timed, _cpu_now, _joined, _timed, pattern_records, patterns
-
-
-def consume(bus, topic, n: int, group: str) -> Timed:
-    """Seek to the beginning and poll until ``n`` messages are in hand (no commits: the
-    consume path alone)."""
-    c = _joined(bus.consumer(group, [topic]))
-    got, t0, c0 = 0, time.perf_counter(), _cpu_now()
-    while got < n and time.perf_counter() - t0 < 300:
-        got += sum(len(v) for v in c.poll(timeout_ms=500, max_records=256).values())
-    span = _timed(t0, c0)
-    c.close(autocommit=False)
-    assert got >= n, f"consumer got {got} of {n}"
-    return span
+from benchmarks.bus import Timed, _cost_ratio, consume_raw, pattern_records, patterns, round_seconds
 
 
 def run(n: int, rounds: int) -> dict:
@@ -70,13 +56,11 @@ def run(n: int, rounds: int) -> dict:
                         kafka_fixes.uninstall()
                     else:
                         assert kafka_fixes.install(), "the fixes did not install (APMAE_STOCK_KAFKA=1?)"
-                    t[side].append(consume(bus, PATTERNS_MINE, n, f"{side}{k}"))
+                    t[side].append(consume_raw(bus, PATTERNS_MINE, n, f"{side}{k}", commit=False))
             kafka_fixes.install()
             bus.close()
-            pairs = list(zip(t["stock"], t["fixed"], strict=True))
-            cpu = median_ci([f.cpu / s.cpu for s, f in pairs])
-            busy = median_ci([f.busy / s.busy for s, f in pairs if s.busy > 0])
-            rate = median_ci([s.wall / f.wall for s, f in pairs])
+            cpu, busy = (_cost_ratio(t["stock"], t["fixed"], kind) for kind in ("cpu", "busy"))
+            rate = median_ci([s.wall / f.wall for s, f in zip(t["stock"], t["fixed"], strict=True)])
             rows.append({
                 "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
                 "stock_us_cpu_msg": statistics.median(x.cpu for x in t["stock"]) / n * 1e6,
@@ -87,10 +71,7 @@ def run(n: int, rounds: int) -> dict:
                 "fixed_MB_s": n * msg_bytes / 1e6 / statistics.median(x.wall for x in t["fixed"]),
                 "rate_fixed_stock": f"{rate[0]:.2f} ({rate[1]:.2f}-{rate[2]:.2f})",
                 "ci_coverage": round(cpu[3], 3),
-                "seconds": {s: [round(x.wall, 3) for x in v] for s, v in t.items()},
-                "cpu_seconds": {s: [round(x.cpu, 3) for x in v] for s, v in t.items()},
-                "busy_cpu_seconds": {s: [round(x.busy, 3) for x in v] for s, v in t.items()},
-                "steal_cpu_seconds": {s: [round(x.steal, 3) for x in v] for s, v in t.items()},
+                **round_seconds(t),
             })
     return {"native_crc32c": native_crc32c(), "rows": rows}
 

@@ -32,6 +32,7 @@ import kafka.codec
 import kafka.errors
 import kafka.net.transport
 import kafka.record.default_records
+import zstandard
 
 log = logging.getLogger("apmae.bus")
 
@@ -72,8 +73,6 @@ def sock_recv(self) -> tuple[bytes, Exception | None]:
 def zstd_decode(payload: bytes) -> bytes:
     """A zstd record batch's records: one call into an exact-size output when the batch is one
     frame that states its size, else kafka-python's streaming decode (same bytes either way)."""
-    import zstandard
-
     try:  # a payload shorter than a frame header has no size: kafka-python's answer for it
         size = zstandard.frame_content_size(payload)
     except zstandard.ZstdError:
