@@ -1,14 +1,18 @@
-"""services/bus/kafka_fixes.py: the two replacements give kafka-python's bytes and errors, with
-fewer socket reads and no streaming decode where a batch allows it."""
+"""services/bus/kafka_fixes.py: the replacements give kafka-python's bytes, state and errors, with
+fewer socket reads, no streaming decode where a batch allows it, one copy of a response body
+instead of two, and no socket repr to register a socket."""
 
 from __future__ import annotations
 
+import selectors
 import socket
 import threading
 
 import kafka.codec
 import kafka.errors
+import kafka.net.selector
 import kafka.net.transport
+import kafka.protocol.frame
 import kafka.record.default_records
 import pytest
 import zstandard
@@ -31,20 +35,25 @@ def _ready_pair(payload: bytes) -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def test_the_bus_installs_both_fixes():
+def test_the_bus_installs_every_fix():
     import services.bus  # noqa: F401 - importing the bus installs them
 
     assert kafka_fixes.installed()
     assert kafka.net.transport.KafkaTCPTransport._sock_recv is kafka_fixes.sock_recv
     assert kafka.record.default_records.zstd_decode is kafka_fixes.zstd_decode
+    assert kafka.protocol.frame.KafkaBytes.read is kafka_fixes.kafka_bytes_read
+    assert kafka.net.selector.NetworkSelector.register_event is kafka_fixes.register_event
 
 
 def test_uninstall_restores_kafka_python_and_install_is_idempotent(monkeypatch):
     stock_recv = kafka_fixes._stock["sock_recv"]
+    stock_read, stock_register = kafka_fixes._stock["kafka_bytes_read"], kafka_fixes._stock["register_event"]
     kafka_fixes.uninstall()
     try:
         assert kafka.net.transport.KafkaTCPTransport._sock_recv is stock_recv
         assert kafka.record.default_records.zstd_decode is kafka.codec.zstd_decode
+        assert kafka.protocol.frame.KafkaBytes.read is stock_read is not kafka_fixes.kafka_bytes_read
+        assert kafka.net.selector.NetworkSelector.register_event is stock_register
         monkeypatch.setenv("APMAE_STOCK_KAFKA", "1")
         assert not kafka_fixes.install() and not kafka_fixes.installed()
         monkeypatch.delenv("APMAE_STOCK_KAFKA")
@@ -231,3 +240,80 @@ def test_record_batches_read_the_same_with_and_without_the_fixes(compression):
     finally:
         kafka_fixes.install()
     assert fixed == stock and [v for *_, v, _ in fixed] == values
+
+
+def _buffer(data: bytes) -> kafka.protocol.frame.KafkaBytes:
+    buf = kafka.protocol.frame.KafkaBytes(len(data))
+    buf.write(data)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("reads", [[None], [4, None], [3, 5, 100, None, 2], [0, 7, 0], [20, 1]])
+def test_kafka_bytes_read_gives_kafka_pythons_bytes_and_positions(reads):
+    data = bytes(range(17))
+    fixed, stock = _buffer(data), _buffer(data)
+    for n in reads:
+        got, want = kafka_fixes.kafka_bytes_read(fixed, n), kafka_fixes._stock["kafka_bytes_read"](stock, n)
+        assert type(got) is bytes and got == want and fixed.tell() == stock.tell()
+
+
+def test_kafka_bytes_read_leaves_no_view_of_the_buffer_behind():
+    buf = _buffer(b"abcdef")
+    assert kafka_fixes.kafka_bytes_read(buf, 3) == b"abc"
+    buf.extend(b"g")  # a bytearray with a live export refuses to resize (BufferError)
+    assert kafka_fixes.kafka_bytes_read(buf) == b"defg"
+
+
+def _network_selector() -> kafka.net.selector.NetworkSelector:
+    return kafka.net.selector.NetworkSelector()
+
+
+def _task():
+    def coro():
+        yield
+
+    return kafka.net.selector.Task(coro())
+
+
+@pytest.mark.parametrize("register", ["fixed", "stock"])
+def test_register_event_registers_as_kafka_pythons(register, monkeypatch):
+    fn = kafka_fixes.register_event if register == "fixed" else kafka_fixes._stock["register_event"]
+    reprs = []
+    monkeypatch.setattr(socket.socket, "__repr__", lambda s: reprs.append(1) or "<socket>")
+    net, (a, b) = _network_selector(), socket.socketpair()
+    try:
+        reader, writer = _task(), _task()
+        fn(net, a, selectors.EVENT_READ, reader)  # not registered: the fix's own path
+        # kafka-python finds an unregistered socket by a KeyError that formats repr(sock),
+        # twice (a getsockname and a getpeername each); the fix asks by descriptor number
+        assert len(reprs) == (0 if register == "fixed" else 2)
+        key = net._selector.get_key(a)
+        assert key.events == selectors.EVENT_READ and key.data == (reader, None)
+        fn(net, a, selectors.EVENT_WRITE, writer)  # registered for reading: kafka-python's
+        key = net._selector.get_key(a)
+        assert key.events == selectors.EVENT_READ | selectors.EVENT_WRITE and key.data == (reader, writer)
+        with pytest.raises(RuntimeError, match="EVENT_READ already registered"):
+            fn(net, a, selectors.EVENT_READ, _task())
+        net.unregister_event(a, selectors.EVENT_READ)
+        net.unregister_event(a, selectors.EVENT_WRITE)
+        reprs.clear()
+        fn(net, a, selectors.EVENT_WRITE, writer)  # unregistered again, for the other event
+        assert net._selector.get_key(a).data == (None, writer)
+        assert len(reprs) == (0 if register == "fixed" else 2)
+    finally:
+        net._selector.close()
+        a.close()
+        b.close()
+
+
+def test_register_event_of_a_closed_socket_raises_as_kafka_pythons():
+    net, (a, b) = _network_selector(), socket.socketpair()
+    a.close()
+    b.close()
+    try:
+        for fn in (kafka_fixes.register_event, kafka_fixes._stock["register_event"]):
+            with pytest.raises(ValueError):
+                fn(net, a, selectors.EVENT_READ, _task())
+    finally:
+        net._selector.close()
