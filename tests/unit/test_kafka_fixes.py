@@ -43,6 +43,8 @@ def test_the_bus_installs_every_fix():
     assert kafka.record.default_records.zstd_decode is kafka_fixes.zstd_decode
     assert kafka.protocol.frame.KafkaBytes.read is kafka_fixes.kafka_bytes_read
     assert kafka.net.selector.NetworkSelector.register_event is kafka_fixes.register_event
+    assert kafka.net.selector.NetworkSelector.wakeup is kafka_fixes.wakeup
+    assert kafka.net.selector.NetworkSelector._process_events is kafka_fixes.process_events
 
 
 def test_uninstall_restores_kafka_python_and_install_is_idempotent(monkeypatch):
@@ -54,6 +56,7 @@ def test_uninstall_restores_kafka_python_and_install_is_idempotent(monkeypatch):
         assert kafka.record.default_records.zstd_decode is kafka.codec.zstd_decode
         assert kafka.protocol.frame.KafkaBytes.read is stock_read is not kafka_fixes.kafka_bytes_read
         assert kafka.net.selector.NetworkSelector.register_event is stock_register
+        assert all(getattr(owner, name) is not fix for owner, name, fix in kafka_fixes._FIXES)
         monkeypatch.setenv("APMAE_STOCK_KAFKA", "1")
         assert not kafka_fixes.install() and not kafka_fixes.installed()
         monkeypatch.delenv("APMAE_STOCK_KAFKA")
@@ -315,5 +318,97 @@ def test_register_event_of_a_closed_socket_raises_as_kafka_pythons():
         for fn in (kafka_fixes.register_event, kafka_fixes._stock["register_event"]):
             with pytest.raises(ValueError):
                 fn(net, a, selectors.EVENT_READ, _task())
+    finally:
+        net._selector.close()
+
+
+def _pending_wakeup_bytes(net: kafka.net.selector.NetworkSelector) -> int:
+    try:
+        return len(net._wakeup_r.recv(1024, socket.MSG_PEEK))
+    except BlockingIOError:
+        return 0
+
+
+def test_wakeup_writes_one_byte_until_the_loop_drains_it():
+    net = _network_selector()
+    try:
+        for _ in range(5):
+            kafka_fixes.wakeup(net)
+        assert _pending_wakeup_bytes(net) == 1  # kafka-python's writes one a call: 5
+        # the byte waiting wakes the loop: select sees the wake-up socket ready at once
+        events = net._selector.select(0)
+        assert [key.fileobj for key, _ in events] == [net._wakeup_r]
+        net._process_events(events)  # drains it, then clears the flag
+        assert _pending_wakeup_bytes(net) == 0
+        kafka_fixes.wakeup(net)  # the next wake-up writes again
+        assert _pending_wakeup_bytes(net) == 1
+    finally:
+        net._selector.close()
+
+
+def test_kafka_pythons_wakeup_writes_a_byte_a_call():
+    net = _network_selector()
+    try:
+        for _ in range(5):
+            kafka_fixes._stock["wakeup"](net)
+        assert _pending_wakeup_bytes(net) == 5
+    finally:
+        net._selector.close()
+
+
+def test_a_rebuilt_wakeup_pair_wakes_again():
+    net = _network_selector()
+    try:
+        kafka_fixes.wakeup(net)
+        net._rebuild_wakeup_socketpair()  # kafka-python's answer to a broken pair: a new, empty one
+        kafka_fixes.wakeup(net)
+        assert _pending_wakeup_bytes(net) == 1
+    finally:
+        net._selector.close()
+
+
+def test_tasks_handed_to_a_running_loop_from_other_threads_all_run():
+    # the loop blocks in select with no timeout (nothing scheduled): a wake-up lost leaves a
+    # task queued forever; each of 2 x 500 hand-offs must wake it (the wait's bound is a hang's,
+    # not a speed: the 1,000 run in milliseconds)
+    net = _network_selector()
+    loop = threading.Thread(target=net.run_forever, daemon=True)
+    loop.start()
+    ran, done = [], threading.Event()
+
+    def hand_off():
+        for _ in range(500):
+            net.call_soon_threadsafe(lambda: ran.append(1) or (len(ran) == 1000 and done.set()))
+
+    threads = [threading.Thread(target=hand_off) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert done.wait(120), f"{1000 - len(ran)} tasks never ran: a wake-up was lost"
+    finally:
+        net._stop = True
+        net.wakeup()
+        loop.join()
+        net._selector.close()
+
+
+def test_the_wakeup_flag_clears_only_after_kafka_python_drained_the_byte(monkeypatch):
+    # cleared before the drain, a wake-up in between would be skipped and its byte never
+    # written, while the drain empties the pair: the loop could then block with work queued
+    net, seen = _network_selector(), []
+    stock = kafka_fixes._stock["process_events"]
+
+    def drain(self, events):
+        seen.append(("before", self._wake_pending))
+        stock(self, events)
+        seen.append(("after", self._wake_pending))
+
+    monkeypatch.setitem(kafka_fixes._stock, "process_events", drain)
+    try:
+        kafka_fixes.wakeup(net)
+        kafka_fixes.process_events(net, net._selector.select(0))
+        assert seen == [("before", True), ("after", True)] and net._wake_pending is False
     finally:
         net._selector.close()
