@@ -35,9 +35,9 @@ with ones that give the same bytes at less CPU for large records (a pattern is 6
    only after the drain, by :func:`process_events`, so a wake-up skipped before that finds
    the loop awake, never asleep).
 
-Measured (``benchmarks/consume_path.py``): the same consumer reading the same patterns, the
-client as shipped vs with these fixes, paired rounds; the figures are in the README's Throughput
-section. ``APMAE_STOCK_KAFKA=1`` leaves the client as shipped (the benchmark's A side, and a
+Measured (``benchmarks/consume_path.py``, ``benchmarks/produce_path.py``): the same consumer
+reading, and our producer sending, the same patterns, the client as shipped vs with these
+fixes, paired rounds; the figures are in the README's Throughput section. ``APMAE_STOCK_KAFKA=1`` leaves the client as shipped (the benchmark's A side, and a
 way out if a kafka-python release changes these functions: :func:`install` also refuses any
 release but those in ``WRITTEN_FOR``, whose code these were written against).
 """
