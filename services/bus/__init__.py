@@ -5,7 +5,7 @@
 * :mod:`services.bus.done`       - :class:`DoneStore`: marks of inputs whose outputs are durable
 * :mod:`services.bus.offsets`    - end offsets, ranged reads, and the consumer-lag probe
 * :mod:`services.bus.failpoints` - where fault tests make the loop fail on purpose
-* :mod:`services.bus.kafka_fixes` - two measured fixes to kafka-python's consume path, installed here
+* :mod:`services.bus.kafka_fixes` - measured fixes to kafka-python's network path, installed here
 
 Services import the public names from here.
 """

@@ -1,7 +1,8 @@
 """Measured fixes to kafka-python 3.0's network path, installed when the bus is imported.
 
 kafka-python is the product's client and stays it; these replace some of its inner functions
-with ones that give the same bytes at less CPU for large records (a pattern is 65.8 KB):
+with ones that give the same bytes and, where measured (below), less CPU for large records
+(a pattern is 65.8 KB):
 
 1. **Socket reads.** ``KafkaTCPTransport._sock_recv`` reads the socket 4 KiB at a time: a
    pattern costs 17 ``recv`` calls, 17 bytes objects and a join. :func:`sock_recv` reads up to
@@ -17,29 +18,34 @@ with ones that give the same bytes at less CPU for large records (a pattern is 6
    receive buffer (a copy) and then copies the slice into bytes: every fetched byte twice.
    :func:`kafka_bytes_read` makes the one copy, through a memoryview (same bytes, same
    position). A CPU-weighted stack sample of the consume path (2026-12-06, 6 rounds x 3,000
-   patterns) put 29-30% of its CPU in that method's own lines.
+   patterns; one diagnostic run, coarse attribution) put 29-30% of the consume's CPU in that
+   method's own lines, with the allocator untuned, which magnifies it: with it tuned, as the
+   services run, the copy saved is ~28 us a MiB (micro-timed).
 4. **Socket registration.** kafka-python's IO thread registers a socket with its selector
    for each wait and unregisters it after, and ``register_event`` finds it unregistered by
    the KeyError of ``selector.get_key(sock)``, whose message the standard library formats with
    ``repr(sock)``, twice: a ``getsockname`` and a ``getpeername`` each time, 7-8% of the same
-   profile. :func:`register_event` asks by descriptor number (a KeyError of an int) and
+   (one-run) profile. :func:`register_event` asks by descriptor number (a KeyError of an int) and
    registers; a socket already registered (or closed) takes kafka-python's own method.
 5. **Wake-ups.** A thread that hands the IO loop work (a producer's ``send`` when a batch
    fills, a consumer's request) wakes it by writing a byte to a socketpair, each time: a
-   ``send`` syscall and a GIL hand-off to the loop. With the broker slower than the sends,
-   kafka-python reports every append as filling a batch (more than one batch waits per
-   partition), so 2,841 of 3,000 pattern sends woke the loop (counted, 2026-12-06).
-   :func:`wakeup` writes the byte only when none is waiting: one written and not yet
-   drained wakes the loop anyway, and the loop, once it drained the byte, runs its ready
-   tasks and the sender re-reads its batches before it can block again (the flag is cleared
-   only after the drain, by :func:`process_events`, so a wake-up skipped before that finds
-   the loop awake, never asleep).
+   ``send`` syscall and a GIL hand-off to the loop. kafka-python counts an append as filling
+   a batch whenever more than one batch waits for its partition, which, with the broker
+   slower than the sends, is nearly always: 2,841 of 3,000 pattern sends woke the loop
+   (counted, 2026-12-06). :func:`wakeup` writes the byte only when none is waiting: one
+   written and not yet drained wakes the loop anyway (or is about to be written by the thread
+   that set the flag), and the flag is cleared by :func:`process_events` only after the
+   loop drained the byte, before the loop runs its ready tasks and returns from its poll: work
+   handed over before the clear is seen in that pass, work handed over after it writes a byte
+   again. The flag carries the install it was set under: one left set by a loop that drained
+   with kafka-python's own method in between (``uninstall``) is ignored after ``install``.
 
 Measured (``benchmarks/consume_path.py``, ``benchmarks/produce_path.py``): the same consumer
 reading, and our producer sending, the same patterns, the client as shipped vs with these
-fixes, paired rounds; the figures are in the README's Throughput section. ``APMAE_STOCK_KAFKA=1`` leaves the client as shipped (the benchmark's A side, and a
-way out if a kafka-python release changes these functions: :func:`install` also refuses any
-release but those in ``WRITTEN_FOR``, whose code these were written against).
+fixes, paired rounds (their "stock" side is :func:`uninstall`); the figures are in the
+README's Throughput section. ``APMAE_STOCK_KAFKA=1`` leaves the client as shipped (a way out
+if a kafka-python release changes these functions: :func:`install` also refuses any release
+but those in ``WRITTEN_FOR``, whose code these were written against).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ ONE_CALL_MAX_BYTES = 64 << 20
 # line, and by tests/unit/test_kafka_fixes.py); any other runs as shipped, with a warning.
 WRITTEN_FOR = ("3.0.12",)
 _stock: dict[str, object] = {}  # what install() replaced, for uninstall()
+_installs = [0]  # how many times install() put the fixes in place
 _local = threading.local()  # one ZstdDecompressor a thread: they are not thread-safe
 
 
@@ -118,14 +125,14 @@ def kafka_bytes_read(self: kafka.protocol.frame.KafkaBytes, nbytes: int | None =
     start = self._idx
     stop = len(self) if nbytes is None else min(start + nbytes, len(self))
     self._idx = stop
-    with memoryview(self) as view, view[start:stop] as part:  # released: the buffer may be written again
+    with memoryview(self) as view, view[start:stop] as part:  # released: a live view forbids resizing the buffer
         return bytes(part)
 
 
 def register_event(self: kafka.net.selector.NetworkSelector, fileobj, event: int, task) -> None:
     """``NetworkSelector.register_event`` for its common case, a socket not registered yet,
     looked up by descriptor number: a miss then raises (inside ``Mapping.get``) a KeyError
-    naming an int, not one naming ``repr(sock)``, two syscalls. Anything else, a socket
+    naming an int, not one naming ``repr(sock)`` twice (four syscalls). Anything else, a socket
     registered for the other event, a closed one, a selector that is closed, takes
     kafka-python's own method, which also raises its errors."""
     fd = fileobj if isinstance(fileobj, int) else getattr(fileobj, "fileno", lambda: -1)()
@@ -140,16 +147,20 @@ def register_event(self: kafka.net.selector.NetworkSelector, fileobj, event: int
 
 def wakeup(self: kafka.net.selector.NetworkSelector) -> None:
     """``NetworkSelector.wakeup`` that writes its byte only when no byte of it is waiting to be
-    drained (``_wake_pending``, cleared by :func:`process_events` after the drain)."""
-    if getattr(self, "_wake_pending", False):
+    drained: ``_wake_pending`` holds the install it was set under, cleared by
+    :func:`process_events` after the drain."""
+    if getattr(self, "_wake_pending", None) == _installs[0]:
         return
-    self._wake_pending = True
+    self._wake_pending = _installs[0]
     try:
         self._wakeup_w.send(b"\x00")
     except BlockingIOError:  # the socketpair is full of wake-up bytes: the loop will wake
         pass
-    except OSError:  # closed, as kafka-python ignores it; a rebuilt pair starts clear
-        self._wake_pending = False
+    except OSError:  # closed, which kafka-python ignores: nothing written, nothing waits
+        self._wake_pending = None
+    except BaseException:  # nothing written either: the next wake-up must write
+        self._wake_pending = None
+        raise
 
 
 def process_events(self: kafka.net.selector.NetworkSelector, event_list) -> None:
@@ -160,13 +171,13 @@ def process_events(self: kafka.net.selector.NetworkSelector, event_list) -> None
         _stock["process_events"](self, event_list)
     finally:
         if woken:
-            self._wake_pending = False
+            self._wake_pending = None
 
 
 def rebuild_wakeup_socketpair(self: kafka.net.selector.NetworkSelector) -> None:
     """``NetworkSelector._rebuild_wakeup_socketpair``: a new, empty pair, so no byte waits."""
     _stock["rebuild_wakeup_socketpair"](self)
-    self._wake_pending = False
+    self._wake_pending = None
 
 
 # (module, attribute, the fix) for each replacement: install() saves what it replaces
@@ -187,10 +198,11 @@ def install() -> bool:
     if os.environ.get("APMAE_STOCK_KAFKA") == "1":
         return False
     if kafka.__version__ not in WRITTEN_FOR:
-        log.warning("kafka-python %s: its consume path is not the one services/bus/kafka_fixes.py was "
+        log.warning("kafka-python %s: its network path is not the one services/bus/kafka_fixes.py was "
                     "written for; running it as shipped", kafka.__version__)
         return False
     if not _stock:
+        _installs[0] += 1  # a wake-up flag set under an earlier install is stale: see wakeup
         for owner, name, fix in _FIXES:
             _stock[fix.__name__] = getattr(owner, name)
             setattr(owner, name, fix)

@@ -45,6 +45,7 @@ def test_the_bus_installs_every_fix():
     assert kafka.net.selector.NetworkSelector.register_event is kafka_fixes.register_event
     assert kafka.net.selector.NetworkSelector.wakeup is kafka_fixes.wakeup
     assert kafka.net.selector.NetworkSelector._process_events is kafka_fixes.process_events
+    assert kafka.net.selector.NetworkSelector._rebuild_wakeup_socketpair is kafka_fixes.rebuild_wakeup_socketpair
 
 
 def test_uninstall_restores_kafka_python_and_install_is_idempotent(monkeypatch):
@@ -252,7 +253,7 @@ def _buffer(data: bytes) -> kafka.protocol.frame.KafkaBytes:
     return buf
 
 
-@pytest.mark.parametrize("reads", [[None], [4, None], [3, 5, 100, None, 2], [0, 7, 0], [20, 1]])
+@pytest.mark.parametrize("reads", [[None], [4, None], [3, 5, 100, None, 2], [0, 7, 0], [20, 1], [-3], [5, -2, None]])
 def test_kafka_bytes_read_gives_kafka_pythons_bytes_and_positions(reads):
     data = bytes(range(17))
     fixed, stock = _buffer(data), _buffer(data)
@@ -286,12 +287,16 @@ def test_register_event_registers_as_kafka_pythons(register, monkeypatch):
     monkeypatch.setattr(socket.socket, "__repr__", lambda s: reprs.append(1) or "<socket>")
     net, (a, b) = _network_selector(), socket.socketpair()
     try:
-        reader, writer = _task(), _task()
-        fn(net, a, selectors.EVENT_READ, reader)  # not registered: the fix's own path
+        def coro():
+            yield
+
+        fn(net, a, selectors.EVENT_READ, coro())  # not registered: the fix's own path
         # kafka-python finds an unregistered socket by a KeyError that formats repr(sock),
         # twice (a getsockname and a getpeername each); the fix asks by descriptor number
         assert len(reprs) == (0 if register == "fixed" else 2)
         key = net._selector.get_key(a)
+        reader, writer = key.data[0], _task()
+        assert isinstance(reader, kafka.net.selector.Task)  # a bare coroutine is made a Task, as kafka-python does
         assert key.events == selectors.EVENT_READ and key.data == (reader, None)
         fn(net, a, selectors.EVENT_WRITE, writer)  # registered for reading: kafka-python's
         key = net._selector.get_key(a)
@@ -387,10 +392,10 @@ def test_tasks_handed_to_a_running_loop_from_other_threads_all_run():
         t.join()
     try:
         assert done.wait(120), f"{1000 - len(ran)} tasks never ran: a wake-up was lost"
-    finally:
+    finally:  # stopped by kafka-python's own wake-up: one that the fix lost must not hang the suite
         net._stop = True
-        net.wakeup()
-        loop.join()
+        kafka_fixes._stock["wakeup"](net)
+        loop.join(30)
         net._selector.close()
 
 
@@ -401,14 +406,72 @@ def test_the_wakeup_flag_clears_only_after_kafka_python_drained_the_byte(monkeyp
     stock = kafka_fixes._stock["process_events"]
 
     def drain(self, events):
-        seen.append(("before", self._wake_pending))
+        seen.append(("before", self._wake_pending is not None))
         stock(self, events)
-        seen.append(("after", self._wake_pending))
+        seen.append(("after", self._wake_pending is not None))
 
     monkeypatch.setitem(kafka_fixes._stock, "process_events", drain)
     try:
         kafka_fixes.wakeup(net)
         kafka_fixes.process_events(net, net._selector.select(0))
-        assert seen == [("before", True), ("after", True)] and net._wake_pending is False
+        assert seen == [("before", True), ("after", True)] and net._wake_pending is None
     finally:
         net._selector.close()
+
+
+def test_the_wakeup_flag_clears_even_when_kafka_pythons_drain_raises(monkeypatch):
+    net = _network_selector()
+
+    def drain_then_fail(self, events):
+        self._wakeup_r.recv(1024)
+        raise RuntimeError("a task's callback failed")
+
+    monkeypatch.setitem(kafka_fixes._stock, "process_events", drain_then_fail)
+    try:
+        kafka_fixes.wakeup(net)
+        with pytest.raises(RuntimeError):
+            kafka_fixes.process_events(net, net._selector.select(0))
+        kafka_fixes.wakeup(net)  # a flag left set here would skip every wake-up from now on
+        assert _pending_wakeup_bytes(net) == 1
+    finally:
+        net._selector.close()
+
+
+def test_a_wakeup_on_a_closed_pair_is_ignored_and_leaves_the_flag_clear():
+    net = _network_selector()
+    try:
+        net._wakeup_w.close()
+        kafka_fixes.wakeup(net)  # kafka-python ignores the OSError too
+        assert net._wake_pending is None
+    finally:
+        net._selector.close()
+
+
+def test_a_flag_left_set_across_an_uninstall_is_ignored_after_install():
+    # a loop that drained with kafka-python's own _process_events (fixes uninstalled) leaves
+    # the flag set with no byte waiting; after install the next wake-up must still write
+    net = _network_selector()
+    try:
+        kafka_fixes.wakeup(net)
+        kafka_fixes.uninstall()
+        try:
+            net._process_events(net._selector.select(0))  # kafka-python's: drains, flag untouched
+        finally:
+            kafka_fixes.install()
+        assert _pending_wakeup_bytes(net) == 0 and net._wake_pending is not None
+        kafka_fixes.wakeup(net)
+        assert _pending_wakeup_bytes(net) == 1
+    finally:
+        net._selector.close()
+
+
+def test_register_event_on_a_closed_selector_raises_as_kafka_pythons():
+    net, (a, b) = _network_selector(), socket.socketpair()
+    net._selector.close()
+    try:
+        for fn in (kafka_fixes.register_event, kafka_fixes._stock["register_event"]):
+            with pytest.raises(RuntimeError):
+                fn(net, a, selectors.EVENT_READ, _task())
+    finally:
+        a.close()
+        b.close()
