@@ -32,6 +32,35 @@ from benchmarks._common import (
 from benchmarks.bus import Timed, _cost_ratio, consume_raw, pattern_records, patterns, round_seconds
 
 
+def client_as(side: str) -> None:
+    """kafka-python as shipped ("stock") or with ``kafka_fixes`` ("fixed"), process-wide."""
+    from services.bus import kafka_fixes
+
+    if side == "stock":
+        kafka_fixes.uninstall()
+    else:
+        assert kafka_fixes.install(), "the fixes did not install (APMAE_STOCK_KAFKA=1?)"
+
+
+def stock_vs_fixed_row(comp: str, n: int, rounds: int, msg_bytes: int, t: dict[str, list[Timed]]) -> dict:
+    """One codec's table row from its rounds' spans, by side: CPU a message, the paired CPU,
+    busy-CPU and rate ratios (fixed over stock) with their intervals, and the raw seconds."""
+    cpu, busy = (_cost_ratio(t["stock"], t["fixed"], kind) for kind in ("cpu", "busy"))
+    rate = median_ci([s.wall / f.wall for s, f in zip(t["stock"], t["fixed"], strict=True)])
+    return {
+        "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
+        "stock_us_cpu_msg": statistics.median(x.cpu for x in t["stock"]) / n * 1e6,
+        "fixed_us_cpu_msg": statistics.median(x.cpu for x in t["fixed"]) / n * 1e6,
+        "cpu_fixed_stock": f"{cpu[0]:.2f} ({cpu[1]:.2f}-{cpu[2]:.2f})",
+        "busy_fixed_stock": f"{busy[0]:.2f} ({busy[1]:.2f}-{busy[2]:.2f})",
+        "stock_MB_s": n * msg_bytes / 1e6 / statistics.median(x.wall for x in t["stock"]),
+        "fixed_MB_s": n * msg_bytes / 1e6 / statistics.median(x.wall for x in t["fixed"]),
+        "rate_fixed_stock": f"{rate[0]:.2f} ({rate[1]:.2f}-{rate[2]:.2f})",
+        "ci_coverage": round(cpu[3], 3),
+        **round_seconds(t),
+    }
+
+
 def run(n: int, rounds: int) -> dict:
     from apmae.config import BusConfig
     from apmae.messages import encode
@@ -52,27 +81,11 @@ def run(n: int, rounds: int) -> dict:
             t: dict[str, list[Timed]] = {"stock": [], "fixed": []}
             for k in range(rounds):
                 for side in ("stock", "fixed") if k % 2 == 0 else ("fixed", "stock"):
-                    if side == "stock":
-                        kafka_fixes.uninstall()
-                    else:
-                        assert kafka_fixes.install(), "the fixes did not install (APMAE_STOCK_KAFKA=1?)"
+                    client_as(side)
                     t[side].append(consume_raw(bus, PATTERNS_MINE, n, f"{side}{k}", commit=False))
             kafka_fixes.install()
             bus.close()
-            cpu, busy = (_cost_ratio(t["stock"], t["fixed"], kind) for kind in ("cpu", "busy"))
-            rate = median_ci([s.wall / f.wall for s, f in zip(t["stock"], t["fixed"], strict=True)])
-            rows.append({
-                "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
-                "stock_us_cpu_msg": statistics.median(x.cpu for x in t["stock"]) / n * 1e6,
-                "fixed_us_cpu_msg": statistics.median(x.cpu for x in t["fixed"]) / n * 1e6,
-                "cpu_fixed_stock": f"{cpu[0]:.2f} ({cpu[1]:.2f}-{cpu[2]:.2f})",
-                "busy_fixed_stock": f"{busy[0]:.2f} ({busy[1]:.2f}-{busy[2]:.2f})",
-                "stock_MB_s": n * msg_bytes / 1e6 / statistics.median(x.wall for x in t["stock"]),
-                "fixed_MB_s": n * msg_bytes / 1e6 / statistics.median(x.wall for x in t["fixed"]),
-                "rate_fixed_stock": f"{rate[0]:.2f} ({rate[1]:.2f}-{rate[2]:.2f})",
-                "ci_coverage": round(cpu[3], 3),
-                **round_seconds(t),
-            })
+            rows.append(stock_vs_fixed_row(comp, n, rounds, msg_bytes, t))
     return {"native_crc32c": native_crc32c(), "rows": rows}
 
 

@@ -34,14 +34,8 @@ from benchmarks._common import (
     tune_allocator,
     write_result,
 )
-from benchmarks.bus import (
-    Timed,
-    _cost_ratio,
-    pattern_records,
-    patterns,
-    produce_ours,
-    round_seconds,
-)
+from benchmarks.bus import Timed, pattern_records, patterns, produce_ours
+from benchmarks.consume_path import client_as, stock_vs_fixed_row
 
 
 def _with_loop_cpu(fn) -> tuple[Timed, float]:
@@ -66,10 +60,7 @@ def run(n: int, rounds: int) -> dict:
             loop_cpu: dict[str, list[float]] = {"stock": [], "fixed": []}
             for k in range(rounds):
                 for side in ("stock", "fixed") if k % 2 == 0 else ("fixed", "stock"):
-                    if side == "stock":
-                        kafka_fixes.uninstall()
-                    else:
-                        assert kafka_fixes.install(), "the fixes did not install (APMAE_STOCK_KAFKA=1?)"
+                    client_as(side)
                     cfg = BusConfig(bootstrap_servers=infra.bootstrap_servers, compression=comp,
                                     topic_prefix=f"{comp}{k}{side}.")
                     bus = Bus(cfg, "bench")
@@ -82,23 +73,12 @@ def run(n: int, rounds: int) -> dict:
                     admin.close()
                     bus.close()
             kafka_fixes.install()
-            cpu, busy = (_cost_ratio(t["stock"], t["fixed"], kind) for kind in ("cpu", "busy"))
             loop = median_ci([f / s for s, f in zip(loop_cpu["stock"], loop_cpu["fixed"], strict=True)])
-            rate = median_ci([s.wall / f.wall for s, f in zip(t["stock"], t["fixed"], strict=True)])
             rows.append({
-                "compression": comp, "messages": n, "rounds": rounds, "msg_bytes": msg_bytes,
-                "stock_us_cpu_msg": statistics.median(x.cpu for x in t["stock"]) / n * 1e6,
-                "fixed_us_cpu_msg": statistics.median(x.cpu for x in t["fixed"]) / n * 1e6,
-                "cpu_fixed_stock": f"{cpu[0]:.2f} ({cpu[1]:.2f}-{cpu[2]:.2f})",
+                **stock_vs_fixed_row(comp, n, rounds, msg_bytes, t),
                 "stock_loop_us_msg": statistics.median(loop_cpu["stock"]) / n * 1e6,
                 "fixed_loop_us_msg": statistics.median(loop_cpu["fixed"]) / n * 1e6,
                 "loop_cpu_fixed_stock": f"{loop[0]:.2f} ({loop[1]:.2f}-{loop[2]:.2f})",
-                "busy_fixed_stock": f"{busy[0]:.2f} ({busy[1]:.2f}-{busy[2]:.2f})",
-                "stock_MB_s": n * msg_bytes / 1e6 / statistics.median(x.wall for x in t["stock"]),
-                "fixed_MB_s": n * msg_bytes / 1e6 / statistics.median(x.wall for x in t["fixed"]),
-                "rate_fixed_stock": f"{rate[0]:.2f} ({rate[1]:.2f}-{rate[2]:.2f})",
-                "ci_coverage": round(cpu[3], 3),
-                **round_seconds(t),
                 "loop_cpu_seconds": {side: [round(x, 3) for x in v] for side, v in loop_cpu.items()},
             })
     return {"native_crc32c": native_crc32c(), "rows": rows}
