@@ -1,10 +1,11 @@
 import dataclasses
+import struct
 from typing import ClassVar
 
 import pytest
 
 from apmae.messages import InvalidMessage, Record, decode, encode, stable_id
-from apmae.topics import ALL_TOPICS, FileRecord, PatternRecord, SampleRecord
+from apmae.topics import ALL_TOPICS, AssignmentRecord, FileRecord, PatternRecord, SampleRecord
 
 
 def _sample(**kw):
@@ -38,6 +39,55 @@ def test_optional_fields_and_none():
 def test_malformed_envelopes_say_why(value, reason):
     with pytest.raises(InvalidMessage, match=reason):
         decode(value, SampleRecord)
+
+
+def _with_header(header: bytes) -> bytes:
+    return b"AP" + struct.pack(">BI", 1, len(header)) + header
+
+
+SAMPLE_HEAD = encode(_sample())[7:]  # the header alone (a sample carries no payload)
+
+
+@pytest.mark.parametrize(
+    "field, literal, reason",
+    [
+        (b'"target_token":5', b'"target_token":NaN', "not JSON"),
+        (b'"target_token":5', b'"target_token":-Infinity', "not JSON"),
+        (b'"target_token":5', b'"target_token":1e999', "not JSON"),  # a float out of range, not inf
+        (b'"target_token":5', b'"target_token":' + b"9" * 5000, "not JSON"),
+        (b'"target_token":5', b'"target_token":18446744073709551616', "expected int"),  # 2**64: a float
+        (b'"target":"foo"', b'"target":"\\ud800"', "not JSON"),  # a lone surrogate
+        (b'"target":"foo"', b'"target":"\xff"', "not JSON"),  # not UTF-8
+        (b'"target":"foo"', b'"target":' + b"[" * 2000 + b"]" * 2000, "not JSON"),  # nested past 1024
+    ],
+)
+def test_the_header_parser_refuses_what_a_record_must_never_carry(field, literal, reason):
+    """What the header's parser (orjson) refuses, each a message's own error: none of these
+    may decode into a record (it could not be encoded again, or is not the declared type)."""
+    assert field in SAMPLE_HEAD
+    with pytest.raises(InvalidMessage, match=reason):
+        decode(_with_header(SAMPLE_HEAD.replace(field, literal)), SampleRecord)
+    assert decode(_with_header(SAMPLE_HEAD), SampleRecord) == _sample()  # the unaltered header decodes
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_encode_refuses_a_non_finite_float_rather_than_writing_null(bad):
+    rec = AssignmentRecord(id="a", sample_id="s", model="m", task="identifier", layer=0, head=0, correct=True,
+                           cluster=1, strength=bad, cluster_version="v1")
+    with pytest.raises(ValueError, match="not a JSON number"):
+        encode(rec)
+    assert decode(encode(dataclasses.replace(rec, strength=0.25)), AssignmentRecord).strength == 0.25
+
+
+def test_encode_refuses_an_int_past_64_bits():
+    with pytest.raises(TypeError):
+        encode(_sample(target_token=2**64))
+    assert decode(encode(_sample(target_token=2**63 - 1)), SampleRecord).target_token == 2**63 - 1
+
+
+def test_non_ascii_text_round_trips():
+    rec = FileRecord(id="f", source="s", path="src/Größe.java", content="// 注释 \u00e9 é \U0001F600 😀\n")
+    assert decode(encode(rec), FileRecord) == rec
 
 
 def test_schema_version_types_and_size_are_validated():
