@@ -7,6 +7,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
+from collections.abc import Iterator
 
 import kafka.codec
 import kafka.errors
@@ -269,8 +270,20 @@ def test_kafka_bytes_read_leaves_no_view_of_the_buffer_behind():
     assert kafka_fixes.kafka_bytes_read(buf) == b"defg"
 
 
-def _network_selector() -> kafka.net.selector.NetworkSelector:
-    return kafka.net.selector.NetworkSelector()
+@pytest.fixture
+def net() -> Iterator[kafka.net.selector.NetworkSelector]:
+    """A kafka-python IO loop's selector (not running), its epoll closed after the test."""
+    selector = kafka.net.selector.NetworkSelector()
+    yield selector
+    selector._selector.close()  # a second close (a test's own) is a no-op
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
 
 
 def _task():
@@ -281,50 +294,43 @@ def _task():
 
 
 @pytest.mark.parametrize("register", ["fixed", "stock"])
-def test_register_event_registers_as_kafka_pythons(register, monkeypatch):
+def test_register_event_registers_as_kafka_pythons(register, net, pair, monkeypatch):
     fn = kafka_fixes.register_event if register == "fixed" else kafka_fixes._stock["register_event"]
     reprs = []
     monkeypatch.setattr(socket.socket, "__repr__", lambda s: reprs.append(1) or "<socket>")
-    net, (a, b) = _network_selector(), socket.socketpair()
-    try:
-        def coro():
-            yield
+    a = pair[0]
 
-        fn(net, a, selectors.EVENT_READ, coro())  # not registered: the fix's own path
-        # kafka-python finds an unregistered socket by a KeyError that formats repr(sock),
-        # twice (a getsockname and a getpeername each); the fix asks by descriptor number
-        assert len(reprs) == (0 if register == "fixed" else 2)
-        key = net._selector.get_key(a)
-        reader, writer = key.data[0], _task()
-        assert isinstance(reader, kafka.net.selector.Task)  # a bare coroutine is made a Task, as kafka-python does
-        assert key.events == selectors.EVENT_READ and key.data == (reader, None)
-        fn(net, a, selectors.EVENT_WRITE, writer)  # registered for reading: kafka-python's
-        key = net._selector.get_key(a)
-        assert key.events == selectors.EVENT_READ | selectors.EVENT_WRITE and key.data == (reader, writer)
-        with pytest.raises(RuntimeError, match="EVENT_READ already registered"):
-            fn(net, a, selectors.EVENT_READ, _task())
-        net.unregister_event(a, selectors.EVENT_READ)
-        net.unregister_event(a, selectors.EVENT_WRITE)
-        reprs.clear()
-        fn(net, a, selectors.EVENT_WRITE, writer)  # unregistered again, for the other event
-        assert net._selector.get_key(a).data == (None, writer)
-        assert len(reprs) == (0 if register == "fixed" else 2)
-    finally:
-        net._selector.close()
-        a.close()
-        b.close()
+    def coro():
+        yield
+
+    fn(net, a, selectors.EVENT_READ, coro())  # not registered: the fix's own path
+    # kafka-python finds an unregistered socket by a KeyError that formats repr(sock),
+    # twice (a getsockname and a getpeername each); the fix asks by descriptor number
+    assert len(reprs) == (0 if register == "fixed" else 2)
+    key = net._selector.get_key(a)
+    reader, writer = key.data[0], _task()
+    assert isinstance(reader, kafka.net.selector.Task)  # a bare coroutine is made a Task, as kafka-python does
+    assert key.events == selectors.EVENT_READ and key.data == (reader, None)
+    fn(net, a, selectors.EVENT_WRITE, writer)  # registered for reading: kafka-python's
+    key = net._selector.get_key(a)
+    assert key.events == selectors.EVENT_READ | selectors.EVENT_WRITE and key.data == (reader, writer)
+    with pytest.raises(RuntimeError, match="EVENT_READ already registered"):
+        fn(net, a, selectors.EVENT_READ, _task())
+    net.unregister_event(a, selectors.EVENT_READ)
+    net.unregister_event(a, selectors.EVENT_WRITE)
+    reprs.clear()
+    fn(net, a, selectors.EVENT_WRITE, writer)  # unregistered again, for the other event
+    assert net._selector.get_key(a).data == (None, writer)
+    assert len(reprs) == (0 if register == "fixed" else 2)
 
 
-def test_register_event_of_a_closed_socket_raises_as_kafka_pythons():
-    net, (a, b) = _network_selector(), socket.socketpair()
+def test_register_event_of_a_closed_socket_raises_as_kafka_pythons(net, pair):
+    a, b = pair
     a.close()
     b.close()
-    try:
-        for fn in (kafka_fixes.register_event, kafka_fixes._stock["register_event"]):
-            with pytest.raises(ValueError):
-                fn(net, a, selectors.EVENT_READ, _task())
-    finally:
-        net._selector.close()
+    for fn in (kafka_fixes.register_event, kafka_fixes._stock["register_event"]):
+        with pytest.raises(ValueError):
+            fn(net, a, selectors.EVENT_READ, _task())
 
 
 def _pending_wakeup_bytes(net: kafka.net.selector.NetworkSelector) -> int:
@@ -334,49 +340,36 @@ def _pending_wakeup_bytes(net: kafka.net.selector.NetworkSelector) -> int:
         return 0
 
 
-def test_wakeup_writes_one_byte_until_the_loop_drains_it():
-    net = _network_selector()
-    try:
-        for _ in range(5):
-            kafka_fixes.wakeup(net)
-        assert _pending_wakeup_bytes(net) == 1  # kafka-python's writes one a call: 5
-        # the byte waiting wakes the loop: select sees the wake-up socket ready at once
-        events = net._selector.select(0)
-        assert [key.fileobj for key, _ in events] == [net._wakeup_r]
-        net._process_events(events)  # drains it, then clears the flag
-        assert _pending_wakeup_bytes(net) == 0
-        kafka_fixes.wakeup(net)  # the next wake-up writes again
-        assert _pending_wakeup_bytes(net) == 1
-    finally:
-        net._selector.close()
-
-
-def test_kafka_pythons_wakeup_writes_a_byte_a_call():
-    net = _network_selector()
-    try:
-        for _ in range(5):
-            kafka_fixes._stock["wakeup"](net)
-        assert _pending_wakeup_bytes(net) == 5
-    finally:
-        net._selector.close()
-
-
-def test_a_rebuilt_wakeup_pair_wakes_again():
-    net = _network_selector()
-    try:
+def test_wakeup_writes_one_byte_until_the_loop_drains_it(net):
+    for _ in range(5):
         kafka_fixes.wakeup(net)
-        net._rebuild_wakeup_socketpair()  # kafka-python's answer to a broken pair: a new, empty one
-        kafka_fixes.wakeup(net)
-        assert _pending_wakeup_bytes(net) == 1
-    finally:
-        net._selector.close()
+    assert _pending_wakeup_bytes(net) == 1  # kafka-python's writes one a call: 5
+    # the byte waiting wakes the loop: select sees the wake-up socket ready at once
+    events = net._selector.select(0)
+    assert [key.fileobj for key, _ in events] == [net._wakeup_r]
+    net._process_events(events)  # drains it, then clears the flag
+    assert _pending_wakeup_bytes(net) == 0
+    kafka_fixes.wakeup(net)  # the next wake-up writes again
+    assert _pending_wakeup_bytes(net) == 1
 
 
-def test_tasks_handed_to_a_running_loop_from_other_threads_all_run():
+def test_kafka_pythons_wakeup_writes_a_byte_a_call(net):
+    for _ in range(5):
+        kafka_fixes._stock["wakeup"](net)
+    assert _pending_wakeup_bytes(net) == 5
+
+
+def test_a_rebuilt_wakeup_pair_wakes_again(net):
+    kafka_fixes.wakeup(net)
+    net._rebuild_wakeup_socketpair()  # kafka-python's answer to a broken pair: a new, empty one
+    kafka_fixes.wakeup(net)
+    assert _pending_wakeup_bytes(net) == 1
+
+
+def test_tasks_handed_to_a_running_loop_from_other_threads_all_run(net):
     # the loop blocks in select with no timeout (nothing scheduled): a wake-up lost leaves a
     # task queued forever; each of 2 x 500 hand-offs must wake it (the wait's bound is a hang's,
     # not a speed: the 1,000 run in milliseconds)
-    net = _network_selector()
     loop = threading.Thread(target=net.run_forever, daemon=True)
     loop.start()
     ran, done = [], threading.Event()
@@ -396,13 +389,12 @@ def test_tasks_handed_to_a_running_loop_from_other_threads_all_run():
         net._stop = True
         kafka_fixes._stock["wakeup"](net)
         loop.join(30)
-        net._selector.close()
 
 
-def test_the_wakeup_flag_clears_only_after_kafka_python_drained_the_byte(monkeypatch):
+def test_the_wakeup_flag_clears_only_after_kafka_python_drained_the_byte(net, monkeypatch):
     # cleared before the drain, a wake-up in between would be skipped and its byte never
     # written, while the drain empties the pair: the loop could then block with work queued
-    net, seen = _network_selector(), []
+    seen = []
     stock = kafka_fixes._stock["process_events"]
 
     def drain(self, events):
@@ -411,67 +403,46 @@ def test_the_wakeup_flag_clears_only_after_kafka_python_drained_the_byte(monkeyp
         seen.append(("after", self._wake_pending is not None))
 
     monkeypatch.setitem(kafka_fixes._stock, "process_events", drain)
-    try:
-        kafka_fixes.wakeup(net)
-        kafka_fixes.process_events(net, net._selector.select(0))
-        assert seen == [("before", True), ("after", True)] and net._wake_pending is None
-    finally:
-        net._selector.close()
+    kafka_fixes.wakeup(net)
+    kafka_fixes.process_events(net, net._selector.select(0))
+    assert seen == [("before", True), ("after", True)] and net._wake_pending is None
 
 
-def test_the_wakeup_flag_clears_even_when_kafka_pythons_drain_raises(monkeypatch):
-    net = _network_selector()
-
+def test_the_wakeup_flag_clears_even_when_kafka_pythons_drain_raises(net, monkeypatch):
     def drain_then_fail(self, events):
         self._wakeup_r.recv(1024)
         raise RuntimeError("a task's callback failed")
 
     monkeypatch.setitem(kafka_fixes._stock, "process_events", drain_then_fail)
-    try:
-        kafka_fixes.wakeup(net)
-        with pytest.raises(RuntimeError):
-            kafka_fixes.process_events(net, net._selector.select(0))
-        kafka_fixes.wakeup(net)  # a flag left set here would skip every wake-up from now on
-        assert _pending_wakeup_bytes(net) == 1
-    finally:
-        net._selector.close()
+    kafka_fixes.wakeup(net)
+    with pytest.raises(RuntimeError):
+        kafka_fixes.process_events(net, net._selector.select(0))
+    kafka_fixes.wakeup(net)  # a flag left set here would skip every wake-up from now on
+    assert _pending_wakeup_bytes(net) == 1
 
 
-def test_a_wakeup_on_a_closed_pair_is_ignored_and_leaves_the_flag_clear():
-    net = _network_selector()
-    try:
-        net._wakeup_w.close()
-        kafka_fixes.wakeup(net)  # kafka-python ignores the OSError too
-        assert net._wake_pending is None
-    finally:
-        net._selector.close()
+def test_a_wakeup_on_a_closed_pair_is_ignored_and_leaves_the_flag_clear(net):
+    net._wakeup_w.close()
+    kafka_fixes.wakeup(net)  # kafka-python ignores the OSError too
+    assert net._wake_pending is None
 
 
-def test_a_flag_left_set_across_an_uninstall_is_ignored_after_install():
+def test_a_flag_left_set_across_an_uninstall_is_ignored_after_install(net):
     # a loop that drained with kafka-python's own _process_events (fixes uninstalled) leaves
     # the flag set with no byte waiting; after install the next wake-up must still write
-    net = _network_selector()
+    kafka_fixes.wakeup(net)
+    kafka_fixes.uninstall()
     try:
-        kafka_fixes.wakeup(net)
-        kafka_fixes.uninstall()
-        try:
-            net._process_events(net._selector.select(0))  # kafka-python's: drains, flag untouched
-        finally:
-            kafka_fixes.install()
-        assert _pending_wakeup_bytes(net) == 0 and net._wake_pending is not None
-        kafka_fixes.wakeup(net)
-        assert _pending_wakeup_bytes(net) == 1
+        net._process_events(net._selector.select(0))  # kafka-python's: drains, flag untouched
     finally:
-        net._selector.close()
+        kafka_fixes.install()
+    assert _pending_wakeup_bytes(net) == 0 and net._wake_pending is not None
+    kafka_fixes.wakeup(net)
+    assert _pending_wakeup_bytes(net) == 1
 
 
-def test_register_event_on_a_closed_selector_raises_as_kafka_pythons():
-    net, (a, b) = _network_selector(), socket.socketpair()
+def test_register_event_on_a_closed_selector_raises_as_kafka_pythons(net, pair):
     net._selector.close()
-    try:
-        for fn in (kafka_fixes.register_event, kafka_fixes._stock["register_event"]):
-            with pytest.raises(RuntimeError):
-                fn(net, a, selectors.EVENT_READ, _task())
-    finally:
-        a.close()
-        b.close()
+    for fn in (kafka_fixes.register_event, kafka_fixes._stock["register_event"]):
+        with pytest.raises(RuntimeError):
+            fn(net, pair[0], selectors.EVENT_READ, _task())
