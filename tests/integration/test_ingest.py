@@ -88,3 +88,18 @@ def test_heap_parquet_drops_training_duplicates_and_jsonl(tmp_path):
     j.write_text('{"content": "class J {}", "path": "J.java"}\nnot json\n{"no": 1}\n')
     s2 = CorpusStats()
     assert [f.path for f in open_corpus(j, s2)] == ["J.java"] and s2.skipped["malformed json line"] == 2
+
+
+def test_a_file_whose_name_is_not_utf8_is_published_and_read_back(bus_cfg, tmp_path):
+    # os.walk reads the name with surrogateescape: text the header's fast writer (orjson)
+    # refuses; the standard library's writes it escaped, and the reader takes it back
+    root = tmp_path / "c"
+    root.mkdir()
+    name = b"Gr\xf6\xdfe.java"
+    with open(bytes(root) + b"/" + name, "w") as f:
+        f.write("class G { int g = 3; }\n")
+    stats = Ingest(cfg_for(bus_cfg, root)).run(progress=False)
+    assert stats["published"] == 1
+    msgs = list(read_range(__import__("services.bus", fromlist=["Bus"]).Bus(bus_cfg), FILES))
+    assert len(msgs) == 1 and msgs[0].record.content == "class G { int g = 3; }\n"
+    assert msgs[0].record.path.endswith(name.decode("utf-8", "surrogateescape"))
