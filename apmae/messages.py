@@ -100,12 +100,17 @@ def encode(record: Record) -> bytes:
     return b"".join((_HEAD.pack(MAGIC, FORMAT, len(head)), head, payload))
 
 
+def _fits_64_bits(v: int) -> bool:
+    """An int orjson reads and writes as one (int64 or uint64): the header's int range."""
+    return -(1 << 63) <= v < 1 << 64
+
+
 def _check_number(name: str, v: Any) -> None:
     """orjson writes NaN and Infinity as null (a field silently emptied) and reads an int
     outside 64 bits as a float: refuse both on the way out, naming the field."""
     if isinstance(v, float) and not math.isfinite(v):
         raise ValueError(f"field {name!r}: {v} is not a JSON number")
-    if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < 1 << 64:
+    if isinstance(v, int) and not isinstance(v, bool) and not _fits_64_bits(v):
         raise ValueError(f"field {name!r}: an int of {v.bit_length()} bits is outside 64 bits")
     if isinstance(v, (list, tuple)):
         for item in v:
@@ -159,7 +164,7 @@ def _finite_float(text: str) -> float:
 def _int64(text: str) -> int:
     """What orjson reads as a float and encode() refuses to write is no int here either."""
     v = int(text)
-    if not -(1 << 63) <= v < 1 << 64:
+    if not _fits_64_bits(v):
         raise ValueError(f"{_short(text, 40)} is outside 64 bits")
     return v
 
