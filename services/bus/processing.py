@@ -131,6 +131,12 @@ class Processor:
     # polling thread, and with the poll in line the encoder ran at its serial bound, 0.51x a
     # raw forward with 12 of 16 cores idle (benchmarks/spare_cores.sh, 2026-12-04).
     prefetch: bool = True
+    # ... but only after a handler that took at least this long. A helper thread costs its
+    # start, its join and polls of its own, and beside a handler that returns at once it
+    # overlaps nothing: with a no-op handler the bus benchmark's consume ran 1.095x faster
+    # (1.008-1.110) on 0.885x the CPU (0.849-0.977) polling in line (12 paired rounds, 3,000
+    # patterns, 2026-12-07). The first batch fetches ahead: nothing is known yet.
+    prefetch_min_s: float = 0.005
     # End each batch (publish, flush, done marks, commit) on the helper thread while the
     # handler runs on the next one. With the ending in line, the encoder's loop spent ~7% of
     # its thread on it with one torch thread and a core spare (py-spy, 2026-12-06: sends 3.4%,
@@ -158,6 +164,7 @@ class Processor:
         self._lag_due = 0.0
         self._probe: KafkaConsumer | None = None
         self._prefetched: list[Any] = []  # the next batch, fetched while the handler ran
+        self._handler_s = float("inf")  # how long the last handler ran (prefetch_min_s)
         # while alive, that thread alone uses the consumer; setting its event stops it
         self._helper: tuple[threading.Thread, threading.Event] | None = None
         self._handled: _Handled | None = None  # overlap_ending: the batch whose ending is still to come
@@ -389,6 +396,21 @@ class Processor:
                 out.extend(self._handle([m]))
             return out
 
+    def _timed_handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
+        """:meth:`_handle`, its time kept for the next turn's choice to fetch ahead."""
+        t0 = time.perf_counter()
+        try:
+            return self._handle(msgs)
+        finally:
+            self._handler_s = time.perf_counter() - t0
+
+    def _fetch_ahead_limit(self, taken: int, polled: int, max_messages: int | None) -> int:
+        """How many records of the next batch to fetch while this one's handler runs: none
+        without ``prefetch`` or after a handler quicker than ``prefetch_min_s``."""
+        if not self.prefetch or self._handler_s < self.prefetch_min_s:
+            return 0
+        return self.batch_size if max_messages is None else min(self.batch_size, max_messages - taken - polled)
+
     def process_batch(self, raws: list[Any], prefetch: int = 0) -> int:
         """One turn of the loop over already-polled raw records, all but its commit; returns
         messages handled. ``prefetch``: fetch up to this many records of the next batch while
@@ -397,7 +419,7 @@ class Processor:
         fresh, verdicts = self._begin(raws)
         if fresh:
             with self._prefetching(prefetch):
-                verdicts.extend(self._handle(fresh))
+                verdicts.extend(self._timed_handle(fresh))
         self._end(_Handled(raws, fresh, verdicts, t0))
         return len(raws)
 
@@ -481,7 +503,7 @@ class Processor:
         try:
             with beside:
                 if fresh:
-                    verdicts.extend(self._handle(fresh))
+                    verdicts.extend(self._timed_handle(fresh))
         except BaseException:
             if self._ending_error is not None:  # the handler's error goes up; the ending's is not lost
                 metrics.ERRORS.labels(self.bus.service, type(self._ending_error).__name__).inc()
@@ -812,10 +834,7 @@ class Processor:
                     break
                 last_data = time.monotonic()
                 others_seen = None  # data again (a rebalance moved partitions here): a wait after it starts anew
-                ahead = 0
-                if self.prefetch:
-                    ahead = self.batch_size if max_messages is None else \
-                        min(self.batch_size, max_messages - taken - len(raws))
+                ahead = self._fetch_ahead_limit(taken, len(raws), max_messages)
                 try:
                     if self.overlap_ending:
                         self._overlapped_turn(raws, ahead)

@@ -133,7 +133,9 @@ def test_the_next_batch_is_fetched_while_the_handler_runs_and_never_committed_ea
     def on_commit(offsets):
         commits.append(all(off == handled[tp.partition] + 1 for tp, off in offsets.items()))
 
-    p = Processor(bus, "g-prefetch", [FILES], handler, batch_size=10, on_commit=on_commit)
+    # prefetch_min_s=0: fetch ahead after every handler, however quick (a wait that the fetch
+    # ended at once must not turn the next turn's fetch off)
+    p = Processor(bus, "g-prefetch", [FILES], handler, batch_size=10, on_commit=on_commit, prefetch_min_s=0)
     assert p.run(max_messages=30, idle_timeout_s=20) == 30
     assert ahead and all(ahead), ahead
     assert quiet_after_fetch == [True]
@@ -143,6 +145,31 @@ def test_the_next_batch_is_fetched_while_the_handler_runs_and_never_committed_ea
     assert len(read_all(bus, SCORES)) == 30
     # every partition committed to its end: the same group finds nothing left
     assert Processor(bus, "g-prefetch", [FILES], score).run(idle_timeout_s=4) == 0
+
+
+@pytest.mark.parametrize("handler_s, fetched_ahead", [(0.0, False), (0.02, True)])
+def test_the_next_batch_is_fetched_ahead_only_beside_a_handler_that_takes_a_while(bus_cfg, handler_s, fetched_ahead):
+    """A helper thread costs its start, join and polls; beside a handler that returns at once
+    it overlaps nothing. So after a handler quicker than ``prefetch_min_s`` the next batch is
+    polled in line, and after a slower one it is fetched ahead; the first batch always is
+    (nothing known yet). Either way each input is handled once and committed."""
+    bus = Bus(bus_cfg, f"t-prefetch-when-{handler_s}")
+    publish(bus, files(30, f"pw{handler_s}"))
+    beside: list[bool] = []  # per batch: a helper thread was fetching while its handler ran
+    seen: list[str] = []
+
+    def handler(msgs):
+        beside.append(p._helper is not None)
+        time.sleep(handler_s)
+        seen.extend(m.record.id for m in msgs)
+        return score(msgs)
+
+    p = Processor(bus, f"g-prefetch-when-{handler_s}", [FILES], handler, batch_size=5, prefetch_min_s=0.005)
+    assert p.run(until_caught_up=True, idle_timeout_s=20) == 30
+    assert len(beside) >= 3 and beside[0], beside
+    assert beside[1:] == [fetched_ahead] * (len(beside) - 1), beside
+    assert sorted(seen) == sorted(f.id for f in files(30, f"pw{handler_s}"))
+    assert Processor(bus, f"g-prefetch-when-{handler_s}", [FILES], score).run(idle_timeout_s=4) == 0
 
 
 def test_a_failed_batch_rewinds_past_the_batch_fetched_ahead_of_it(bus_cfg):
