@@ -278,6 +278,7 @@ def _decode(value: bytes, cls: type[R], max_bytes: int | None) -> R:
             continue
         if f.name not in head:
             if f.default is not dataclasses.MISSING:
+                kwargs[f.name] = f.default
                 continue
             raise InvalidMessage(f"{cls.SCHEMA}: missing field {f.name!r}")
         v = head[f.name]
@@ -292,7 +293,21 @@ def _decode(value: bytes, cls: type[R], max_bytes: int | None) -> R:
                                  f"v{cls.VERSION}.{_short(repr(minor), 20)} message (this build reads "
                                  f"v{cls.VERSION}.{cls.MINOR}; newer minors may add fields)")
         # a newer minor's optional fields: this build does not know them and does not need them
+    if _fills_plainly(cls):
+        rec = object.__new__(cls)
+        rec.__dict__.update(kwargs)  # every field, in field order: what __init__ would set
+        return rec
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ checks
         raise InvalidMessage(f"{cls.SCHEMA}: {e}") from e
+
+
+@functools.cache
+def _fills_plainly(cls: type) -> bool:
+    """Whether a record's __init__ only sets its fields (no __post_init__, no slots, every
+    field an init argument), so that decode may fill the instance's __dict__ itself: a frozen
+    dataclass's __init__ sets each field through object.__setattr__, 1.3 us of a pattern
+    message's 5.1 us decode against 0.23 us (micro-timed, min of 7, 2026-12-07)."""
+    return (not hasattr(cls, "__post_init__") and "__slots__" not in vars(cls)
+            and all(f.init for f in dataclasses.fields(cls)))

@@ -14,6 +14,10 @@ in alternating order, on one model that keeps training:
 Each condition's rate relative to ``alone`` is the median over ``--rounds`` of the ratio to the
 ``alone`` run of the same round. Run it at different torch thread counts (``OMP_NUM_THREADS``)
 to see whether a gap comes from the input or from the cores it shares with torch's team.
+Beside each rate, the machine's busy CPU over the same span (every process: the broker's and
+Redis's work too): ``busy_share`` of all cores, and ``cpu_bound``, the best ratio those
+CPU-seconds allow next to ``alone``'s wall (``benchmarks._common.cpu_bound``). A ratio at
+its bound with the cores all busy is this machine's limit, not the trainer's.
 
     OMP_NUM_THREADS=1 python benchmarks/trainer_overlap.py [--rounds 4] [--steps 60]
 """
@@ -21,6 +25,7 @@ to see whether a gap comes from the input or from the cores it shares with torch
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (  # noqa: E402
+    Clock,
     add_allocator_option,
+    cpu_bound,
     embedded_infra,
     median_ci,
     table,
@@ -90,38 +97,49 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
         g = torch.Generator().manual_seed(0)
         train_step(model, opt, x_all[:batch], sched.at(0), g)  # warm-up, not timed
 
-        def alone() -> float:
-            t0 = time.perf_counter()
+        def alone() -> tuple[float, float]:
+            clock = Clock().start()
             for s in range(steps):
                 train_step(model, opt, x_all[s * batch:(s + 1) * batch], sched.at(s), g)
-            return time.perf_counter() - t0
+            return clock.stop()
 
-        tick = alone() / steps
+        tick = alone()[0] / steps
         seconds: dict[str, list[float]] = {"alone": [], "beside_input": [], "service": []}
+        busy: dict[str, list[float]] = {cond: [] for cond in seconds}  # the machine's busy CPU-seconds
         for k in range(rounds):
             order = list(seconds) if k % 2 == 0 else list(seconds)[::-1]
             for cond in order:
                 if cond == "alone":
-                    dt = alone()
+                    dt, cpu = alone()
                 elif cond == "beside_input":
                     ready = threading.Event()
                     th = threading.Thread(target=input_paced, args=(replace(cfg, name=f"input{k}"), tick, steps, ready))
                     th.start()
                     ready.wait()
-                    dt = alone()
+                    dt, cpu = alone()
                     th.join()
                 else:
-                    stamps: list[float] = []
-                    Trainer(replace(cfg, name=f"service{k}"), on_batch=lambda ids, stamps=stamps: stamps.append(time.perf_counter())).run()
-                    dt = (stamps[-1] - stamps[0]) * steps / (len(stamps) - 1)  # steps 2..N, as alone's follow a warm-up
+                    stamps: list[tuple[float, float]] = []  # (wall, the machine's busy CPU) at each step's end
+                    Trainer(replace(cfg, name=f"service{k}"),
+                            on_batch=lambda ids, stamps=stamps: stamps.append((time.perf_counter(), Clock.busy()))).run()
+                    # steps 2..N, as alone's follow a warm-up
+                    dt, cpu = ((stamps[-1][i] - stamps[0][i]) * steps / (len(stamps) - 1) for i in (0, 1))
                 seconds[cond].append(dt)
+                busy[cond].append(cpu)
     rows = []
+    cores = os.cpu_count() or 1
     for cond, v in seconds.items():
         ratios = [a / c for a, c in zip(seconds["alone"], v, strict=True)]
         med, lo, hi, coverage = median_ci(ratios)
+        # The machine's share in use (every core, the broker's and Redis's work too), and the
+        # best rate those busy CPU-seconds allow next to alone's wall: a ratio at its bound
+        # is the cores' limit, one below it waits on something else.
+        share = [b / (w * cores) for b, w in zip(busy[cond], v, strict=True)]
+        bound = [cpu_bound(a, [b]) for a, b in zip(seconds["alone"], busy[cond], strict=True)]
         rows.append({"condition": cond, "torch_threads": torch.get_num_threads(), "patterns_s": n / statistics.median(v),
                      "vs_alone": med, "ci": f"{lo:.3f}-{hi:.3f}", "ci_coverage": round(coverage, 3),
-                     "seconds": [round(x, 3) for x in v]})
+                     "busy_share": statistics.median(share), "cpu_bound": statistics.median(bound),
+                     "seconds": [round(x, 3) for x in v], "busy_cpu_seconds": [round(x, 3) for x in busy[cond]]})
     return {"variant": variant, "steps": steps, "batch": batch, "rounds": rounds, "rows": rows}
 
 
@@ -135,7 +153,7 @@ def main() -> None:
     args = ap.parse_args()
     tuned = tune_allocator(args)
     res = {"allocator_tuned": tuned, **run(args.rounds, args.steps, args.batch, args.variant)}
-    print(table(res["rows"], [c for c in res["rows"][0] if c != "seconds"]))
+    print(table(res["rows"], [c for c in res["rows"][0] if c not in ("seconds", "busy_cpu_seconds")]))
     print(f"vs_alone: rate / the in-memory rate of the same round, median of {args.rounds} rounds "
           f"(ci: distribution-free interval of the median, its coverage beside it: below 0.95 with under 6 rounds, where it is the min-max)")
     threads = torch.get_num_threads()

@@ -173,6 +173,35 @@ def test_unknown_fields_at_the_readers_own_minor_or_another_major_are_rejected()
         decode(encode(NoteV1_1(id="n")).replace(b'"v":1', b'"v":2'), NoteV1_0)
 
 
+def test_a_decoded_record_is_the_record_its_init_makes():
+    """decode fills a plain record's __dict__ itself (its frozen __init__ is 1.3 us of 5.1):
+    the result must be what __init__ makes, defaults of fields the header leaves out included."""
+    made = NoteV1_1(id="n", text="hi", lang=None)
+    got = decode(encode(NoteV1_0(id="n", text="hi")), NoteV1_1)
+    assert vars(got) == vars(made) and list(vars(got)) == list(vars(made))
+    assert hash(got) == hash(made) and repr(got) == repr(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.text = "changed"  # type: ignore[misc]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked(Record):
+    SCHEMA: ClassVar[str] = "checked"
+    size: int = 0
+
+    def __post_init__(self):
+        if self.size < 0:
+            raise ValueError(f"size {self.size} is negative")
+
+
+def test_a_record_with_its_own_checks_is_still_built_by_its_init():
+    assert decode(encode(Checked(id="c", size=3)), Checked) == Checked(id="c", size=3)
+    bad = object.__new__(Checked)  # what another build, without the check, could have written
+    bad.__dict__.update(id="c", size=-3)
+    with pytest.raises(InvalidMessage, match="size -3 is negative"):
+        decode(encode(bad), Checked)
+
+
 def test_the_header_length_is_big_endian_and_bf16_patterns_little_endian():
     import numpy as np
 
