@@ -14,10 +14,14 @@ in alternating order, on one model that keeps training:
 Each condition's rate relative to ``alone`` is the median over ``--rounds`` of the ratio to the
 ``alone`` run of the same round. Run it at different torch thread counts (``OMP_NUM_THREADS``)
 to see whether a gap comes from the input or from the cores it shares with torch's team.
-Beside each rate, the machine's busy CPU over the same span (every process: the broker's and
-Redis's work too): ``busy_share`` of all cores, and ``cpu_bound``, the best ratio those
-CPU-seconds allow next to ``alone``'s wall (``benchmarks._common.cpu_bound``). A ratio at
-its bound with the cores all busy is this machine's limit, not the trainer's.
+Beside each rate, where the cores went over the same span, each as a share of every core:
+``busy_share`` (the machine's busy CPU), ``training_share`` (this process's main thread and
+torch's OpenMP workers), ``input_share`` (its other Python threads: the trainer's prefetch
+and the Kafka client's IO), ``servers_share`` (the broker's and Redis's processes); and
+``training_cpu_vs_alone``, the training's own CPU for the same steps over ``alone``'s. With
+the cores all busy, a training that costs what it costs alone, slowed by the share the input
+and the servers take, is bound by this machine's cores; a training that costs more CPU for
+the same steps loses to something else (its OpenMP team waiting on a preempted member).
 
     OMP_NUM_THREADS=1 python benchmarks/trainer_overlap.py [--rounds 4] [--steps 60]
 """
@@ -33,6 +37,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (  # noqa: E402
     Clock,
     add_allocator_option,
-    cpu_bound,
     embedded_infra,
     median_ci,
     table,
@@ -71,6 +75,30 @@ def input_paced(cfg, tick_s: float, steps: int, ready: threading.Event) -> None:
         tr.close()
 
 
+class Snapshot(NamedTuple):
+    """Clocks read at one moment: wall; the machine's busy CPU; this process's CPU on its
+    main thread and torch's OpenMP workers (the training) and on its other Python threads (the
+    input: prefetch, the Kafka client's IO); the broker's and Redis's processes."""
+
+    wall: float
+    busy: float
+    training: float
+    input: float
+    servers: float
+
+    @staticmethod
+    def take(servers: list) -> Snapshot:
+        others = 0.0
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and t.ident is not None:
+                try:
+                    others += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                except (OSError, ProcessLookupError):  # it ended meanwhile
+                    pass
+        srv = sum(sum(p.cpu_times()[:2]) for p in servers)
+        return Snapshot(time.perf_counter(), Clock.busy(), time.process_time() - others, others, srv)
+
+
 def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
     from apmae.codec import encode_pattern, packed_values, read_packed
     from apmae.mae import APMAE
@@ -83,6 +111,9 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
     n = steps * batch
     wire = [encode_pattern(p) for p in patterns(n)]
     with embedded_infra(("broker", "redis")) as infra:
+        import psutil
+
+        servers = [psutil.Process(int((infra.dir / f"{name}.pid").read_text())) for name in ("broker", "redis")]
         cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                             state_dir=Path(tempfile.mkdtemp(prefix="apmae-bench-overlap-")), topic_prefix="overlap.",
                             train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
@@ -97,49 +128,51 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
         g = torch.Generator().manual_seed(0)
         train_step(model, opt, x_all[:batch], sched.at(0), g)  # warm-up, not timed
 
-        def alone() -> tuple[float, float]:
-            clock = Clock().start()
+        def alone() -> Snapshot:
+            a = Snapshot.take(servers)
             for s in range(steps):
                 train_step(model, opt, x_all[s * batch:(s + 1) * batch], sched.at(s), g)
-            return clock.stop()
+            return Snapshot(*(y - x for x, y in zip(a, Snapshot.take(servers), strict=True)))
 
-        tick = alone()[0] / steps
-        seconds: dict[str, list[float]] = {"alone": [], "beside_input": [], "service": []}
-        busy: dict[str, list[float]] = {cond: [] for cond in seconds}  # the machine's busy CPU-seconds
+        tick = alone().wall / steps
+        spans: dict[str, list[Snapshot]] = {"alone": [], "beside_input": [], "service": []}
         for k in range(rounds):
-            order = list(seconds) if k % 2 == 0 else list(seconds)[::-1]
+            order = list(spans) if k % 2 == 0 else list(spans)[::-1]
             for cond in order:
                 if cond == "alone":
-                    dt, cpu = alone()
+                    span = alone()
                 elif cond == "beside_input":
                     ready = threading.Event()
                     th = threading.Thread(target=input_paced, args=(replace(cfg, name=f"input{k}"), tick, steps, ready))
                     th.start()
                     ready.wait()
-                    dt, cpu = alone()
+                    span = alone()
                     th.join()
                 else:
-                    stamps: list[tuple[float, float]] = []  # (wall, the machine's busy CPU) at each step's end
+                    stamps: list[Snapshot] = []  # at each step's end
                     Trainer(replace(cfg, name=f"service{k}"),
-                            on_batch=lambda ids, stamps=stamps: stamps.append((time.perf_counter(), Clock.busy()))).run()
+                            on_batch=lambda ids, stamps=stamps: stamps.append(Snapshot.take(servers))).run()
                     # steps 2..N, as alone's follow a warm-up
-                    dt, cpu = ((stamps[-1][i] - stamps[0][i]) * steps / (len(stamps) - 1) for i in (0, 1))
-                seconds[cond].append(dt)
-                busy[cond].append(cpu)
+                    span = Snapshot(*((b - a) * steps / (len(stamps) - 1)
+                                      for a, b in zip(stamps[0], stamps[-1], strict=True)))
+                spans[cond].append(span)
     rows = []
     cores = os.cpu_count() or 1
-    for cond, v in seconds.items():
-        ratios = [a / c for a, c in zip(seconds["alone"], v, strict=True)]
-        med, lo, hi, coverage = median_ci(ratios)
-        # The machine's share in use (every core, the broker's and Redis's work too), and the
-        # best rate those busy CPU-seconds allow next to alone's wall: a ratio at its bound
-        # is the cores' limit, one below it waits on something else.
-        share = [b / (w * cores) for b, w in zip(busy[cond], v, strict=True)]
-        bound = [cpu_bound(a, [b]) for a, b in zip(seconds["alone"], busy[cond], strict=True)]
-        rows.append({"condition": cond, "torch_threads": torch.get_num_threads(), "patterns_s": n / statistics.median(v),
+
+    def share(cond: str, part: str) -> float:  # of every core over the span, median of the rounds
+        return statistics.median(getattr(x, part) / (x.wall * cores) for x in spans[cond])
+
+    for cond, v in spans.items():
+        med, lo, hi, coverage = median_ci([a.wall / c.wall for a, c in zip(spans["alone"], v, strict=True)])
+        rows.append({"condition": cond, "torch_threads": torch.get_num_threads(),
+                     "patterns_s": n / statistics.median(x.wall for x in v),
                      "vs_alone": med, "ci": f"{lo:.3f}-{hi:.3f}", "ci_coverage": round(coverage, 3),
-                     "busy_share": statistics.median(share), "cpu_bound": statistics.median(bound),
-                     "seconds": [round(x, 3) for x in v], "busy_cpu_seconds": [round(x, 3) for x in busy[cond]]})
+                     "busy_share": share(cond, "busy"), "training_share": share(cond, "training"),
+                     "input_share": share(cond, "input"), "servers_share": share(cond, "servers"),
+                     # the training's own CPU for the same steps, over alone's in the same round
+                     "training_cpu_vs_alone": statistics.median(
+                         c.training / a.training for a, c in zip(spans["alone"], v, strict=True)),
+                     "spans": [x._asdict() for x in v]})
     return {"variant": variant, "steps": steps, "batch": batch, "rounds": rounds, "rows": rows}
 
 
@@ -153,7 +186,7 @@ def main() -> None:
     args = ap.parse_args()
     tuned = tune_allocator(args)
     res = {"allocator_tuned": tuned, **run(args.rounds, args.steps, args.batch, args.variant)}
-    print(table(res["rows"], [c for c in res["rows"][0] if c not in ("seconds", "busy_cpu_seconds")]))
+    print(table(res["rows"], [c for c in res["rows"][0] if c != "spans"]))
     print(f"vs_alone: rate / the in-memory rate of the same round, median of {args.rounds} rounds "
           f"(ci: distribution-free interval of the median, its coverage beside it: below 0.95 with under 6 rounds, where it is the min-max)")
     threads = torch.get_num_threads()
