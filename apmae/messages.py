@@ -278,7 +278,8 @@ def _decode(value: bytes, cls: type[R], max_bytes: int | None) -> R:
             continue
         if f.name not in head:
             if f.default is not dataclasses.MISSING:
-                kwargs[f.name] = f.default
+                if f.init:  # what __init__ would set (an init=False field it sets itself)
+                    kwargs[f.name] = f.default
                 continue
             raise InvalidMessage(f"{cls.SCHEMA}: missing field {f.name!r}")
         v = head[f.name]
@@ -305,9 +306,15 @@ def _decode(value: bytes, cls: type[R], max_bytes: int | None) -> R:
 
 @functools.cache
 def _fills_plainly(cls: type) -> bool:
-    """Whether a record's __init__ only sets its fields (no __post_init__, no slots, every
-    field an init argument), so that decode may fill the instance's __dict__ itself: a frozen
-    dataclass's __init__ sets each field through object.__setattr__, 1.3 us of a pattern
-    message's 5.1 us decode against 0.23 us (micro-timed, min of 7, 2026-12-07)."""
-    return (not hasattr(cls, "__post_init__") and "__slots__" not in vars(cls)
+    """Whether a record's __init__ only sets its fields, so that decode may fill the
+    instance's __dict__ itself: a frozen dataclass's __init__ sets each field through
+    object.__setattr__, 1.3 us of a pattern message's 5.1 us decode against 0.23 us
+    (micro-timed, min of 7, 2026-12-07). Plain: the class is a dataclass itself with the
+    __init__ the decorator wrote (not one of its own, not a subclass's), no __post_init__, no
+    slots anywhere in its bases, no custom __new__, every field an init argument. (A filled
+    __dict__ is a real dict: a PatternRecord is ~170 bytes larger, beside its 64 KB payload.)"""
+    init = vars(cls).get("__init__")
+    generated = init is not None and getattr(getattr(init, "__code__", None), "co_filename", "") == "<string>"
+    return (generated and "__dataclass_fields__" in vars(cls) and not hasattr(cls, "__post_init__")
+            and cls.__new__ is object.__new__ and all("__slots__" not in vars(c) for c in cls.__mro__[:-1])
             and all(f.init for f in dataclasses.fields(cls)))

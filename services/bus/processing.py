@@ -499,7 +499,8 @@ class Processor:
         t0 = time.perf_counter()
         before = self._handled
         fresh, verdicts = self._begin(raws, before.ids() if before else frozenset())
-        beside = self._ending_beside(before, ahead) if before else self._prefetching(ahead)
+        # with nothing to handle, a fetch beside it would overlap nothing
+        beside = self._ending_beside(before, ahead) if before else self._prefetching(ahead if fresh else 0)
         try:
             with beside:
                 if fresh:

@@ -202,6 +202,37 @@ def test_a_record_with_its_own_checks_is_still_built_by_its_init():
         decode(encode(bad), Checked)
 
 
+@dataclasses.dataclass(frozen=True)
+class Lowered(Record):
+    SCHEMA: ClassVar[str] = "lowered"
+    name: str = ""
+
+    def __init__(self, id: str, name: str = ""):  # an __init__ of its own: it normalises
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "name", name.lower())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Slotted(Record):
+    SCHEMA: ClassVar[str] = "slotted"
+    n: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class UnderSlots(Slotted):  # its fields live in its base's slots, not in a __dict__
+    SCHEMA: ClassVar[str] = "under-slots"
+    m: int = 0
+
+
+def test_records_whose_fields_an_own_init_or_slots_hold_are_built_by_their_init():
+    raw = object.__new__(Lowered)  # what another build could have written
+    raw.__dict__.update(id="l", name="MiXed")
+    assert decode(encode(raw), Lowered).name == "mixed"
+    assert decode(encode(Slotted(id="s", n=3)), Slotted).n == 3
+    got = decode(encode(UnderSlots(id="u", n=3, m=4)), UnderSlots)
+    assert (got.n, got.m) == (3, 4)
+
+
 def test_the_header_length_is_big_endian_and_bf16_patterns_little_endian():
     import numpy as np
 
