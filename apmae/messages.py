@@ -314,6 +314,8 @@ def _fills_plainly(cls: type) -> bool:
     slots anywhere in its bases, no custom __new__, every field an init argument. (A filled
     __dict__ is a real dict: a PatternRecord is ~170 bytes larger, beside its 64 KB payload.)"""
     init = vars(cls).get("__init__")
+    # dataclasses writes its __init__ with exec(), so its code's file is "<string>"; should a
+    # later Python name it otherwise, this says False and decode calls __init__: slower, same
     generated = init is not None and getattr(getattr(init, "__code__", None), "co_filename", "") == "<string>"
     return (generated and "__dataclass_fields__" in vars(cls) and not hasattr(cls, "__post_init__")
             and cls.__new__ is object.__new__ and all("__slots__" not in vars(c) for c in cls.__mro__[:-1])
