@@ -113,7 +113,9 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
     with embedded_infra(("broker", "redis")) as infra:
         import psutil
 
-        servers = [psutil.Process(int((infra.dir / f"{name}.pid").read_text())) for name in ("broker", "redis")]
+        from services.infra import servers as managed
+
+        servers = [psutil.Process(srv.pid()) for srv in managed(infra, ("broker", "redis"))]
         cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                             state_dir=Path(tempfile.mkdtemp(prefix="apmae-bench-overlap-")), topic_prefix="overlap.",
                             train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
