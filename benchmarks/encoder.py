@@ -17,9 +17,12 @@ prefetching loop with nothing else in it); ``handler_alone`` is ``Encoder.handle
 same patterns as decoded Messages, no bus (the handler's own work). Together they are the
 ceiling of the service's design on this machine, measured in the same run
 (``benchmarks/core_sharing.py`` says why the poll beside the forward costs it: a busy
-neighbour core slows the forward here). Rounds alternate which goes first.
+neighbour core slows the forward here). ``--switch-interval S`` adds ``service_switch``: the
+service again, on a fourth copy, with CPython's GIL switch interval at S seconds (the default
+is 5 ms) while it runs, paired with ``service`` (does a quicker GIL hand-off between the
+forward and the loop's helper threads buy anything?). Rounds alternate which goes first.
 
-    python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2]
+    python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2] [--switch-interval 0.0005]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from benchmarks._common import (
     add_allocator_option,
     cpu_bound,
     embedded_infra,
+    median_ci,
     table,
     tune_allocator,
     write_result,
@@ -44,7 +48,8 @@ from benchmarks._common import (
 from benchmarks.bus import pattern_records, patterns
 
 
-def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "auto") -> dict:
+def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "auto",
+        switch_s: float | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -82,8 +87,9 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     with embedded_infra(("broker", "redis")) as infra:
         chosen: list[bool] = []
 
-        def service(k: int, prefetch: bool = True, overlap: bool = True) -> tuple[float, float]:
-            prefix = f"e{k}." if prefetch and overlap else f"e{k}e." if prefetch else f"e{k}i."
+        def service(k: int, prefetch: bool = True, overlap: bool = True,
+                    switch: float | None = None) -> tuple[float, float]:
+            prefix = f"e{k}s." if switch else f"e{k}." if prefetch and overlap else f"e{k}e." if prefetch else f"e{k}i."
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                                 topic_prefix=prefix, checkpoint=str(ckpt),
                                 batch_size=batch, compression=compression,
@@ -105,7 +111,12 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                 if last[0] >= n:
                     last[1] = clock.stop()
 
-            done = proc.run(max_messages=n, idle_timeout_s=30, progress=progress)
+            default_switch = sys.getswitchinterval()
+            sys.setswitchinterval(switch or default_switch)
+            try:
+                done = proc.run(max_messages=n, idle_timeout_s=30, progress=progress)
+            finally:
+                sys.setswitchinterval(default_switch)
             assert done >= n, f"encoder handled {done} of {n}"
             return last[1]
 
@@ -215,7 +226,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             the inline service (each service's group and done marks are its own)."""
             from services.bus import Bus
 
-            for prefix in (f"e{k}.", f"e{k}i.", f"e{k}e."):
+            for prefix in (f"e{k}.", f"e{k}i.", f"e{k}e.") + ((f"e{k}s.",) if switch_s else ()):
                 bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=prefix,
                                         compression=compression), "bench")
                 bus.ensure_topics([PATTERNS_MINE])
@@ -228,6 +239,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                                                    "service_ending_inline": [],
                                                    "consume_alone": [], "decode_alone": [], "raw_square": [],
                                                    "raw_beside_poll": [], "handler_alone": []}
+        if switch_s:
+            t["service_switch"] = []
         for k in range(rounds):
             publish(k)
             steps = [("raw", raw), ("service", lambda k=k: service(k)),
@@ -236,6 +249,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
                      ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k)),
                      ("handler_alone", handler_alone)]
+            if switch_s:
+                steps.append(("service_switch", lambda k=k: service(k, switch=switch_s)))
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
     prefetch_chosen = chosen[0]
@@ -273,6 +288,9 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
            "service_vs_beside_poll": paired("raw_beside_poll", "service"),
            # the handler's own work (fresh input tensors, records built), no bus, paired
            "handler_patterns_per_s": n / med["handler_alone"], "handler_vs_raw": paired("raw", "handler_alone")}
+    if switch_s:  # the service at the given GIL switch interval over the service at the default
+        med_s, lo, hi, _ = median_ci([x[0] / y[0] for x, y in zip(t["service"], t["service_switch"], strict=True)])
+        row |= {"switch_interval_s": switch_s, "switch_speedup": f"{med_s:.3f} ({lo:.3f}-{hi:.3f})"}
     return {"rows": [row], "seconds": {k: [w for w, _ in v] for k, v in t.items()},
             "cpu_seconds": {k: [c for _, c in v] for k, v in t.items()}}
 
@@ -284,10 +302,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compression", default="auto", help="the patterns' codec on the wire (auto: zstd)")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="also time the service with the GIL switch interval at this many seconds (paired)")
     add_allocator_option(ap)
     args = ap.parse_args()
     tuned = tune_allocator(args)
-    res = run(args.patterns, args.variant, args.batch, args.rounds, args.compression)
+    res = run(args.patterns, args.variant, args.batch, args.rounds, args.compression, args.switch_interval)
     print(table(res["rows"], list(res["rows"][0])))
     print("service_vs_raw = service patterns/s / raw in-memory forward patterns/s (target >= 0.9)")
     print("wrote", write_result("encoder" if args.compression == "auto" else f"encoder-{args.compression}",

@@ -22,8 +22,12 @@ and the Kafka client's IO), ``servers_share`` (the broker's and Redis's processe
 the cores all busy, a training that costs what it costs alone, slowed by the share the input
 and the servers take, is bound by this machine's cores; a training that costs more CPU for
 the same steps loses to something else (its OpenMP team waiting on a preempted member).
+``--switch-interval S`` adds ``service_switch``: the service again with CPython's GIL switch
+interval at S seconds (the default is 5 ms) while it runs; its ``vs_service`` is its rate over
+the same round's ``service`` (does a quicker GIL hand-off between the training thread and the
+input's threads buy anything?).
 
-    OMP_NUM_THREADS=1 python benchmarks/trainer_overlap.py [--rounds 4] [--steps 60]
+    OMP_NUM_THREADS=1 python benchmarks/trainer_overlap.py [--rounds 4] [--steps 60] [--switch-interval 0.0005]
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class Snapshot(NamedTuple):
         return Snapshot(time.perf_counter(), Clock.busy(), time.process_time() - others, others, srv)
 
 
-def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
+def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | None = None) -> dict:
     from apmae.codec import encode_pattern, packed_values, read_packed
     from apmae.mae import APMAE
     from apmae.mae import variant as make
@@ -138,6 +142,8 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
 
         tick = alone().wall / steps
         spans: dict[str, list[Snapshot]] = {"alone": [], "beside_input": [], "service": []}
+        if switch_s:
+            spans["service_switch"] = []
         for k in range(rounds):
             order = list(spans) if k % 2 == 0 else list(spans)[::-1]
             for cond in order:
@@ -152,8 +158,13 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
                     th.join()
                 else:
                     stamps: list[Snapshot] = []  # at each step's end
-                    Trainer(replace(cfg, name=f"service{k}"),
-                            on_batch=lambda ids, stamps=stamps: stamps.append(Snapshot.take(servers))).run()
+                    default_switch = sys.getswitchinterval()
+                    sys.setswitchinterval(switch_s if cond == "service_switch" else default_switch)
+                    try:
+                        Trainer(replace(cfg, name=f"{cond}{k}"),
+                                on_batch=lambda ids, stamps=stamps: stamps.append(Snapshot.take(servers))).run()
+                    finally:
+                        sys.setswitchinterval(default_switch)
                     # steps 2..N, as alone's follow a warm-up
                     span = Snapshot(*((b - a) * steps / (len(stamps) - 1)
                                       for a, b in zip(stamps[0], stamps[-1], strict=True)))
@@ -175,7 +186,11 @@ def run(rounds: int, steps: int, batch: int, variant: str) -> dict:
                      "training_cpu_vs_alone": statistics.median(
                          c.training / a.training for a, c in zip(spans["alone"], v, strict=True)),
                      "spans": [x._asdict() for x in v]})
-    return {"variant": variant, "steps": steps, "batch": batch, "rounds": rounds, "rows": rows}
+        if cond == "service_switch":
+            med, lo, hi, _ = median_ci([a.wall / c.wall for a, c in zip(spans["service"], v, strict=True)])
+            rows[-1] |= {"switch_interval_s": switch_s, "vs_service": f"{med:.3f} ({lo:.3f}-{hi:.3f})"}
+    return {"variant": variant, "steps": steps, "batch": batch, "rounds": rounds, "switch_interval_s": switch_s,
+            "rows": rows}
 
 
 def main() -> None:
@@ -184,11 +199,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--variant", default="small")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="also run the service with the GIL switch interval at this many seconds (paired)")
     add_allocator_option(ap)
     args = ap.parse_args()
     tuned = tune_allocator(args)
-    res = {"allocator_tuned": tuned, **run(args.rounds, args.steps, args.batch, args.variant)}
-    print(table(res["rows"], [c for c in res["rows"][0] if c != "spans"]))
+    res = {"allocator_tuned": tuned, **run(args.rounds, args.steps, args.batch, args.variant, args.switch_interval)}
+    print(table(res["rows"], [c for c in res["rows"][-1] if c != "spans"]))
     print(f"vs_alone: rate / the in-memory rate of the same round, median of {args.rounds} rounds "
           f"(ci: distribution-free interval of the median, its coverage beside it: below 0.95 with under 6 rounds, where it is the min-max)")
     threads = torch.get_num_threads()

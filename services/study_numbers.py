@@ -10,14 +10,40 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from services.study import Study
+    from apmae.config import BusConfig
 
 log = logging.getLogger("apmae.study")
+
+
+class StudySettings(Protocol):
+    """The :class:`services.study.StudyConfig` settings the numbers read (all of it goes into
+    ``numbers.json``'s ``config``)."""
+
+    out_dir: Path
+    corpus: str
+    target_balanced: int
+    min_tasks: int
+    intervene_draws: int
+    umap_heads: int
+
+
+class Study(Protocol):
+    """What the numbers are read from: a :class:`services.study.Study` whose stages ran (or
+    were resumed). A protocol, not that class, so the report does not import the study it
+    reports on (``services.study`` imports this file to write its last stage)."""
+
+    cfg: StudySettings
+    bus: BusConfig
+    done: dict  # each stage's recorded result, as in <state>/study/stages.json
+    plan: dict  # the sizes the stages were planned with
+
+    @property
+    def smoke(self) -> bool: ...
 
 
 def fmt_ci(ci) -> str:
