@@ -32,7 +32,7 @@ class StudySettings(Protocol):
     umap_heads: int
 
 
-class Study(Protocol):
+class RecordedStudy(Protocol):
     """What the numbers are read from: a :class:`services.study.Study` whose stages ran (or
     were resumed). A protocol, not that class, so the report does not import the study it
     reports on (``services.study`` imports this file to write its last stage)."""
@@ -139,7 +139,7 @@ def log_scaling_numbers(ev: dict, steps) -> dict:
             "sentence": sentence, "paper": PAPER_LOG_SCALING}
 
 
-def cluster_numbers(study: Study) -> dict:
+def cluster_numbers(study: RecordedStudy) -> dict:
     import redis
 
     from services.registry import Registry
@@ -171,7 +171,7 @@ def cluster_numbers(study: Study) -> dict:
             "note": note}
 
 
-def task_numbers(study: Study) -> dict:
+def task_numbers(study: RecordedStudy) -> dict:
     from apmae.tasks import LABELLED_TASKS
 
     out = {}
@@ -209,7 +209,7 @@ def task_numbers(study: Study) -> dict:
     return dict(sorted(out.items()))
 
 
-def intervention_numbers(study: Study) -> dict:
+def intervention_numbers(study: RecordedStudy) -> dict:
     from apmae.stats import wilson_interval
 
     iv = study.done.get("intervene", {})
@@ -228,7 +228,7 @@ def intervention_numbers(study: Study) -> dict:
             "tasks": rows, "tasks_where_top_heads_change_correctness_p_lt_0.05": sig}
 
 
-def live_numbers(study: Study) -> dict:
+def live_numbers(study: RecordedStudy) -> dict:
     lv = study.done.get("live", {})
     live = dict(lv.get("live", {}))
     live.update({"in_sample": False, "files_streamed": lv.get("ingested"), "scores": lv.get("scores"),
@@ -238,7 +238,7 @@ def live_numbers(study: Study) -> dict:
     return live
 
 
-def write_numbers(study: Study) -> Path:
+def write_numbers(study: RecordedStudy) -> Path:
     import datetime
 
     from apmae.config import to_dict
@@ -284,7 +284,7 @@ def write_numbers(study: Study) -> Path:
     return out / "numbers.json"
 
 
-def draw_figures(study: Study, numbers: dict, out: Path) -> list[str]:
+def draw_figures(study: RecordedStudy, numbers: dict, out: Path) -> list[str]:
     """PNGs beside the README; a figure that cannot be drawn is left out, never fatal."""
     from apmae.figures import (
         _plt,
@@ -366,7 +366,7 @@ def draw_figures(study: Study, numbers: dict, out: Path) -> list[str]:
     return drawn
 
 
-def umap_panel(study: Study, heads: dict, path: Path) -> None:
+def umap_panel(study: RecordedStudy, heads: dict, path: Path) -> None:
     """2-D UMAP of the fitted points of the heads with the most clusters."""
     import redis
 
