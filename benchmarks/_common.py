@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -86,6 +87,20 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, f
     while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
         k += 1
     return med, xs[k - 1], xs[n - k], coverage(k)
+
+
+@contextmanager
+def gil_switch_interval(seconds: float | None):
+    """CPython's GIL switch interval at ``seconds`` inside the block (``None``: left as it is),
+    restored after it: one condition of a paired run at another interval, the others at the
+    default (5 ms)."""
+    default = sys.getswitchinterval()
+    if seconds is not None:
+        sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(default)
 
 
 def add_allocator_option(ap) -> None:

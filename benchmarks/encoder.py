@@ -40,6 +40,7 @@ from benchmarks._common import (
     add_allocator_option,
     cpu_bound,
     embedded_infra,
+    gil_switch_interval,
     median_ci,
     table,
     tune_allocator,
@@ -111,12 +112,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                 if last[0] >= n:
                     last[1] = clock.stop()
 
-            default_switch = sys.getswitchinterval()
-            sys.setswitchinterval(switch or default_switch)
-            try:
+            with gil_switch_interval(switch):
                 done = proc.run(max_messages=n, idle_timeout_s=30, progress=progress)
-            finally:
-                sys.setswitchinterval(default_switch)
             assert done >= n, f"encoder handled {done} of {n}"
             return last[1]
 

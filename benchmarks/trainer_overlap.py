@@ -50,6 +50,7 @@ from benchmarks._common import (  # noqa: E402
     Clock,
     add_allocator_option,
     embedded_infra,
+    gil_switch_interval,
     median_ci,
     table,
     tune_allocator,
@@ -158,13 +159,9 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
                     th.join()
                 else:
                     stamps: list[Snapshot] = []  # at each step's end
-                    default_switch = sys.getswitchinterval()
-                    sys.setswitchinterval(switch_s if cond == "service_switch" else default_switch)
-                    try:
+                    with gil_switch_interval(switch_s if cond == "service_switch" else None):
                         Trainer(replace(cfg, name=f"{cond}{k}"),
                                 on_batch=lambda ids, stamps=stamps: stamps.append(Snapshot.take(servers))).run()
-                    finally:
-                        sys.setswitchinterval(default_switch)
                     # steps 2..N, as alone's follow a warm-up
                     span = Snapshot(*((b - a) * steps / (len(stamps) - 1)
                                       for a, b in zip(stamps[0], stamps[-1], strict=True)))
