@@ -61,6 +61,50 @@ class Clock:
         return time.perf_counter() - self.wall0, self.busy() - self.cpu0
 
 
+def server_processes(infra, which=("broker", "redis")) -> dict:
+    """name -> psutil.Process of each embedded server named (for :func:`cpu_split`)."""
+    import psutil
+
+    from services.infra import servers
+
+    return {srv.name: psutil.Process(srv.pid()) for srv in servers(infra, which)}
+
+
+def cpu_split(servers: dict, group) -> dict:
+    """Clocks read at one moment (:func:`span` turns two into a span's seconds): ``wall``;
+    ``busy``, the machine's busy CPU; ``process``, this process's CPU; ``threads``, each live
+    Python thread but the main one as native id -> (``group(thread)``, its CPU clock), a
+    group being a name or None (counted as main); each server's process CPU (user + system)."""
+    import threading
+
+    threads: dict[int, tuple[str, float]] = {}
+    for t in threading.enumerate():
+        name = None if t is threading.main_thread() or t.native_id is None else group(t)
+        if name is None:
+            continue
+        try:
+            threads[t.native_id] = (name, time.clock_gettime(time.pthread_getcpuclockid(t.ident)))
+        except (OSError, ProcessLookupError):  # it ended meanwhile
+            pass
+    return {"wall": time.perf_counter(), "busy": Clock.busy(), "process": time.process_time(), "threads": threads,
+            **{name: sum(p.cpu_times()[:2]) for name, p in servers.items()}}
+
+
+def span(a: dict, b: dict) -> dict[str, float]:
+    """Seconds between two :func:`cpu_split` readings: ``wall``, ``busy``, each server's CPU,
+    each thread group's CPU (its threads alive at ``b``, from ``a`` or from their start), and
+    ``main``: the rest of this process's CPU (its main thread and torch's OpenMP workers). A
+    thread that ended inside the span leaves its last moments in ``main`` (its clock is gone):
+    the error is what it spent there, not its lifetime."""
+    before = a["threads"]
+    groups: dict[str, float] = {}
+    for tid, (name, cpu) in b["threads"].items():
+        prior = before.get(tid)
+        groups[name] = groups.get(name, 0.0) + cpu - (prior[1] if prior is not None else 0.0)
+    scalars = {k: b[k] - a[k] for k in b if k not in ("threads", "process")}
+    return {**scalars, "main": b["process"] - a["process"] - sum(groups.values()), **groups}
+
+
 def cpu_bound(raw_wall: float, cpu_seconds: list[float]) -> float:
     """The best service/raw ratio the machine allows: the raw side's wall time over the wall
     time the parts' busy CPU-seconds need on every core at once (never above 1)."""

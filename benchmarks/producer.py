@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,11 @@ from benchmarks._common import (  # noqa: E402
     Clock,
     add_allocator_option,
     cpu_bound,
+    cpu_split,
     embedded_infra,
+    median_ci,
+    server_processes,
+    span,
     table,
     tune_allocator,
     write_result,
@@ -148,6 +153,11 @@ def part2(files: int, rounds: int) -> dict:
     corpus = [FileRecord(id=f.id, source=f.source, path=f.path, content=f.content)
               for f in itertools.islice(open_corpus(default_jdk_corpus(), CorpusStats()), 500, 500 + files)]
     with embedded_infra(("broker", "redis")) as infra:
+        servers = server_processes(infra)
+
+        def clocks() -> dict[str, float]:
+            return cpu_split(servers, thread_group)
+
         def config(k: int) -> ProducerConfig:
             return from_flat(ProducerConfig, bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                              state_dir=ROOT / ".apmae", group_poll_interval_ms=10_000, topic_prefix=f"r{k}.",
@@ -155,10 +165,12 @@ def part2(files: int, rounds: int) -> dict:
 
         def loop_alone(k: int) -> tuple[float, int]:
             prod = Producer(config(k), model=lm)
+            t_jobs = time.thread_time()  # building the inputs: the service's main thread does it inside its span
             batches = [[j for f in corpus[i:i + prod.cfg.files_per_batch]
                         for j in prod.jobs_for(Message("files", 0, 0, 0, None, b"", f))]
                        for i in range(0, len(corpus), prod.cfg.files_per_batch)]
-            clock = Clock().start()
+            jobs_cpu[k] = time.thread_time() - t_jobs
+            clock, c0 = Clock().start(), clocks()
             for jobs in batches:
                 gen = torch.Generator().manual_seed(prod.cfg.seed)
                 full = {j.x.task: False for j in jobs}
@@ -166,7 +178,9 @@ def part2(files: int, rounds: int) -> dict:
                     chunk = jobs[c:c + prod.cfg.batch_size]
                     lm.run([j.x for j in chunk], prod.heads_to_capture(chunk, full, gen))
             wall, cpu = clock.stop()
-            return wall, sum(len(b) for b in batches), cpu
+            split = span(c0, clocks())
+            prod.close()
+            return wall, sum(len(b) for b in batches), cpu, split
 
         def service(k: int) -> tuple[float, int, dict]:
             cfg = config(k)
@@ -182,9 +196,11 @@ def part2(files: int, rounds: int) -> dict:
                 proc.consumer.poll(timeout_ms=200, max_records=1)
             proc.consumer.seek_to_beginning()
             before = {s: prod_seconds(s) for s in STAGES}
-            clock = Clock().start()
+            clock, c0 = Clock().start(), clocks()
             proc.run(max_messages=files, idle_timeout_s=60)
             total, cpu = clock.stop()
+            split = span(c0, clocks())
+            prod.close()  # its threads end here, not inside a later round's span
             stages = {s: prod_seconds(s) - before[s] for s in STAGES}
             n_mined, mined_bytes, ratios = 0, 0, []
             comp = zstandard.ZstdCompressor(level=3)
@@ -193,9 +209,11 @@ def part2(files: int, rounds: int) -> dict:
                 mined_bytes += len(m.value)
                 if i % 50 == 0:
                     ratios.append(len(m.record.payload) / len(comp.compress(m.record.payload)))
-            return total, n_mined, {"stages": stages, "mined_bytes": mined_bytes, "cpu": cpu,
+            bus.close()
+            return total, n_mined, {"stages": stages, "mined_bytes": mined_bytes, "cpu": cpu, "split": split,
                                     "zstd_ratio": sum(ratios) / max(1, len(ratios))}
 
+        jobs_cpu: dict[int, float] = {}
         lm.run(build_inputs(lm, 8), {})  # warm-up: first-forward allocations fall on neither
         runs = []
         for k in range(rounds):
@@ -203,9 +221,10 @@ def part2(files: int, rounds: int) -> dict:
             r = {}
             for what in order:
                 if what == "loop":
-                    r["loop_s"], r["samples"], r["loop_cpu_s"] = loop_alone(k)
+                    r["loop_s"], r["samples"], r["loop_cpu_s"], r["loop_split"] = loop_alone(k)
                 else:
                     r["service_s"], r["mined_patterns"], r["detail"] = service(k)
+            r["service_split"], r["jobs_cpu_s"] = r["detail"]["split"], jobs_cpu[k]
             runs.append(r)
     samples = runs[0]["samples"]
     loop_s = sorted(r["loop_s"] for r in runs)[len(runs) // 2]
@@ -218,11 +237,26 @@ def part2(files: int, rounds: int) -> dict:
             t, res = sample.labels["task"], sample.labels["result"]
             by_task.setdefault(t, Counter())[res] += int(sample.value)
             counts[res] += int(sample.value)
+    ratio, lo, hi, coverage = median_ci([r["loop_s"] / r["service_s"] for r in runs])
+    cores = os.cpu_count() or 1
+
+    def shares(key: str) -> dict[str, float]:  # each clock's CPU over every core's span, median of the rounds
+        parts = sorted({p for r in runs for p in r[key]} - {"wall"})
+        return {p: statistics.median(r[key].get(p, 0.0) / (r[key]["wall"] * cores) for r in runs) for p in parts}
+
+    main_vs, main_lo, main_hi, _ = median_ci([r["service_split"]["main"] / r["loop_split"]["main"] for r in runs])
     per_task = [{"task": t, "correct": c["correct"], "incorrect": c["incorrect"], "unlabelled": c["unlabelled"],
                  "correct_rate": c["correct"] / max(1, c["correct"] + c["incorrect"])} for t, c in sorted(by_task.items())]
     return {"files": files, "rounds": rounds, "samples": samples,
             "loop_alone_samples_per_s": samples / loop_s, "service_samples_per_s": samples / service_s,
-            "service_vs_loop": loop_s / service_s,
+            "service_vs_loop": loop_s / service_s,  # medians' ratio; the paired one below
+            "paired_service_vs_loop": ratio, "ci": f"{lo:.3f}-{hi:.3f}", "ci_coverage": round(coverage, 3),
+            # where the cores went (benchmarks/_common.cpu_split): shares of every core over
+            # each span, and the main thread's CPU (the forward, torch's workers, and in the
+            # service the loop's own work: inputs, polls, flushes, marks) over the loop's
+            "loop_cpu_shares": shares("loop_split"), "service_cpu_shares": shares("service_split"),
+            "main_cpu_vs_loop": main_vs, "main_cpu_vs_loop_ci": f"{main_lo:.3f}-{main_hi:.3f}",
+            "jobs_cpu_share_of_loop_main": statistics.median(r["jobs_cpu_s"] / r["loop_split"]["main"] for r in runs),
             # busy cores of the whole machine (every process: the broker's and Redis's too) while
             # each ran, and the best ratio the service's own CPU-seconds allow on these cores
             "loop_cores_busy": statistics.median(r["loop_cpu_s"] / r["loop_s"] for r in runs),
@@ -233,6 +267,15 @@ def part2(files: int, rounds: int) -> dict:
             **{f"{k}_share": v / last["service_s"] for k, v in last["detail"]["stages"].items()},
             "zstd_ratio_real_patterns": last["detail"]["zstd_ratio"],
             "seconds": [{k: v for k, v in r.items() if k != "detail"} for r in runs], "per_task": per_task}
+
+
+def thread_group(t) -> str:
+    """The producer's Python threads, by what they do (``cpu_split``'s groups)."""
+    if t.name.startswith("publish"):
+        return "publisher"  # encodes patterns and hands them to the Kafka client
+    if t.name.endswith("-network-thread"):
+        return "producer_io"  # kafka-python's sender: batches, compression, checksums, sockets
+    return "other_threads"  # the consumer's heartbeats, the lag probe, the keepalive helper
 
 
 STAGES = ("model", "capture", "encode", "publish", "wait")
@@ -266,8 +309,10 @@ def main() -> None:
         print(table(rows, ["mode", "inputs", "seconds", "inputs_per_s", "vs_sdpa", "vs_eager", "peak_rss_MB",
                            "rss_growth_MB", "max_abs_diff_vs_eager"]))
     e2e = part2(args.files, args.rounds)
-    print(table([{k: v for k, v in e2e.items() if k not in ("per_task", "seconds")}],
-                [k for k in e2e if k not in ("per_task", "seconds")]))
+    split_keys = ("per_task", "seconds", "loop_cpu_shares", "service_cpu_shares")
+    print(table([{k: v for k, v in e2e.items() if k not in split_keys}], [k for k in e2e if k not in split_keys]))
+    shares = [{"span": side, **e2e[f"{side}_cpu_shares"]} for side in ("loop", "service")]
+    print(table(shares, ["span", *sorted({k for r in shares for k in r} - {"span"})]))
     print(table(e2e["per_task"], ["task", "correct", "incorrect", "unlabelled", "correct_rate"]))
     if not rows:  # keep the last capture measurement rather than dropping it from the result
         old = ROOT / "benchmarks" / "results" / "producer.json"

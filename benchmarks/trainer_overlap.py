@@ -47,11 +47,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (  # noqa: E402
-    Clock,
     add_allocator_option,
+    cpu_split,
     embedded_infra,
     gil_switch_interval,
     median_ci,
+    server_processes,
+    span,
     table,
     tune_allocator,
     write_result,
@@ -81,8 +83,8 @@ def input_paced(cfg, tick_s: float, steps: int, ready: threading.Event) -> None:
 
 
 class Snapshot(NamedTuple):
-    """Clocks read at one moment: wall; the machine's busy CPU; this process's CPU on its
-    main thread and torch's OpenMP workers (the training) and on its other Python threads (the
+    """Where a span's time went: wall; the machine's busy CPU; this process's CPU on its main
+    thread and torch's OpenMP workers (the training) and on its other Python threads (the
     input: prefetch, the Kafka client's IO); the broker's and Redis's processes."""
 
     wall: float
@@ -92,16 +94,10 @@ class Snapshot(NamedTuple):
     servers: float
 
     @staticmethod
-    def take(servers: list) -> Snapshot:
-        others = 0.0
-        for t in threading.enumerate():
-            if t is not threading.main_thread() and t.ident is not None:
-                try:
-                    others += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
-                except (OSError, ProcessLookupError):  # it ended meanwhile
-                    pass
-        srv = sum(sum(p.cpu_times()[:2]) for p in servers)
-        return Snapshot(time.perf_counter(), Clock.busy(), time.process_time() - others, others, srv)
+    def between(a: dict, b: dict, servers: dict) -> Snapshot:
+        """From two ``cpu_split`` readings."""
+        s = span(a, b)
+        return Snapshot(s["wall"], s["busy"], s["main"], s.get("input", 0.0), sum(s[name] for name in servers))
 
 
 def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | None = None) -> dict:
@@ -116,11 +112,7 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
     n = steps * batch
     wire = [encode_pattern(p) for p in patterns(n)]
     with embedded_infra(("broker", "redis")) as infra:
-        import psutil
-
-        from services.infra import servers as managed
-
-        servers = [psutil.Process(srv.pid()) for srv in managed(infra, ("broker", "redis"))]
+        servers = server_processes(infra)
         cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                             state_dir=Path(tempfile.mkdtemp(prefix="apmae-bench-overlap-")), topic_prefix="overlap.",
                             train=TrainingConfig(variant=variant, batch_size=batch, steps=steps),
@@ -135,11 +127,14 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
         g = torch.Generator().manual_seed(0)
         train_step(model, opt, x_all[:batch], sched.at(0), g)  # warm-up, not timed
 
+        def clocks() -> dict:
+            return cpu_split(servers, lambda t: "input")
+
         def alone() -> Snapshot:
-            a = Snapshot.take(servers)
+            a = clocks()
             for s in range(steps):
                 train_step(model, opt, x_all[s * batch:(s + 1) * batch], sched.at(s), g)
-            return Snapshot(*(y - x for x, y in zip(a, Snapshot.take(servers), strict=True)))
+            return Snapshot.between(a, clocks(), servers)
 
         tick = alone().wall / steps
         spans: dict[str, list[Snapshot]] = {"alone": [], "beside_input": [], "service": []}
@@ -149,23 +144,23 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
             order = list(spans) if k % 2 == 0 else list(spans)[::-1]
             for cond in order:
                 if cond == "alone":
-                    span = alone()
+                    taken = alone()
                 elif cond == "beside_input":
                     ready = threading.Event()
                     th = threading.Thread(target=input_paced, args=(replace(cfg, name=f"input{k}"), tick, steps, ready))
                     th.start()
                     ready.wait()
-                    span = alone()
+                    taken = alone()
                     th.join()
                 else:
-                    stamps: list[Snapshot] = []  # at each step's end
+                    stamps: list[dict] = []  # at each step's end
                     with gil_switch_interval(switch_s if cond == "service_switch" else None):
                         Trainer(replace(cfg, name=f"{cond}{k}"),
-                                on_batch=lambda ids, stamps=stamps: stamps.append(Snapshot.take(servers))).run()
+                                on_batch=lambda ids, stamps=stamps: stamps.append(clocks())).run()
                     # steps 2..N, as alone's follow a warm-up
-                    span = Snapshot(*((b - a) * steps / (len(stamps) - 1)
-                                      for a, b in zip(stamps[0], stamps[-1], strict=True)))
-                spans[cond].append(span)
+                    taken = Snapshot(*(x * steps / (len(stamps) - 1)
+                                      for x in Snapshot.between(stamps[0], stamps[-1], servers)))
+                spans[cond].append(taken)
     rows = []
     cores = os.cpu_count() or 1
 

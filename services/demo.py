@@ -169,8 +169,11 @@ class Demo:
 
         prod = Producer(self.producer_cfg())
         n = n or self.cfg.files
-        with _bar("produce", n, "file") as bar:
-            processed = prod.processor_for().run(max_messages=n, idle_timeout_s=60, progress=bar.update)
+        try:
+            with _bar("produce", n, "file") as bar:
+                processed = prod.processor_for().run(max_messages=n, idle_timeout_s=60, progress=bar.update)
+        finally:
+            prod.close()  # its threads and client buffers do not outlive the stage
         from services.producer import PREDICTIONS
 
         by_task: dict[str, dict[str, int]] = {}

@@ -355,6 +355,16 @@ class Producer:
         # the producer publishes from its handler, chunk by chunk: a batch is partly durable here
         failpoints.hit("mid-publish", before=self.bus.flush)
 
+    def close(self) -> None:
+        """Let the publisher thread finish what it holds and stop, then flush and close the
+        bus's Kafka producers (raising Retryable if a send was lost, as ``Bus.close``). For a
+        process that goes on after producing (the demo's and the study's stages, a benchmark's
+        rounds): without it the publisher thread and the client's IO thread and buffers stay
+        until the garbage collector breaks this object's cycle with its processor, at a time
+        of its choosing."""
+        self._publisher.shutdown(wait=True)
+        self.bus.close()
+
     def processor_for(self, done: DoneStore | None = None) -> Processor:
         self.bus.ensure_topics([FILES, SAMPLES, PATTERNS_TRAIN, PATTERNS_MINE])
         self.processor = Processor(self.bus, self.cfg.group, [FILES], self.handle,

@@ -274,6 +274,7 @@ class Study(Demo):
                     break
         finally:
             bar.close()
+            prod.close()  # its threads and client buffers do not outlive the stage (Redis stays usable)
         seconds = time.monotonic() - t0
         by_task: dict[str, dict[str, int]] = {}
         for s in PREDICTIONS.collect()[0].samples:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -25,6 +26,7 @@ def make(bus_cfg, tiny_model_dir, **kw) -> Producer:
 
 
 def test_producer_publishes_what_a_consumer_decodes(bus_cfg, tiny_model_dir):
+    before = set(threading.enumerate())
     prod = make(bus_cfg, tiny_model_dir, mine_per_task=1000, balance_slack=1000)
     bus = Bus(bus_cfg, "test")
     bus.ensure_topics()
@@ -52,6 +54,13 @@ def test_producer_publishes_what_a_consumer_decodes(bus_cfg, tiny_model_dir):
     assert a.shape == (256, 256) and np.allclose(a.sum(1), 1, atol=0.02) and np.all(np.triu(a, 1) == 0)
     assert {m.key.decode() for m in read_range(bus, PATTERNS_MINE)} <= {f"{prod.lm.name}/{layer}/{h}" for layer in range(2)
                                                                       for h in range(4)}
+
+    # close: its publisher thread and its client's IO thread stop (neither outlives the stage)
+    ours = {t for t in set(threading.enumerate()) - before
+            if t.name.startswith("publish") or t.name == "producer-network-thread"}
+    assert {t.name.split("_")[0] for t in ours} == {"publish", "producer-network-thread"}, ours
+    prod.close()
+    assert not [t.name for t in ours if t.is_alive()]
 
 
 def test_training_patterns_are_a_fresh_quarter_of_heads_per_layer(bus_cfg, tiny_model_dir):
