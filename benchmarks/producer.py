@@ -11,9 +11,14 @@ Part 2, side by side on the same files and the same loaded model: a forward + ca
 alone (the floor) against the producer service through the embedded broker and Redis
 (pipelined: chunk k is encoded and published while chunk k+1 runs); samples/s of both,
 their ratio, patterns/s, MB/s, the share of wall time per stage, the correctness rate per
-task, and how well real patterns compress with zstd.
+task, and how well real patterns compress with zstd. Beside each span, where the cores went
+(``cpu_split``): the main thread with torch's workers (the forward), the publisher thread,
+the Kafka client's IO thread, other threads, the broker's and Redis's processes, each as a
+share of every core; and the main thread's CPU in the service over the loop's for the same
+forwards. ``--also-compression CODEC`` adds the service with that codec for every topic,
+paired with the service as it ships (what the default codecs cost a CPU-bound producer).
 
-    python benchmarks/producer.py [--inputs 32] [--files 4]
+    python benchmarks/producer.py [--inputs 32] [--files 4] [--skip-capture] [--rounds 6] [--also-compression none]
 """
 
 from __future__ import annotations
@@ -130,7 +135,7 @@ def part1(n: int, batch: int, glibc_malloc: bool = False) -> list[dict]:
     return rows
 
 
-def part2(files: int, rounds: int) -> dict:
+def part2(files: int, rounds: int, also: str | None = None) -> dict:
     """The producer service against a forward + capture loop alone, same inputs, same model.
 
     Both run the same jobs (the service's own ``jobs_for`` on the same files) in chunks of
@@ -158,10 +163,11 @@ def part2(files: int, rounds: int) -> dict:
         def clocks() -> dict[str, float]:
             return cpu_split(servers, thread_group)
 
-        def config(k: int) -> ProducerConfig:
+        def config(k: int, compression: str = "auto") -> ProducerConfig:
             return from_flat(ProducerConfig, bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                             state_dir=ROOT / ".apmae", group_poll_interval_ms=10_000, topic_prefix=f"r{k}.",
-                             mine_per_task=10**6, balance_slack=10**6)
+                             state_dir=ROOT / ".apmae", group_poll_interval_ms=10_000,
+                             topic_prefix=f"r{k}{'' if compression == 'auto' else compression}.",
+                             mine_per_task=10**6, balance_slack=10**6, compression=compression)
 
         def loop_alone(k: int) -> tuple[float, int]:
             prod = Producer(config(k), model=lm)
@@ -182,8 +188,8 @@ def part2(files: int, rounds: int) -> dict:
             prod.close()
             return wall, sum(len(b) for b in batches), cpu, split
 
-        def service(k: int) -> tuple[float, int, dict]:
-            cfg = config(k)
+        def service(k: int, compression: str = "auto") -> tuple[float, int, dict]:
+            cfg = config(k, compression)
             bus = Bus(BusConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=cfg.topic_prefix), "bench")
             bus.ensure_topics()
             for f in corpus:
@@ -217,13 +223,16 @@ def part2(files: int, rounds: int) -> dict:
         lm.run(build_inputs(lm, 8), {})  # warm-up: first-forward allocations fall on neither
         runs = []
         for k in range(rounds):
-            order = ("loop", "service") if k % 2 == 0 else ("service", "loop")
+            order = ["loop", "service"] + (["also"] if also else [])
             r = {}
-            for what in order:
+            for what in order if k % 2 == 0 else order[::-1]:
                 if what == "loop":
                     r["loop_s"], r["samples"], r["loop_cpu_s"], r["loop_split"] = loop_alone(k)
-                else:
+                elif what == "service":
                     r["service_s"], r["mined_patterns"], r["detail"] = service(k)
+                else:
+                    r["also_s"], _, detail = service(k, also)
+                    r["also_split"] = detail["split"]
             r["service_split"], r["jobs_cpu_s"] = r["detail"]["split"], jobs_cpu[k]
             runs.append(r)
     samples = runs[0]["samples"]
@@ -245,6 +254,14 @@ def part2(files: int, rounds: int) -> dict:
         return {p: statistics.median(r[key].get(p, 0.0) / (r[key]["wall"] * cores) for r in runs) for p in parts}
 
     main_vs, main_lo, main_hi, _ = median_ci([r["service_split"]["main"] / r["loop_split"]["main"] for r in runs])
+    also_row = {}
+    if also:  # the service again with one codec for every topic, paired with the service as it ships
+        a_med, a_lo, a_hi, _ = median_ci([r["service_s"] / r["also_s"] for r in runs])
+        v_med, v_lo, v_hi, _ = median_ci([r["loop_s"] / r["also_s"] for r in runs])
+        also_row = {"also_compression": {
+            "codec": also, "samples_per_s": samples / statistics.median(r["also_s"] for r in runs),
+            "vs_service": a_med, "vs_service_ci": f"{a_lo:.3f}-{a_hi:.3f}",
+            "vs_loop": v_med, "vs_loop_ci": f"{v_lo:.3f}-{v_hi:.3f}", "cpu_shares": shares("also_split")}}
     per_task = [{"task": t, "correct": c["correct"], "incorrect": c["incorrect"], "unlabelled": c["unlabelled"],
                  "correct_rate": c["correct"] / max(1, c["correct"] + c["incorrect"])} for t, c in sorted(by_task.items())]
     return {"files": files, "rounds": rounds, "samples": samples,
@@ -266,6 +283,7 @@ def part2(files: int, rounds: int) -> dict:
             "MB_per_s": last["detail"]["mined_bytes"] / 1e6 / service_s,
             **{f"{k}_share": v / last["service_s"] for k, v in last["detail"]["stages"].items()},
             "zstd_ratio_real_patterns": last["detail"]["zstd_ratio"],
+            **also_row,
             "seconds": [{k: v for k, v in r.items() if k != "detail"} for r in runs], "per_task": per_task}
 
 
@@ -294,6 +312,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-capture", action="store_true", help="only part 2")
+    ap.add_argument("--also-compression", default=None, choices=("none", "lz4", "zstd", "gzip"),
+                    help="part 2 also runs the service with this codec for every topic, paired with the default")
     ap.add_argument("--one-mode", default=None)
     add_allocator_option(ap)
     args = ap.parse_args()
@@ -308,10 +328,14 @@ def main() -> None:
     if rows:
         print(table(rows, ["mode", "inputs", "seconds", "inputs_per_s", "vs_sdpa", "vs_eager", "peak_rss_MB",
                            "rss_growth_MB", "max_abs_diff_vs_eager"]))
-    e2e = part2(args.files, args.rounds)
-    split_keys = ("per_task", "seconds", "loop_cpu_shares", "service_cpu_shares")
+    e2e = part2(args.files, args.rounds, args.also_compression)
+    split_keys = ("per_task", "seconds", "loop_cpu_shares", "service_cpu_shares", "also_compression")
     print(table([{k: v for k, v in e2e.items() if k not in split_keys}], [k for k in e2e if k not in split_keys]))
     shares = [{"span": side, **e2e[f"{side}_cpu_shares"]} for side in ("loop", "service")]
+    if "also_compression" in e2e:
+        also = e2e["also_compression"]
+        print(table([{k: v for k, v in also.items() if k != "cpu_shares"}], [k for k in also if k != "cpu_shares"]))
+        shares.append({"span": f"service, {also['codec']}", **also["cpu_shares"]})
     print(table(shares, ["span", *sorted({k for r in shares for k in r} - {"span"})]))
     print(table(e2e["per_task"], ["task", "correct", "incorrect", "unlabelled", "correct_rate"]))
     if not rows:  # keep the last capture measurement rather than dropping it from the result
