@@ -169,14 +169,14 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
 
     for cond, v in spans.items():
         med, lo, hi, coverage = median_ci([a.wall / c.wall for a, c in zip(spans["alone"], v, strict=True)])
+        cpu_med, cpu_lo, cpu_hi, _ = median_ci([c.training / a.training for a, c in zip(spans["alone"], v, strict=True)])
         rows.append({"condition": cond, "torch_threads": torch.get_num_threads(),
                      "patterns_s": n / statistics.median(x.wall for x in v),
                      "vs_alone": med, "ci": f"{lo:.3f}-{hi:.3f}", "ci_coverage": round(coverage, 3),
                      "busy_share": share(cond, "busy"), "training_share": share(cond, "training"),
                      "input_share": share(cond, "input"), "servers_share": share(cond, "servers"),
                      # the training's own CPU for the same steps, over alone's in the same round
-                     "training_cpu_vs_alone": statistics.median(
-                         c.training / a.training for a, c in zip(spans["alone"], v, strict=True)),
+                     "training_cpu_vs_alone": cpu_med, "training_cpu_ci": f"{cpu_lo:.3f}-{cpu_hi:.3f}",
                      "spans": [x._asdict() for x in v]})
         if cond == "service_switch":
             med, lo, hi, _ = median_ci([a.wall / c.wall for a, c in zip(spans["service"], v, strict=True)])
