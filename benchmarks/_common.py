@@ -70,13 +70,41 @@ def server_processes(infra, which=("broker", "redis")) -> dict:
     return {srv.name: psutil.Process(srv.pid()) for srv in servers(infra, which)}
 
 
+_ENDED: list = []  # (native id, thread, its CPU-seconds) of each thread that ended since the watch began
+
+
+def watch_thread_ends() -> None:
+    """From now on, each Python thread that ends records its CPU clock as it ends (a
+    thread's clock cannot be read once it is gone): :func:`span` then counts the work of a
+    thread that ended inside a span (a per-batch helper, a client closed) in its group, not in
+    ``main``. Hooks ``threading.Thread._bootstrap_inner`` (CPython's: it runs ``run``, which
+    subclasses such as kafka-python's sender override); idempotent."""
+    import threading
+
+    inner = threading.Thread._bootstrap_inner
+    if getattr(inner, "_records_ends", False):
+        return
+
+    def bootstrap_inner(self):
+        try:
+            inner(self)
+        finally:
+            _ENDED.append((self.native_id, self, time.thread_time()))
+
+    bootstrap_inner._records_ends = True
+    threading.Thread._bootstrap_inner = bootstrap_inner
+
+
 def cpu_split(servers: dict, group) -> dict:
     """Clocks read at one moment (:func:`span` turns two into a span's seconds): ``wall``;
     ``busy``, the machine's busy CPU; ``process``, this process's CPU; ``threads``, each live
     Python thread but the main one as native id -> (``group(thread)``, its CPU clock), a
-    group being a name or None (counted as main); each server's process CPU (user + system)."""
+    group being a name or None (counted as main); ``ended``, the same for the threads that
+    ended since :func:`watch_thread_ends` (called here on first use: threads started before
+    it are seen only while alive); each server's process CPU (user + system)."""
     import threading
 
+    watch_thread_ends()
     threads: dict[int, tuple[str, float]] = {}
     for t in threading.enumerate():
         name = None if t is threading.main_thread() or t.native_id is None else group(t)
@@ -86,22 +114,30 @@ def cpu_split(servers: dict, group) -> dict:
             threads[t.native_id] = (name, time.clock_gettime(time.pthread_getcpuclockid(t.ident)))
         except (OSError, ProcessLookupError):  # it ended meanwhile
             pass
-    return {"wall": time.perf_counter(), "busy": Clock.busy(), "process": time.process_time(), "threads": threads,
-            **{name: sum(p.cpu_times()[:2]) for name, p in servers.items()}}
+    process = time.process_time()  # right after the threads' clocks: they run on meanwhile
+    ended = tuple((tid, group(t), cpu) for tid, t, cpu in _ENDED)
+    return {"wall": time.perf_counter(), "busy": Clock.busy(), "process": process, "threads": threads,
+            "ended": ended, **{name: sum(p.cpu_times()[:2]) for name, p in servers.items()}}
 
 
 def span(a: dict, b: dict) -> dict[str, float]:
     """Seconds between two :func:`cpu_split` readings: ``wall``, ``busy``, each server's CPU,
-    each thread group's CPU (its threads alive at ``b``, from ``a`` or from their start), and
-    ``main``: the rest of this process's CPU (its main thread and torch's OpenMP workers). A
-    thread that ended inside the span leaves its last moments in ``main`` (its clock is gone):
-    the error is what it spent there, not its lifetime."""
+    each thread group's CPU (its threads' clocks at ``b``, or as they ended, less their
+    clocks at ``a`` where they were alive then), and ``main``: the rest of this process's CPU
+    (its main thread and torch's OpenMP workers, and any thread not watched as it ended)."""
     before = a["threads"]
     groups: dict[str, float] = {}
+
+    def add(tid: int, name: str | None, cpu: float) -> None:
+        if name is not None:
+            prior = before.get(tid)
+            groups[name] = groups.get(name, 0.0) + cpu - (prior[1] if prior is not None else 0.0)
+
     for tid, (name, cpu) in b["threads"].items():
-        prior = before.get(tid)
-        groups[name] = groups.get(name, 0.0) + cpu - (prior[1] if prior is not None else 0.0)
-    scalars = {k: b[k] - a[k] for k in b if k not in ("threads", "process")}
+        add(tid, name, cpu)
+    for tid, name, cpu in b["ended"][len(a["ended"]):]:  # ended inside the span
+        add(tid, name, cpu)
+    scalars = {k: b[k] - a[k] for k in b if k not in ("threads", "ended", "process")}
     return {**scalars, "main": b["process"] - a["process"] - sum(groups.values()), **groups}
 
 

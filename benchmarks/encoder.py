@@ -21,6 +21,12 @@ neighbour core slows the forward here). ``--switch-interval S`` adds ``service_s
 service again, on a fourth copy, with CPython's GIL switch interval at S seconds (the default
 is 5 ms) while it runs, paired with ``service`` (does a quicker GIL hand-off between the
 forward and the loop's helper threads buy anything?). Rounds alternate which goes first.
+Beside ``raw`` and ``service``, where the cores went over the same spans (``cpu_split``): the
+main thread with torch's workers, the Processor's ``prefetch`` and ``ending`` helpers, the
+Kafka client's IO thread, other threads, the broker's and Redis's processes, each as a share
+of every core; and the main thread's CPU in the service over the raw forward's for the same
+patterns (``main_cpu_vs_raw``: the forward beside the loop's other threads, plus the loop's
+own work on that thread).
 
     python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2] [--switch-interval 0.0005]
 """
@@ -28,6 +34,7 @@ forward and the loop's helper threads buy anything?). Rounds alternate which goe
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -39,11 +46,15 @@ from benchmarks._common import (
     Clock,
     add_allocator_option,
     cpu_bound,
+    cpu_split,
     embedded_infra,
     gil_switch_interval,
     median_ci,
+    server_processes,
+    span,
     table,
     tune_allocator,
+    watch_thread_ends,
     write_result,
 )
 from benchmarks.bus import pattern_records, patterns
@@ -85,11 +96,23 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     def raw_square() -> tuple[float, float]:
         return forward(squares)
 
+    watch_thread_ends()  # before any thread starts: a thread that ends inside a span counts in its group
     with embedded_infra(("broker", "redis")) as infra:
         chosen: list[bool] = []
+        servers = server_processes(infra)
+        splits: dict[str, list[dict]] = {"raw": [], "service": []}  # where the cores went (cpu_split)
+
+        def clocks() -> dict:
+            return cpu_split(servers, thread_group)
+
+        def raw_split() -> tuple[float, float]:
+            c0 = clocks()
+            out = raw()
+            splits["raw"].append(span(c0, clocks()))
+            return out
 
         def service(k: int, prefetch: bool = True, overlap: bool = True,
-                    switch: float | None = None) -> tuple[float, float]:
+                    switch: float | None = None, split: list | None = None) -> tuple[float, float]:
             prefix = f"e{k}s." if switch else f"e{k}." if prefetch and overlap else f"e{k}e." if prefetch else f"e{k}i."
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                                 topic_prefix=prefix, checkpoint=str(ckpt),
@@ -105,12 +128,14 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                 proc.consumer.poll(timeout_ms=200, max_records=1)
             proc.consumer.seek_to_beginning()
             last: list = [0, None]
-            clock = Clock().start()
+            clock, c0 = Clock().start(), clocks()
 
             def progress(k: int) -> None:  # the clock stops at the last commit (closing is not work)
                 last[0] += k
                 if last[0] >= n:
                     last[1] = clock.stop()
+                    if split is not None:
+                        split.append(span(c0, clocks()))
 
             with gil_switch_interval(switch):
                 done = proc.run(max_messages=n, idle_timeout_s=30, progress=progress)
@@ -240,7 +265,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             t["service_switch"] = []
         for k in range(rounds):
             publish(k)
-            steps = [("raw", raw), ("service", lambda k=k: service(k)),
+            steps = [("raw", raw_split), ("service", lambda k=k: service(k, split=splits["service"])),
                      ("service_inline", lambda k=k: service(k, prefetch=False)),
                      ("service_ending_inline", lambda k=k: service(k, overlap=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
@@ -285,11 +310,34 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
            "service_vs_beside_poll": paired("raw_beside_poll", "service"),
            # the handler's own work (fresh input tensors, records built), no bus, paired
            "handler_patterns_per_s": n / med["handler_alone"], "handler_vs_raw": paired("raw", "handler_alone")}
+    cores = os.cpu_count() or 1
+
+    def shares(cond: str) -> dict[str, float]:  # each clock's CPU over every core's span, median of the rounds
+        parts = sorted({p for x in splits[cond] for p in x} - {"wall"})
+        return {p: statistics.median(x.get(p, 0.0) / (x["wall"] * cores) for x in splits[cond]) for p in parts}
+
+    main_vs, main_lo, main_hi, _ = median_ci([s["main"] / r["main"] for r, s in zip(splits["raw"], splits["service"],
+                                                                                    strict=True)])
+    # the main thread's CPU (the forward and torch's workers, and in the service the loop's own
+    # work: polls, decode, records) over the raw forward's, and the shares of every core
+    sv, sv_lo, sv_hi, _ = median_ci([r[0] / x[0] for r, x in zip(t["raw"], t["service"], strict=True)])
+    row |= {"paired_service_vs_raw": sv, "ci": f"{sv_lo:.3f}-{sv_hi:.3f}",
+            "main_cpu_vs_raw": main_vs, "main_cpu_vs_raw_ci": f"{main_lo:.3f}-{main_hi:.3f}"}
+    split_rows = [{"span": cond, **shares(cond)} for cond in splits]
     if switch_s:  # the service at the given GIL switch interval over the service at the default
         med_s, lo, hi, _ = median_ci([x[0] / y[0] for x, y in zip(t["service"], t["service_switch"], strict=True)])
         row |= {"switch_interval_s": switch_s, "switch_speedup": f"{med_s:.3f} ({lo:.3f}-{hi:.3f})"}
-    return {"rows": [row], "seconds": {k: [w for w, _ in v] for k, v in t.items()},
+    return {"rows": [row], "cpu_shares": split_rows, "splits": splits, "seconds": {k: [w for w, _ in v] for k, v in t.items()},
             "cpu_seconds": {k: [c for _, c in v] for k, v in t.items()}}
+
+
+def thread_group(t) -> str:
+    """The encoder's Python threads, by what they do (``cpu_split``'s groups)."""
+    if t.name in ("prefetch", "ending"):
+        return t.name  # the Processor's helpers: the next batch's poll; a batch's ending beside it
+    if t.name.endswith("-network-thread"):
+        return "producer_io"  # kafka-python's sender: the embeddings' batches and sockets
+    return "other_threads"  # the consumer's heartbeats, the lag probe
 
 
 def main() -> None:
@@ -306,6 +354,8 @@ def main() -> None:
     tuned = tune_allocator(args)
     res = run(args.patterns, args.variant, args.batch, args.rounds, args.compression, args.switch_interval)
     print(table(res["rows"], list(res["rows"][0])))
+    split = res["cpu_shares"]
+    print(table(split, ["span", *sorted({k for r in split for k in r} - {"span"})]))
     print("service_vs_raw = service patterns/s / raw in-memory forward patterns/s (target >= 0.9)")
     print("wrote", write_result("encoder" if args.compression == "auto" else f"encoder-{args.compression}",
                                 {"allocator_tuned": tuned, **res}))

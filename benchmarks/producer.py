@@ -47,6 +47,7 @@ from benchmarks._common import (  # noqa: E402
     span,
     table,
     tune_allocator,
+    watch_thread_ends,
     write_result,
 )
 
@@ -157,6 +158,7 @@ def part2(files: int, rounds: int, also: str | None = None) -> dict:
     lm = TargetModel.load("local:smollm2", CACHE, "cpu")
     corpus = [FileRecord(id=f.id, source=f.source, path=f.path, content=f.content)
               for f in itertools.islice(open_corpus(default_jdk_corpus(), CorpusStats()), 500, 500 + files)]
+    watch_thread_ends()  # before any thread starts: a thread that ends inside a span counts in its group
     with embedded_infra(("broker", "redis")) as infra:
         servers = server_processes(infra)
 

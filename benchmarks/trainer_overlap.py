@@ -56,6 +56,7 @@ from benchmarks._common import (  # noqa: E402
     span,
     table,
     tune_allocator,
+    watch_thread_ends,
     write_result,
 )
 
@@ -111,6 +112,7 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
 
     n = steps * batch
     wire = [encode_pattern(p) for p in patterns(n)]
+    watch_thread_ends()  # before any thread starts: a thread that ends inside a span counts in its group
     with embedded_infra(("broker", "redis")) as infra:
         servers = server_processes(infra)
         cfg = TrainerConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
