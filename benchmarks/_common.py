@@ -211,6 +211,21 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def code_version() -> str:
+    """The commit the benchmark ran on, ``+changes`` where the checkout differed from it
+    (tracked files only), or ``unknown`` outside a git checkout: which code a result is of."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def write_result(name: str, payload: dict) -> Path:
     """``results/NAME.json``, or ``results/NAME-TAG.json`` with ``APMAE_BENCH_TAG=TAG`` set: a
     run on another machine (benchmarks/spare_cores.sh) sits beside this machine's, never over it."""
@@ -220,7 +235,7 @@ def write_result(name: str, payload: dict) -> Path:
         name = f"{name}-{os.environ['APMAE_BENCH_TAG']}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.node(),
-               "cpus": __import__("os").cpu_count(), **payload}
+               "cpus": os.cpu_count(), "code": code_version(), **payload}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path

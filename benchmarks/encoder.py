@@ -335,8 +335,8 @@ def thread_group(t) -> str:
     """The encoder's Python threads, by what they do (``cpu_split``'s groups)."""
     if t.name in ("prefetch", "ending"):
         return t.name  # the Processor's helpers: the next batch's poll; a batch's ending beside it
-    if t.name.endswith("-network-thread"):
-        return "producer_io"  # kafka-python's sender: the embeddings' batches and sockets
+    if t.name == "encoder-network-thread":
+        return "producer_io"  # the service's kafka-python sender: the embeddings' batches and sockets
     return "other_threads"  # the consumer's heartbeats, the lag probe
 
 

@@ -162,7 +162,7 @@ def part2(files: int, rounds: int, also: str | None = None) -> dict:
     with embedded_infra(("broker", "redis")) as infra:
         servers = server_processes(infra)
 
-        def clocks() -> dict[str, float]:
+        def clocks() -> dict:
             return cpu_split(servers, thread_group)
 
         def config(k: int, compression: str = "auto") -> ProducerConfig:
@@ -171,7 +171,7 @@ def part2(files: int, rounds: int, also: str | None = None) -> dict:
                              topic_prefix=f"r{k}{'' if compression == 'auto' else compression}.",
                              mine_per_task=10**6, balance_slack=10**6, compression=compression)
 
-        def loop_alone(k: int) -> tuple[float, int]:
+        def loop_alone(k: int) -> tuple[float, int, float, dict[str, float]]:
             prod = Producer(config(k), model=lm)
             t_jobs = time.thread_time()  # building the inputs: the service's main thread does it inside its span
             batches = [[j for f in corpus[i:i + prod.cfg.files_per_batch]
@@ -286,16 +286,18 @@ def part2(files: int, rounds: int, also: str | None = None) -> dict:
             **{f"{k}_share": v / last["service_s"] for k, v in last["detail"]["stages"].items()},
             "zstd_ratio_real_patterns": last["detail"]["zstd_ratio"],
             **also_row,
-            "seconds": [{k: v for k, v in r.items() if k != "detail"} for r in runs], "per_task": per_task}
+            "seconds": [{k: v for k, v in r.items() if k != "detail"} for r in runs],
+            # the predictions of every service run in this process (the loop's count none)
+            "per_task_service_runs": rounds * (2 if also else 1), "per_task": per_task}
 
 
 def thread_group(t) -> str:
     """The producer's Python threads, by what they do (``cpu_split``'s groups)."""
     if t.name.startswith("publish"):
         return "publisher"  # encodes patterns and hands them to the Kafka client
-    if t.name.endswith("-network-thread"):
-        return "producer_io"  # kafka-python's sender: batches, compression, checksums, sockets
-    return "other_threads"  # the consumer's heartbeats, the lag probe, the keepalive helper
+    if t.name == "producer-network-thread":
+        return "producer_io"  # the service's kafka-python sender: batches, compression, checksums, sockets
+    return "other_threads"  # the consumer's IO, the lag probe, the keepalive helper, the benchmark's own client
 
 
 STAGES = ("model", "capture", "encode", "publish", "wait")

@@ -172,8 +172,10 @@ class Demo:
         try:
             with _bar("produce", n, "file") as bar:
                 processed = prod.processor_for().run(max_messages=n, idle_timeout_s=60, progress=bar.update)
-        finally:
-            prod.close()  # its threads and client buffers do not outlive the stage
+        except BaseException:
+            prod.close(quietly=True)  # the error that stopped it is the one to see
+            raise
+        prod.close()  # its threads and client buffers do not outlive the stage
         from services.producer import PREDICTIONS
 
         by_task: dict[str, dict[str, int]] = {}

@@ -145,7 +145,7 @@ class Producer:
         self.mine_heads = parse_ranges(cfg.mining.mine_heads, self.lm.n_heads)
         self.processor: Processor | None = None
         self.files_seen = 0
-        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        self._publisher: ThreadPoolExecutor | None = None  # started on first use; close() stops it
 
     # -- inputs ---------------------------------------------------------------------------
     def jobs_for(self, msg: Message) -> list[Job]:
@@ -317,7 +317,7 @@ class Producer:
                 SECONDS.labels("capture").inc(cap_s)
                 SECONDS.labels("model").inc(res.model_s - cap_s)
                 # the encoding runs beside the next forward (on a GPU, the device-to-host copies too)
-                pending.append(self._publisher.submit(self.publish, chunk, res))
+                pending.append(self.publisher().submit(self.publish, chunk, res))
                 t_wait = time.perf_counter()
                 while len(pending) > self.cfg.pipeline_depth:  # back-pressure: the publisher is behind
                     self._wait(pending.popleft())
@@ -355,15 +355,31 @@ class Producer:
         # the producer publishes from its handler, chunk by chunk: a batch is partly durable here
         failpoints.hit("mid-publish", before=self.bus.flush)
 
-    def close(self) -> None:
+    def publisher(self) -> ThreadPoolExecutor:
+        """The one publisher thread (started on first use, again after :meth:`close`)."""
+        if self._publisher is None:
+            self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        return self._publisher
+
+    def close(self, quietly: bool = False) -> None:
         """Let the publisher thread finish what it holds and stop, then flush and close the
         bus's Kafka producers (raising Retryable if a send was lost, as ``Bus.close``). For a
         process that goes on after producing (the demo's and the study's stages, a benchmark's
         rounds): without it the publisher thread and the client's IO thread and buffers stay
         until the garbage collector breaks this object's cycle with its processor, at a time
-        of its choosing."""
-        self._publisher.shutdown(wait=True)
-        self.bus.close()
+        of its choosing. ``quietly``: closing after an error, whose own exception is the one
+        to see; a failed flush or close is logged, not raised (the batch it belonged to was
+        not committed and is read again). The producer may be used again after it: both the
+        thread and the clients start again on demand."""
+        pool, self._publisher = self._publisher, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.bus.close()
+        except Exception as e:
+            if not quietly:
+                raise
+            log.warning("closing the producer's bus after an error failed too: %s: %s", type(e).__name__, e)
 
     def processor_for(self, done: DoneStore | None = None) -> Processor:
         self.bus.ensure_topics([FILES, SAMPLES, PATTERNS_TRAIN, PATTERNS_MINE])

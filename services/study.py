@@ -272,9 +272,12 @@ class Study(Demo):
                 if elapsed + (time.monotonic() - t_round) > allot:
                     stop = "budget share spent"
                     break
+        except BaseException:
+            prod.close(quietly=True)  # the error that stopped it is the one to see
+            raise
         finally:
             bar.close()
-            prod.close()  # its threads and client buffers do not outlive the stage (Redis stays usable)
+        prod.close()  # its threads and client buffers do not outlive the stage (Redis stays usable)
         seconds = time.monotonic() - t0
         by_task: dict[str, dict[str, int]] = {}
         for s in PREDICTIONS.collect()[0].samples:

@@ -14,7 +14,7 @@ from apmae.config import from_flat
 from apmae.split import trains_apmae
 from apmae.target import TargetModel
 from apmae.topics import FILES, PATTERNS_MINE, PATTERNS_TRAIN, SAMPLES
-from services.bus import Bus, Output, read_range
+from services.bus import Bus, Output, Retryable, read_range
 from services.producer import Producer, ProducerConfig
 from tests.conftest import java_files
 
@@ -61,6 +61,15 @@ def test_producer_publishes_what_a_consumer_decodes(bus_cfg, tiny_model_dir):
     assert {t.name.split("_")[0] for t in ours} == {"publish", "producer-network-thread"}, ours
     prod.close()
     assert not [t.name for t in ours if t.is_alive()]
+    assert prod.publisher().submit(lambda: 7).result(timeout=10) == 7  # usable again: the thread starts anew
+    # closing after an error: a failing flush is logged, not raised over the error being handled
+    def failing_close():
+        raise Retryable("1 sends failed")
+
+    prod.bus.close = failing_close
+    prod.close(quietly=True)
+    with pytest.raises(Retryable):
+        prod.close()
 
 
 def test_training_patterns_are_a_fresh_quarter_of_heads_per_layer(bus_cfg, tiny_model_dir):

@@ -1,0 +1,54 @@
+"""The benchmarks' CPU accounting (``benchmarks._common.cpu_split`` / ``span``): where a span's
+CPU went, by thread group, including threads that end inside the span.
+
+Asserted on CPU clocks, not wall time: each thread burns a known amount of its own CPU time.
+Run in a fresh interpreter, since ``watch_thread_ends`` hooks ``threading`` process-wide."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from benchmarks._common import cpu_split, span, watch_thread_ends
+
+def burn(seconds):
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        pass
+
+watch_thread_ends()
+group = lambda t: t.name.split("-")[0]
+before = threading.Thread(target=burn, args=(0.6,), name="long-1")  # alive at the span's start, ends inside
+before.start()
+burn(0.05)
+a = cpu_split({}, group)
+short = threading.Thread(target=burn, args=(0.3,), name="short-1")  # starts and ends inside
+short.start(); short.join(); before.join()
+alive = threading.Thread(target=lambda: (burn(0.2), time.sleep(3)), name="alive-1", daemon=True)  # runs past the end
+alive.start()
+burn(0.25)  # the main thread's own
+b = cpu_split({}, group)
+at_a = a["threads"][before.native_id][1]
+print(json.dumps({"span": span(a, b), "long_before": at_a}))
+"""
+
+
+def test_a_span_counts_each_group_including_threads_that_ended_inside_it():
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    s = got["span"]
+    assert s["short"] == pytest.approx(0.3, abs=0.05)  # started and ended inside: all of it
+    assert s["long"] == pytest.approx(0.6 - got["long_before"], abs=0.05)  # only its part inside the span
+    assert s["alive"] == pytest.approx(0.2, abs=0.05)  # still running at the end
+    assert s["main"] == pytest.approx(0.25, abs=0.05)  # the rest of the process: the main thread's own
