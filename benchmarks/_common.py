@@ -141,6 +141,16 @@ def span(a: dict, b: dict) -> dict[str, float]:
     return {**scalars, "main": b["process"] - a["process"] - sum(groups.values()), **groups}
 
 
+def cpu_shares(spans: list[dict[str, float]]) -> dict[str, float]:
+    """Each part of :func:`span`'s results as a share of every core over its span, the median
+    over the spans (rounds); a part missing from a span counts 0 there."""
+    import os
+
+    cores = os.cpu_count() or 1
+    parts = sorted({p for x in spans for p in x} - {"wall"})
+    return {p: statistics.median(x.get(p, 0.0) / (x["wall"] * cores) for x in spans) for p in parts}
+
+
 def cpu_bound(raw_wall: float, cpu_seconds: list[float]) -> float:
     """The best service/raw ratio the machine allows: the raw side's wall time over the wall
     time the parts' busy CPU-seconds need on every core at once (never above 1)."""

@@ -34,7 +34,6 @@ own work on that thread).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from benchmarks._common import (
     Clock,
     add_allocator_option,
     cpu_bound,
+    cpu_shares,
     cpu_split,
     embedded_infra,
     gil_switch_interval,
@@ -310,12 +310,6 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
            "service_vs_beside_poll": paired("raw_beside_poll", "service"),
            # the handler's own work (fresh input tensors, records built), no bus, paired
            "handler_patterns_per_s": n / med["handler_alone"], "handler_vs_raw": paired("raw", "handler_alone")}
-    cores = os.cpu_count() or 1
-
-    def shares(cond: str) -> dict[str, float]:  # each clock's CPU over every core's span, median of the rounds
-        parts = sorted({p for x in splits[cond] for p in x} - {"wall"})
-        return {p: statistics.median(x.get(p, 0.0) / (x["wall"] * cores) for x in splits[cond]) for p in parts}
-
     main_vs, main_lo, main_hi, _ = median_ci([s["main"] / r["main"] for r, s in zip(splits["raw"], splits["service"],
                                                                                     strict=True)])
     # the main thread's CPU (the forward and torch's workers, and in the service the loop's own
@@ -323,7 +317,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     sv, sv_lo, sv_hi, _ = median_ci([r[0] / x[0] for r, x in zip(t["raw"], t["service"], strict=True)])
     row |= {"paired_service_vs_raw": sv, "ci": f"{sv_lo:.3f}-{sv_hi:.3f}",
             "main_cpu_vs_raw": main_vs, "main_cpu_vs_raw_ci": f"{main_lo:.3f}-{main_hi:.3f}"}
-    split_rows = [{"span": cond, **shares(cond)} for cond in splits]
+    split_rows = [{"span": cond, **cpu_shares(splits[cond])} for cond in splits]
     if switch_s:  # the service at the given GIL switch interval over the service at the default
         med_s, lo, hi, _ = median_ci([x[0] / y[0] for x, y in zip(t["service"], t["service_switch"], strict=True)])
         row |= {"switch_interval_s": switch_s, "switch_speedup": f"{med_s:.3f} ({lo:.3f}-{hi:.3f})"}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from benchmarks._common import (  # noqa: E402
     Clock,
     add_allocator_option,
     cpu_bound,
+    cpu_shares,
     cpu_split,
     embedded_infra,
     median_ci,
@@ -249,11 +249,9 @@ def part2(files: int, rounds: int, also: str | None = None) -> dict:
             by_task.setdefault(t, Counter())[res] += int(sample.value)
             counts[res] += int(sample.value)
     ratio, lo, hi, coverage = median_ci([r["loop_s"] / r["service_s"] for r in runs])
-    cores = os.cpu_count() or 1
 
-    def shares(key: str) -> dict[str, float]:  # each clock's CPU over every core's span, median of the rounds
-        parts = sorted({p for r in runs for p in r[key]} - {"wall"})
-        return {p: statistics.median(r[key].get(p, 0.0) / (r[key]["wall"] * cores) for r in runs) for p in parts}
+    def shares(key: str) -> dict[str, float]:
+        return cpu_shares([r[key] for r in runs])
 
     main_vs, main_lo, main_hi, _ = median_ci([r["service_split"]["main"] / r["loop_split"]["main"] for r in runs])
     also_row = {}

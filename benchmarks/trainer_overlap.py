@@ -33,7 +33,6 @@ input's threads buy anything?).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (  # noqa: E402
     add_allocator_option,
+    cpu_shares,
     cpu_split,
     embedded_infra,
     gil_switch_interval,
@@ -164,19 +164,14 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
                                       for x in Snapshot.between(stamps[0], stamps[-1], servers)))
                 spans[cond].append(taken)
     rows = []
-    cores = os.cpu_count() or 1
-
-    def share(cond: str, part: str) -> float:  # of every core over the span, median of the rounds
-        return statistics.median(getattr(x, part) / (x.wall * cores) for x in spans[cond])
-
     for cond, v in spans.items():
+        shares = cpu_shares([x._asdict() for x in v])
         med, lo, hi, coverage = median_ci([a.wall / c.wall for a, c in zip(spans["alone"], v, strict=True)])
         cpu_med, cpu_lo, cpu_hi, _ = median_ci([c.training / a.training for a, c in zip(spans["alone"], v, strict=True)])
         rows.append({"condition": cond, "torch_threads": torch.get_num_threads(),
                      "patterns_s": n / statistics.median(x.wall for x in v),
                      "vs_alone": med, "ci": f"{lo:.3f}-{hi:.3f}", "ci_coverage": round(coverage, 3),
-                     "busy_share": share(cond, "busy"), "training_share": share(cond, "training"),
-                     "input_share": share(cond, "input"), "servers_share": share(cond, "servers"),
+                     **{f"{part}_share": shares[part] for part in ("busy", "training", "input", "servers")},
                      # the training's own CPU for the same steps, over alone's in the same round
                      "training_cpu_vs_alone": cpu_med, "training_cpu_ci": f"{cpu_lo:.3f}-{cpu_hi:.3f}",
                      "spans": [x._asdict() for x in v]})

@@ -52,3 +52,16 @@ def test_a_span_counts_each_group_including_threads_that_ended_inside_it():
     assert s["long"] == pytest.approx(0.6 - got["long_before"], abs=0.05)  # only its part inside the span
     assert s["alive"] == pytest.approx(0.2, abs=0.05)  # still running at the end
     assert s["main"] == pytest.approx(0.25, abs=0.05)  # the rest of the process: the main thread's own
+
+
+def test_shares_are_medians_over_spans_of_each_part_over_every_core(monkeypatch):
+    import os
+
+    from benchmarks._common import cpu_shares
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    spans = [{"wall": 1.0, "main": 1.0, "input": 0.2}, {"wall": 2.0, "main": 3.0}, {"wall": 1.0, "main": 2.0}]
+    got = cpu_shares(spans)
+    assert got["main"] == pytest.approx(0.75)  # 0.5, 0.75, 1.0 of two cores
+    assert got["input"] == pytest.approx(0.0)  # missing from two spans: 0 there
+    assert "wall" not in got
