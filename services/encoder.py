@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,11 @@ from services.registry import FileDigests, Registry, sha256_file
 log = logging.getLogger("apmae.encoder")
 EMBEDDED = PromCounter("apmae_encoder_embeddings_total", "Patterns embedded", ["model"])
 CHECKPOINT_STEP = Gauge("apmae_encoder_checkpoint_step", "Step of the AP-MAE checkpoint in use")
+READ = PromCounter("apmae_encoder_batches_read_total", "Pattern batches read off the wire: ahead (on the helper "
+                   "that fetched them, beside the last forward) or inline (before the forward)", ["where"])
+# batches read ahead and not (yet) handled that are kept: one in the common case; a few more
+# when a rewind or a poison split leaves some behind
+READ_AHEAD_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class Encoder:
         self.tag = ""
         self.checked = 0.0
         self.digest = FileDigests()  # a fixed checkpoint directory is checked every reload_check_s
+        # read_packed's results for batches read ahead (prepare), by what they were read from
+        self.read_ahead: OrderedDict[tuple, tuple] = OrderedDict()
+        self.read_ahead_lock = threading.Lock()  # the helper adds while the handler takes
 
     def current(self) -> tuple[Path, str, str, bool] | None:
         """(checkpoint dir, sha256, tag, whether that sha256 was read off the file): a fixed
@@ -92,47 +101,83 @@ class Encoder:
         CHECKPOINT_STEP.set(meta.get("step", 0))
         log.info("embedding with %s (%s)", tag, path)
 
+    def batches(self, msgs: list[Message], size: int) -> tuple[list[DeadLetter], list[list[Message]]]:
+        """The forward's batches: at most ``batch_size`` patterns of one wire dtype each, in
+        order; a pattern of another size than the model's is a dead letter."""
+        dead: list[DeadLetter] = []
+        by_dtype: dict[str, list[Message]] = {}
+        for m in msgs:
+            if m.record.size != size:
+                dead.append(DeadLetter(m, f"pattern size {m.record.size} != AP-MAE pattern size {size}"))
+            else:
+                by_dtype.setdefault(m.record.dtype, []).append(m)
+        step = self.cfg.batch_size
+        return dead, [group[k:k + step] for group in by_dtype.values() for k in range(0, len(group), step)]
+
+    @staticmethod
+    def read_key(batch: list[Message], size: int) -> tuple:
+        """What a batch's read depends on: the size, the dtype and the records (a record at
+        an offset never changes)."""
+        return size, batch[0].record.dtype, tuple((m.topic, m.partition, m.offset) for m in batch)
+
+    def prepare(self, msgs: list[Message]) -> None:
+        """Read the next batch's payloads (:func:`read_packed`: length and finiteness checks,
+        the rows stacked) on the Processor's helper that fetched them, beside this batch's
+        forward; :meth:`handle` takes them by :meth:`read_key`, or reads in line on a miss."""
+        model = self.model
+        if model is None:  # no checkpoint yet: the handler reads in line
+            return
+        size = model.cfg.pattern_size
+        for batch in self.batches(msgs, size)[1]:
+            read = read_packed([m.record.payload for m in batch], size, batch[0].record.dtype)
+            with self.read_ahead_lock:
+                self.read_ahead[self.read_key(batch, size)] = read
+                while len(self.read_ahead) > READ_AHEAD_KEPT:
+                    self.read_ahead.popitem(last=False)
+
+    def read(self, batch: list[Message], size: int) -> tuple:
+        """:func:`read_packed` of a batch: as read ahead by :meth:`prepare`, or here."""
+        with self.read_ahead_lock:
+            got = self.read_ahead.pop(self.read_key(batch, size), None)
+        READ.labels("ahead" if got is not None else "inline").inc()
+        return got if got is not None else read_packed([m.record.payload for m in batch], size, batch[0].record.dtype)
+
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         """Embed a batch: one unmasked forward per ``batch_size`` patterns, fed their packed lower
         triangles as they came off the wire (:meth:`apmae.mae.APMAE.patches`: no square is built)."""
         self.ensure_model()
-        out: list[Output | DeadLetter] = []
         size = self.model.cfg.pattern_size
-        by_dtype: dict[str, list[Message]] = {}
-        for m in msgs:
-            if m.record.size != size:
-                out.append(DeadLetter(m, f"pattern size {m.record.size} != AP-MAE pattern size {size}"))
-            else:
-                by_dtype.setdefault(m.record.dtype, []).append(m)
-        for dtype, group in by_dtype.items():
-            for k in range(0, len(group), self.cfg.batch_size):
-                chunk = group[k:k + self.cfg.batch_size]
-                bits, kept, bad = read_packed([m.record.payload for m in chunk], size, dtype)
-                out += [DeadLetter(chunk[i], reason) for i, reason in bad.items()]
-                if not kept:
-                    continue
-                with torch.inference_mode():
-                    emb = self.model.embed(packed_values(bits, self.device)).float().cpu().numpy()
-                for i, e in zip(kept, emb, strict=True):
-                    r = chunk[i].record
-                    out.append(Output(EMBEDDINGS, EmbeddingRecord(
-                        id=f"{r.id}@{self.sha[:12]}", sample_id=r.sample_id, model=r.model, task=r.task,
-                        layer=r.layer, head=r.head, correct=r.correct, checkpoint=self.tag, dim=int(e.shape[0]),
-                        payload=e.astype("<f4").tobytes()), key=head_key(r.model, r.layer, r.head)))
-                for model, k_model in Counter(chunk[i].record.model for i in kept).items():
-                    EMBEDDED.labels(model).inc(k_model)
+        dead, batches = self.batches(msgs, size)
+        out: list[Output | DeadLetter] = list(dead)
+        for batch in batches:
+            bits, kept, bad = self.read(batch, size)
+            out += [DeadLetter(batch[i], reason) for i, reason in bad.items()]
+            if not kept:
+                continue
+            with torch.inference_mode():
+                emb = self.model.embed(packed_values(bits, self.device)).float().cpu().numpy()
+            for i, e in zip(kept, emb, strict=True):
+                r = batch[i].record
+                out.append(Output(EMBEDDINGS, EmbeddingRecord(
+                    id=f"{r.id}@{self.sha[:12]}", sample_id=r.sample_id, model=r.model, task=r.task,
+                    layer=r.layer, head=r.head, correct=r.correct, checkpoint=self.tag, dim=int(e.shape[0]),
+                    payload=e.astype("<f4").tobytes()), key=head_key(r.model, r.layer, r.head)))
+            for model, k_model in Counter(batch[i].record.model for i in kept).items():
+                EMBEDDED.labels(model).inc(k_model)
         return out
 
     def processor(self) -> Processor:
         self.bus.ensure_topics([PATTERNS_MINE, EMBEDDINGS])
-        # with a core to spare the helper fetches the next batch and ends the last one (publish,
-        # flush, marks, commit) while the forward runs; the handler never touches the bus
+        # with a core to spare the helper fetches the next batch, reads its payloads and ends the
+        # last one (publish, flush, marks, commit) while the forward runs; the handler never
+        # touches the bus
         spare = self.a_core_to_spare()
         log.info("%s a core to spare: the next batch's fetch and the last one's ending %s the forward",
                  "with" if spare else "without", "beside" if spare else "after")
         return Processor(self.bus, self.cfg.group, [PATTERNS_MINE], self.handle,
                          done=DoneStore(self.redis, self.cfg.topic_prefix + self.cfg.group),
-                         batch_size=self.cfg.batch_size, prefetch=spare, overlap_ending=spare)
+                         batch_size=self.cfg.batch_size, prefetch=spare, overlap_ending=spare,
+                         prepare=self.prepare)
 
     def a_core_to_spare(self) -> bool:
         """Whether fetching the next batch during the forward has a core to run on: a GPU

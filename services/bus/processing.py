@@ -144,6 +144,15 @@ class Processor:
     # neither uses the bus itself nor keeps state for on_flushed / on_batch_start: its batch k+1
     # runs before batch k's outputs are durable.
     overlap_ending: bool = False
+    # Work on the next batch that needs neither the bus nor the handler's state, run on the
+    # helper that fetched it, beside this batch's handler: the batch's envelopes are decoded
+    # there (``_begin`` takes them) and ``prepare`` gets its messages. What ``prepare``
+    # computes it keeps itself, for the handler to find; the handler must give the same
+    # verdicts without it (a batch polled in line, rewound, split to find a poison message or
+    # thinned by the done marks is never prepared, or not as it is handled). What it raises is
+    # logged, and the handler does that work itself. The encoder reads its patterns' payloads
+    # here: ~5% of its loop's thread beside a one-thread forward (py-spy, 2026-12-07).
+    prepare: Callable[[list[Message]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.overlap_ending and (self.on_flushed or self.on_batch_start):
@@ -164,6 +173,8 @@ class Processor:
         self._lag_due = 0.0
         self._probe: KafkaConsumer | None = None
         self._prefetched: list[Any] = []  # the next batch, fetched while the handler ran
+        # ... its envelopes decoded on the helper (prepare), by (topic, partition, offset)
+        self._decoded_ahead: dict[tuple[str, int, int], Message | DeadLetter] = {}
         self._handler_s = float("inf")  # how long the last handler ran (prefetch_min_s)
         # while alive, that thread alone uses the consumer; setting its event stops it
         self._helper: tuple[threading.Thread, threading.Event] | None = None
@@ -333,6 +344,20 @@ class Processor:
                 self._prefetched = [r for part in polled.values() for r in part]
         except Exception as e:  # noqa: BLE001 - the loop's next poll meets it and decides
             log.debug("%s: prefetch poll failed: %s", self.bus.service, e)
+        if self._prefetched and self.prepare is not None:
+            self._prepare_ahead(self._prefetched)
+
+    def _prepare_ahead(self, raws: list[Any]) -> None:
+        """On the helper, after the fetch (the records are in ``_prefetched`` already, so
+        nothing here can lose them): decode their envelopes for ``_begin`` and hand the
+        messages to ``prepare``."""
+        try:
+            decoded = {(r.topic, r.partition, r.offset): self._decode(r) for r in raws}
+            self._decoded_ahead = decoded
+            self.prepare([d for d in decoded.values() if isinstance(d, Message)])
+        except Exception as e:  # noqa: BLE001 - the handler does the work itself, and meets the error there
+            metrics.ERRORS.labels(self.bus.service, type(e).__name__).inc()
+            log.warning("%s: preparing the next batch failed; its handler does that work: %s", self.bus.service, e)
 
     @contextmanager
     def _ending_beside(self, handled: _Handled, limit: int) -> Iterator[None]:
@@ -424,15 +449,17 @@ class Processor:
         return len(raws)
 
     def _begin(self, raws: list[Any], in_flight: frozenset[str] = frozenset()) -> tuple[list[Message], list]:
-        """Decode a batch (what fails becomes a dead letter) and drop the inputs already done:
+        """Decode a batch (what fails becomes a dead letter; a batch fetched ahead for
+        ``prepare`` was decoded on the helper) and drop the inputs already done:
         those the done store has marked and ``in_flight``'s (the batch before, handled, its
         ending still under way). Returns (the fresh messages, the verdicts so far)."""
         if self.on_batch_start:
             self.on_batch_start()
         msgs: list[Message] = []
         verdicts: list[Output | DeadLetter] = []
+        ahead, self._decoded_ahead = self._decoded_ahead, {}  # the helper that made it was joined
         for r in raws:
-            d = self._decode(r)
+            d = ahead.get((r.topic, r.partition, r.offset)) or self._decode(r)
             (msgs if isinstance(d, Message) else verdicts).append(d)
         # An input re-sent within one batch (a producer retry) is handled once, like one
         # re-sent across batches: the first copy counts, the rest are duplicates.
@@ -861,7 +888,7 @@ class Processor:
         finally:
             # a batch in hand, or fetched ahead, was not committed: the next run (or the
             # partition's next owner) reads it from the committed offset, not from this object
-            self._handled, self._prefetched = None, []
+            self._handled, self._prefetched, self._decoded_ahead = None, [], {}
             # one watched call each: their own bounds (probe close ~30 s, a flush of 30 s per
             # producer, the close 30 s) summed in one clock could pass poll_hang_s while the
             # broker is away and start the process again for no hang

@@ -147,6 +147,62 @@ def test_the_next_batch_is_fetched_while_the_handler_runs_and_never_committed_ea
     assert Processor(bus, "g-prefetch", [FILES], score).run(idle_timeout_s=4) == 0
 
 
+def test_prepare_gets_the_next_batch_on_the_helper_and_the_handler_gets_the_same_messages(bus_cfg):
+    """``prepare``: the helper that fetched the next batch decodes its envelopes and hands the
+    messages to ``prepare`` (not on the loop's thread) while this batch's handler runs; the
+    loop then hands that batch's handler those very messages, not a second decode. The first
+    batch, polled in line, is not prepared. A ``prepare`` that raises costs only its own work:
+    every input is still handled once and committed, and the error is counted."""
+    from prometheus_client import REGISTRY
+
+    bus = Bus(bus_cfg, "t-prepare")
+    publish(bus, files(30, "prepare"))
+    prepared: dict[str, object] = {}  # id -> the message object prepare was given
+    prepare_threads: set[int] = set()
+    handed: list[list[bool]] = []  # per batch: whether each message is the one prepare was given
+    ahead: list[bool] = []
+    seen: list[str] = []
+
+    def prepare(msgs):
+        prepare_threads.add(threading.get_ident())
+        prepared.update({m.record.id: m for m in msgs})
+
+    def handler(msgs):
+        handed.append([prepared.get(m.record.id) is m for m in msgs])
+        if len(seen) + len(msgs) < 30:
+            ahead.append(_wait_for_prefetch(p))
+        seen.extend(m.record.id for m in msgs)
+        return score(msgs)
+
+    p = Processor(bus, "g-prepare", [FILES], handler, batch_size=10, prefetch_min_s=0, prepare=prepare)
+    assert p.run(max_messages=30, idle_timeout_s=20) == 30
+    assert ahead and all(ahead), ahead
+    assert len(handed) >= 2 and not any(handed[0]) and all(all(b) for b in handed[1:]), handed
+    assert prepare_threads and threading.get_ident() not in prepare_threads
+    assert sorted(seen) == sorted(f.id for f in files(30, "prepare"))
+
+    def failing(msgs):
+        raise ValueError("prepare broke")
+
+    def errors() -> float:
+        return REGISTRY.get_sample_value("apmae_errors_total", {"service": "t-prepare", "kind": "ValueError"}) or 0
+
+    def waits_for_the_next(msgs):
+        if len(seen) + len(msgs) < 30:
+            _wait_for_prefetch(again)
+        seen.extend(m.record.id for m in msgs)
+        return score(msgs)
+
+    before, seen[:] = errors(), []
+    again = Processor(bus, "g-prepare-fails", [FILES], waits_for_the_next, batch_size=10, prefetch_min_s=0,
+                      prepare=failing)
+    assert again.run(max_messages=30, idle_timeout_s=20) == 30
+    assert sorted(seen) == sorted(f.id for f in files(30, "prepare"))
+    assert errors() > before  # at least one batch was fetched ahead, and its prepare's failure counted
+    assert len(read_all(bus, SCORES)) == 60  # both groups scored every file
+    assert Processor(bus, "g-prepare-fails", [FILES], score).run(idle_timeout_s=4) == 0
+
+
 # prefetch_min_s well above a no-op handler's time even on a loaded machine (a GIL hand-off
 # from the client's IO thread alone can take its 5 ms switch interval), and below a slow one's
 @pytest.mark.parametrize("handler_s, fetched_ahead", [(0.0, False), (0.3, True)])

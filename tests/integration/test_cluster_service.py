@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -130,6 +131,73 @@ def test_encoder_embeds_and_hot_swaps_checkpoints(bus_cfg, redis_client):
     assert len(embs) == 6 and all(e.dim == 64 for e in embs)
     assert Counter(e.checkpoint for e in embs) == {"enc@1": 3, "enc@2": 3}
     assert len(list(read_range(bus, FIT_JOBS))) == 0
+
+
+def test_the_encoder_reads_batches_ahead_and_embeds_them_as_it_does_in_line(bus_cfg, tmp_path):
+    """With a core to spare the Processor's helper reads the next batch's payloads
+    (``Encoder.prepare``) beside the forward. The embeddings are those of an encoder that
+    reads in line, byte for byte, and a payload of the wrong length or with a NaN is
+    dead-lettered either way."""
+    from prometheus_client import REGISTRY
+
+    from apmae.topics import DEADLETTER
+    from services.bus import Processor
+
+    bus = Bus(bus_cfg, "test")
+    bus.ensure_topics()
+    g = np.random.default_rng(1)
+    payloads = []
+    for _ in range(24):
+        logits = g.normal(size=(64, 64))
+        logits[np.triu_indices(64, 1)] = -np.inf
+        a = np.exp(logits - logits.max(1, keepdims=True))
+        payloads.append(encode_pattern(a / a.sum(1, keepdims=True)))
+    nan = bytearray(payloads[0])
+    nan[10:12] = np.array([0x7FC0], "<u2").tobytes()  # a bfloat16 NaN
+    payloads[5], payloads[17] = payloads[5][:-2], bytes(nan)  # one short payload, one NaN
+    for i, p in enumerate(payloads):
+        bus.send(Output(PATTERNS_MINE, PatternRecord(id=f"p{i}", sample_id=f"s{i}", model="m", task="identifier",
+                                                     layer=0, head=i % 2, correct=True, size=64, payload=p)))
+    bus.flush()
+    torch.manual_seed(0)
+    ckpt = save_pretrained(APMAE(variant("tiny", pattern_size=64, patch_size=16)), tmp_path / "ck")
+
+    def reads(where: str) -> float:
+        return REGISTRY.get_sample_value("apmae_encoder_batches_read_total", {"where": where}) or 0
+
+    def run(group: str, ahead: bool) -> tuple[float, float]:
+        enc = Encoder(EncoderConfig(**vars(bus_cfg), checkpoint=str(ckpt), batch_size=4, group=group))
+        proc = enc.processor()
+        proc.prefetch, proc.overlap_ending, proc.prefetch_min_s = ahead, ahead, 0
+        if not ahead:
+            proc.prepare = None
+
+        seen = [0]
+
+        def handle(msgs):  # the next batch, fetched beside this one, is read before this one ends
+            seen[0] += len(msgs)
+            deadline = time.monotonic() + 10
+            while ahead and seen[0] < 24 and not proc._prefetched and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return enc.handle(msgs)
+
+        proc.handler = handle
+        before = reads("ahead"), reads("inline")
+        assert isinstance(proc, Processor) and proc.run(max_messages=24, idle_timeout_s=15) == 24
+        return reads("ahead") - before[0], reads("inline") - before[1]
+
+    ahead_reads, _ = run("enc-ahead", ahead=True)
+    assert ahead_reads >= 2  # every batch fetched ahead was read ahead (the first is polled in line)
+    ahead_reads, inline_reads = run("enc-inline", ahead=False)
+    assert ahead_reads == 0 and inline_reads >= 6
+    embs: dict[str, list[bytes]] = {}
+    for m in read_range(bus, EMBEDDINGS):
+        embs.setdefault(m.record.id.split("@")[0], []).append(m.record.payload)
+    assert sorted(embs) == sorted(f"p{i}" for i in range(24) if i not in (5, 17))
+    assert all(len(v) == 2 and v[0] == v[1] for v in embs.values())
+    dead = sorted(m.record.reason.split(" is ")[0].split(" has ")[0] for m in read_range(bus, DEADLETTER))
+    # the two bad patterns, once for each group
+    assert dead == ["decoded pattern", "decoded pattern", "pattern payload", "pattern payload"], dead
 
 
 def test_a_fit_worker_process_that_dies_ends_the_pool_instead_of_hanging_it(bus_cfg, redis_client, monkeypatch):
