@@ -11,7 +11,10 @@ with the next batch polled after the handler, not during it (``Processor.prefetc
 loop until 2026-12-04), on its own copy of the topic; ``service_ending_inline`` prefetches but
 ends each batch (publish, flush, done marks, commit) on the loop's thread, not beside the next
 batch's forward (``Processor.overlap_ending`` off, the loop until 2026-12-06), on a third
-copy. ``raw_beside_poll`` is the raw forward
+copy; ``service_read_inline`` prefetches and overlaps the ending but reads each batch's
+payloads (``read_packed``) on the loop's thread before its forward, not on the helper beside
+the last one (``Processor.prepare`` off, the loop until 2026-12-07), on a fourth copy, paired
+with ``service`` (``read_ahead_speedup``). ``raw_beside_poll`` is the raw forward
 with a thread fetching the next batch from the broker during each batch's forward (the
 prefetching loop with nothing else in it); ``handler_alone`` is ``Encoder.handle`` on the
 same patterns as decoded Messages, no bus (the handler's own work). Together they are the
@@ -26,9 +29,11 @@ main thread with torch's workers, the Processor's ``prefetch`` and ``ending`` he
 Kafka client's IO thread, other threads, the broker's and Redis's processes, each as a share
 of every core; and the main thread's CPU in the service over the raw forward's for the same
 patterns (``main_cpu_vs_raw``: the forward beside the loop's other threads, plus the loop's
-own work on that thread).
+own work on that thread). ``--only`` runs fewer of the other conditions (``raw`` and
+``service`` always run): more rounds of one comparison in the same time.
 
     python benchmarks/encoder.py [--patterns 2048] [--variant small] [--rounds 2] [--switch-interval 0.0005]
+                                 [--only service_read_inline]
 """
 
 from __future__ import annotations
@@ -59,9 +64,13 @@ from benchmarks._common import (
 )
 from benchmarks.bus import pattern_records, patterns
 
+# the conditions beside ``raw`` and ``service`` (which always run), in the order a round runs them
+CONDITIONS = ("service_inline", "service_ending_inline", "service_read_inline", "consume_alone", "decode_alone",
+              "raw_square", "raw_beside_poll", "handler_alone")
+
 
 def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "auto",
-        switch_s: float | None = None) -> dict:
+        switch_s: float | None = None, only: tuple[str, ...] = CONDITIONS) -> dict:
     import numpy as np
     import torch
 
@@ -111,9 +120,10 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             splits["raw"].append(span(c0, clocks()))
             return out
 
-        def service(k: int, prefetch: bool = True, overlap: bool = True,
+        def service(k: int, prefetch: bool = True, overlap: bool = True, read_ahead: bool = True,
                     switch: float | None = None, split: list | None = None) -> tuple[float, float]:
-            prefix = f"e{k}s." if switch else f"e{k}." if prefetch and overlap else f"e{k}e." if prefetch else f"e{k}i."
+            prefix = (f"e{k}s." if switch else f"e{k}r." if not read_ahead else f"e{k}." if prefetch and overlap
+                      else f"e{k}e." if prefetch else f"e{k}i.")
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                                 topic_prefix=prefix, checkpoint=str(ckpt),
                                 batch_size=batch, compression=compression,
@@ -122,6 +132,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             proc = enc.processor()
             chosen.append(proc.prefetch)
             proc.prefetch, proc.overlap_ending = prefetch, prefetch and overlap
+            if not read_ahead:
+                proc.prepare = None
             enc.ensure_model()  # load the checkpoint before the clock (the raw side has it loaded too)
             proc.connect()
             while not proc.consumer.assignment():
@@ -248,7 +260,9 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             the inline service (each service's group and done marks are its own)."""
             from services.bus import Bus
 
-            for prefix in (f"e{k}.", f"e{k}i.", f"e{k}e.") + ((f"e{k}s.",) if switch_s else ()):
+            copies = {"service_inline": "i", "service_ending_inline": "e", "service_read_inline": "r"}
+            for prefix in ([f"e{k}."] + [f"e{k}{copies[c]}." for c in copies if c in only]
+                           + ([f"e{k}s."] if switch_s else [])):
                 bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=prefix,
                                         compression=compression), "bench")
                 bus.ensure_topics([PATTERNS_MINE])
@@ -257,10 +271,7 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                 bus.close()
 
         raw(), raw_square()  # warm-up
-        t: dict[str, list[tuple[float, float]]] = {"raw": [], "service": [], "service_inline": [],
-                                                   "service_ending_inline": [],
-                                                   "consume_alone": [], "decode_alone": [], "raw_square": [],
-                                                   "raw_beside_poll": [], "handler_alone": []}
+        t: dict[str, list[tuple[float, float]]] = {name: [] for name in ("raw", "service", *only)}
         if switch_s:
             t["service_switch"] = []
         for k in range(rounds):
@@ -268,11 +279,13 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             steps = [("raw", raw_split), ("service", lambda k=k: service(k, split=splits["service"])),
                      ("service_inline", lambda k=k: service(k, prefetch=False)),
                      ("service_ending_inline", lambda k=k: service(k, overlap=False)),
+                     ("service_read_inline", lambda k=k: service(k, read_ahead=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
                      ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k)),
                      ("handler_alone", handler_alone)]
             if switch_s:
                 steps.append(("service_switch", lambda k=k: service(k, switch=switch_s)))
+            steps = [(name, fn) for name, fn in steps if name in t]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
     prefetch_chosen = chosen[0]
@@ -283,33 +296,37 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
 
     med = {k: statistics.median(w for w, _ in v) for k, v in t.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in t.items()}
-    row = {"variant": variant_name, "compression": compression, "patterns": n, "batch": batch, "rounds": rounds, "threads": torch.get_num_threads(),
+    row = {"variant": variant_name, "compression": compression, "patterns": n, "batch": batch, "rounds": rounds,
+           "threads": torch.get_num_threads(),
            "raw_patterns_per_s": n / med["raw"], "service_patterns_per_s": n / med["service"],
            "service_vs_raw": med["raw"] / med["service"],
-           "inline_patterns_per_s": n / med["service_inline"], "inline_vs_raw": med["raw"] / med["service_inline"],
-           # paired per round: the same round's topic, the two services back to back
-           "prefetch_speedup": paired("service_inline", "service"),
-           # the ending beside the next forward vs on the loop's thread (both prefetching)
-           "ending_inline_patterns_per_s": n / med["service_ending_inline"],
-           "overlap_speedup": paired("service_ending_inline", "service"),
            # what the encoder chooses on this machine with these threads (Encoder.a_core_to_spare)
            "prefetch_chosen": prefetch_chosen,
-           # the service runs forward, consume and decode on the same 2 cores: this is its
-           # ratio if none of them overlapped
-           "serial_bound": med["raw"] / (med["raw"] + med["consume_alone"] + med["decode_alone"]),
-           # busy cores while each ran (of os.cpu_count()), and the ratio the machine's CPU
-           # allows if consume and decode overlapped the forward perfectly
-           "raw_cores_busy": cpu["raw"] / med["raw"], "service_cores_busy": cpu["service"] / med["service"],
-           "cpu_bound": cpu_bound(med["raw"], [cpu["raw"], cpu["consume_alone"], cpu["decode_alone"]]),
-           "consume_alone_patterns_per_s": n / med["consume_alone"], "decode_alone_patterns_per_s": n / med["decode_alone"],
-           "raw_square_patterns_per_s": n / med["raw_square"],
-           # the prefetching loop with nothing in it but the poll (paired per round): what the
-           # poll beside the forward costs the forward, and what the rest of the service costs
-           "beside_poll_patterns_per_s": n / med["raw_beside_poll"],
-           "beside_poll_vs_raw": paired("raw", "raw_beside_poll"),
-           "service_vs_beside_poll": paired("raw_beside_poll", "service"),
-           # the handler's own work (fresh input tensors, records built), no bus, paired
-           "handler_patterns_per_s": n / med["handler_alone"], "handler_vs_raw": paired("raw", "handler_alone")}
+           # busy cores while each ran (of os.cpu_count())
+           "raw_cores_busy": cpu["raw"] / med["raw"], "service_cores_busy": cpu["service"] / med["service"]}
+    if "service_inline" in t:  # paired per round: the same round's topic, the two services back to back
+        row |= {"inline_patterns_per_s": n / med["service_inline"], "inline_vs_raw": med["raw"] / med["service_inline"],
+                "prefetch_speedup": paired("service_inline", "service")}
+    if "service_ending_inline" in t:  # the ending beside the next forward vs on the loop's thread (both prefetching)
+        row |= {"ending_inline_patterns_per_s": n / med["service_ending_inline"],
+                "overlap_speedup": paired("service_ending_inline", "service")}
+    if "consume_alone" in t and "decode_alone" in t:
+        # the service runs forward, consume and decode on the same 2 cores: its ratio if none of
+        # them overlapped, and the ratio the machine's CPU allows if they overlapped perfectly
+        row |= {"serial_bound": med["raw"] / (med["raw"] + med["consume_alone"] + med["decode_alone"]),
+                "cpu_bound": cpu_bound(med["raw"], [cpu["raw"], cpu["consume_alone"], cpu["decode_alone"]]),
+                "consume_alone_patterns_per_s": n / med["consume_alone"],
+                "decode_alone_patterns_per_s": n / med["decode_alone"]}
+    if "raw_square" in t:
+        row["raw_square_patterns_per_s"] = n / med["raw_square"]
+    if "raw_beside_poll" in t:
+        # the prefetching loop with nothing in it but the poll (paired per round): what the
+        # poll beside the forward costs the forward, and what the rest of the service costs
+        row |= {"beside_poll_patterns_per_s": n / med["raw_beside_poll"],
+                "beside_poll_vs_raw": paired("raw", "raw_beside_poll"),
+                "service_vs_beside_poll": paired("raw_beside_poll", "service")}
+    if "handler_alone" in t:  # the handler's own work (fresh input tensors, records built), no bus, paired
+        row |= {"handler_patterns_per_s": n / med["handler_alone"], "handler_vs_raw": paired("raw", "handler_alone")}
     main_vs, main_lo, main_hi, _ = median_ci([s["main"] / r["main"] for r, s in zip(splits["raw"], splits["service"],
                                                                                     strict=True)])
     # the main thread's CPU (the forward and torch's workers, and in the service the loop's own
@@ -317,6 +334,11 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     sv, sv_lo, sv_hi, _ = median_ci([r[0] / x[0] for r, x in zip(t["raw"], t["service"], strict=True)])
     row |= {"paired_service_vs_raw": sv, "ci": f"{sv_lo:.3f}-{sv_hi:.3f}",
             "main_cpu_vs_raw": main_vs, "main_cpu_vs_raw_ci": f"{main_lo:.3f}-{main_hi:.3f}"}
+    if "service_read_inline" in t:  # the payloads read on the helper beside the last forward over before this one's
+        ra, ra_lo, ra_hi, _ = median_ci([x[0] / y[0] for x, y in zip(t["service_read_inline"], t["service"],
+                                                                     strict=True)])
+        row |= {"read_inline_patterns_per_s": n / med["service_read_inline"], "read_ahead_speedup": ra,
+                "read_ahead_ci": f"{ra_lo:.3f}-{ra_hi:.3f}"}
     split_rows = [{"span": cond, **cpu_shares(splits[cond])} for cond in splits]
     if switch_s:  # the service at the given GIL switch interval over the service at the default
         med_s, lo, hi, _ = median_ci([x[0] / y[0] for x, y in zip(t["service"], t["service_switch"], strict=True)])
@@ -343,10 +365,16 @@ def main() -> None:
     ap.add_argument("--compression", default="auto", help="the patterns' codec on the wire (auto: zstd)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="also time the service with the GIL switch interval at this many seconds (paired)")
+    ap.add_argument("--only", default=",".join(CONDITIONS),
+                    help="the conditions to run beside raw and service, comma-separated (default: all of "
+                         f"{', '.join(CONDITIONS)}): fewer take less time a round, for more rounds of one comparison")
     add_allocator_option(ap)
     args = ap.parse_args()
+    only = tuple(c for c in args.only.split(",") if c)
+    if unknown := set(only) - set(CONDITIONS):
+        ap.error(f"unknown conditions {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
     tuned = tune_allocator(args)
-    res = run(args.patterns, args.variant, args.batch, args.rounds, args.compression, args.switch_interval)
+    res = run(args.patterns, args.variant, args.batch, args.rounds, args.compression, args.switch_interval, only)
     print(table(res["rows"], list(res["rows"][0])))
     split = res["cpu_shares"]
     print(table(split, ["span", *sorted({k for r in split for k in r} - {"span"})]))
