@@ -117,7 +117,18 @@ def cpu_split(servers: dict, group) -> dict:
     process = time.process_time()  # right after the threads' clocks: they run on meanwhile
     ended = tuple((tid, group(t), cpu) for tid, t, cpu in _ENDED)
     return {"wall": time.perf_counter(), "busy": Clock.busy(), "process": process, "threads": threads,
-            "ended": ended, **{name: sum(p.cpu_times()[:2]) for name, p in servers.items()}}
+            "ended": ended, "main_thread": main_thread_sched(),
+            **{name: sum(p.cpu_times()[:2]) for name, p in servers.items()}}
+
+
+def main_thread_sched() -> tuple[float, float]:
+    """The main thread's seconds on a CPU and seconds runnable but waiting for one (the
+    kernel's ``schedstat``: time on a run queue, i.e. preempted or not yet scheduled); the
+    rest of its wall time it was asleep (a lock, the GIL, a wait on another thread, I/O)."""
+    import threading
+
+    on_cpu, waiting, _ = open(f"/proc/self/task/{threading.main_thread().native_id}/schedstat").read().split()
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
 
 
 def span(a: dict, b: dict) -> dict[str, float]:
@@ -137,18 +148,38 @@ def span(a: dict, b: dict) -> dict[str, float]:
         add(tid, name, cpu)
     for tid, name, cpu in b["ended"][len(a["ended"]):]:  # ended inside the span
         add(tid, name, cpu)
-    scalars = {k: b[k] - a[k] for k in b if k not in ("threads", "ended", "process")}
-    return {**scalars, "main": b["process"] - a["process"] - sum(groups.values()), **groups}
+    scalars = {k: b[k] - a[k] for k in b if k not in ("threads", "ended", "process", "main_thread")}
+    (cpu_a, wait_a), (cpu_b, wait_b) = a["main_thread"], b["main_thread"]
+    return {**scalars, "main": b["process"] - a["process"] - sum(groups.values()), **groups,
+            "main_thread_on_cpu": cpu_b - cpu_a, "main_thread_waiting": wait_b - wait_a}
 
 
 def cpu_shares(spans: list[dict[str, float]]) -> dict[str, float]:
     """Each part of :func:`span`'s results as a share of every core over its span, the median
-    over the spans (rounds); a part missing from a span counts 0 there."""
+    over the spans (rounds); a part missing from a span counts 0 there. Beside them, where
+    the spans read the main thread's states, those as shares of the span's wall time (one
+    thread: :func:`main_thread_states`), as ``main_thread_on_cpu`` / ``_waiting`` / ``_asleep``."""
     import os
 
     cores = os.cpu_count() or 1
     parts = sorted({p for x in spans for p in x} - {"wall"})
-    return {p: statistics.median(x.get(p, 0.0) / (x["wall"] * cores) for x in spans) for p in parts}
+    shares = {p: statistics.median(x.get(p, 0.0) / (x["wall"] * cores) for x in spans) for p in parts
+              if not p.startswith("main_thread_")}
+    if spans and all("main_thread_on_cpu" in x for x in spans):
+        shares |= {f"main_thread_{k}": v for k, v in main_thread_states(spans).items()}
+    return shares
+
+
+def main_thread_states(spans: list[dict[str, float]]) -> dict[str, float]:
+    """Where the main thread's wall time went over each span (:func:`span`), as shares of the
+    span's wall time, the median over the spans: ``on_cpu``, ``waiting`` (runnable, no core
+    free: the other threads and processes had them) and ``asleep`` (the rest: the GIL, a
+    lock, a join, I/O). Torch's OpenMP workers are other threads: not in these."""
+    def share(x: dict, part: str) -> float:
+        asleep = x["wall"] - x["main_thread_on_cpu"] - x["main_thread_waiting"]
+        return (asleep if part == "asleep" else x[f"main_thread_{part}"]) / x["wall"]
+
+    return {part: statistics.median(share(x, part) for x in spans) for part in ("on_cpu", "waiting", "asleep")}
 
 
 def cpu_bound(raw_wall: float, cpu_seconds: list[float]) -> float:

@@ -378,6 +378,8 @@ def main() -> None:
     print(table(res["rows"], list(res["rows"][0])))
     split = res["cpu_shares"]
     print(table(split, ["span", *sorted({k for r in split for k in r} - {"span"})]))
+    print("cpu shares: of every core; main_thread_*: of the main thread's wall time (on a CPU, runnable waiting "
+          "for one, asleep)")
     print("service_vs_raw = service patterns/s / raw in-memory forward patterns/s (target >= 0.9)")
     print("wrote", write_result("encoder" if args.compression == "auto" else f"encoder-{args.compression}",
                                 {"allocator_tuned": tuned, **res}))

@@ -86,19 +86,23 @@ def input_paced(cfg, tick_s: float, steps: int, ready: threading.Event) -> None:
 class Snapshot(NamedTuple):
     """Where a span's time went: wall; the machine's busy CPU; this process's CPU on its main
     thread and torch's OpenMP workers (the training) and on its other Python threads (the
-    input: prefetch, the Kafka client's IO); the broker's and Redis's processes."""
+    input: prefetch, the Kafka client's IO); the broker's and Redis's processes; the main
+    thread's seconds on a CPU and runnable waiting for one (``main_thread_sched``)."""
 
     wall: float
     busy: float
     training: float
     input: float
     servers: float
+    main_thread_on_cpu: float
+    main_thread_waiting: float
 
     @staticmethod
     def between(a: dict, b: dict, servers: dict) -> Snapshot:
         """From two ``cpu_split`` readings."""
         s = span(a, b)
-        return Snapshot(s["wall"], s["busy"], s["main"], s.get("input", 0.0), sum(s[name] for name in servers))
+        return Snapshot(s["wall"], s["busy"], s["main"], s.get("input", 0.0), sum(s[name] for name in servers),
+                        s["main_thread_on_cpu"], s["main_thread_waiting"])
 
 
 def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | None = None) -> dict:
@@ -172,6 +176,9 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
                      "patterns_s": n / statistics.median(x.wall for x in v),
                      "vs_alone": med, "ci": f"{lo:.3f}-{hi:.3f}", "ci_coverage": round(coverage, 3),
                      **{f"{part}_share": shares[part] for part in ("busy", "training", "input", "servers")},
+                     # the main thread's wall: on a CPU, runnable waiting for one, asleep (the
+                     # GIL, torch's workers at a barrier, a wait on the input)
+                     **{k: v for k, v in shares.items() if k.startswith("main_thread_")},
                      # the training's own CPU for the same steps, over alone's in the same round
                      "training_cpu_vs_alone": cpu_med, "training_cpu_ci": f"{cpu_lo:.3f}-{cpu_hi:.3f}",
                      "spans": [x._asdict() for x in v]})
@@ -197,6 +204,8 @@ def main() -> None:
     print(table(res["rows"], [c for c in res["rows"][-1] if c != "spans"]))
     print(f"vs_alone: rate / the in-memory rate of the same round, median of {args.rounds} rounds "
           f"(ci: distribution-free interval of the median, its coverage beside it: below 0.95 with under 6 rounds, where it is the min-max)")
+    print("*_share: of every core; main_thread_*: of the main thread's wall time (on a CPU, runnable waiting for one, "
+          "asleep)")
     threads = torch.get_num_threads()
     print("wrote", write_result(f"trainer_overlap-t{threads}", res))
 

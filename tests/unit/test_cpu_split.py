@@ -52,6 +52,11 @@ def test_a_span_counts_each_group_including_threads_that_ended_inside_it():
     assert s["long"] == pytest.approx(0.6 - got["long_before"], abs=0.05)  # only its part inside the span
     assert s["alive"] == pytest.approx(0.2, abs=0.05)  # still running at the end
     assert s["main"] == pytest.approx(0.25, abs=0.05)  # the rest of the process: the main thread's own
+    # the main thread's states (the kernel's schedstat): its own 0.25 s on a CPU, and asleep
+    # while it joined a thread that burned 0.3 s of its own
+    assert s["main_thread_on_cpu"] == pytest.approx(0.25, abs=0.05)
+    assert s["main_thread_waiting"] >= 0
+    assert s["wall"] - s["main_thread_on_cpu"] - s["main_thread_waiting"] >= 0.25
 
 
 def test_shares_are_medians_over_spans_of_each_part_over_every_core(monkeypatch):
@@ -65,3 +70,18 @@ def test_shares_are_medians_over_spans_of_each_part_over_every_core(monkeypatch)
     assert got["main"] == pytest.approx(0.75)  # 0.5, 0.75, 1.0 of two cores
     assert got["input"] == pytest.approx(0.0)  # missing from two spans: 0 there
     assert "wall" not in got
+
+
+def test_main_thread_states_are_medians_of_shares_of_each_span_s_wall():
+    from benchmarks._common import cpu_shares, main_thread_states
+
+    spans = [{"wall": 1.0, "main": 0.5, "main_thread_on_cpu": 0.5, "main_thread_waiting": 0.1},
+             {"wall": 2.0, "main": 1.8, "main_thread_on_cpu": 1.8, "main_thread_waiting": 0.0},
+             {"wall": 1.0, "main": 0.7, "main_thread_on_cpu": 0.7, "main_thread_waiting": 0.2}]
+    got = main_thread_states(spans)
+    assert got["on_cpu"] == pytest.approx(0.7)  # 0.5, 0.9, 0.7
+    assert got["waiting"] == pytest.approx(0.1)  # 0.1, 0, 0.2
+    assert got["asleep"] == pytest.approx(0.1)  # 0.4, 0.1, 0.1
+    shares = cpu_shares(spans)  # beside the shares of every core, not among them
+    assert shares["main_thread_on_cpu"] == pytest.approx(0.7) and "main_thread_waiting" in shares
+    assert set(shares) - {"main_thread_on_cpu", "main_thread_waiting", "main_thread_asleep"} == {"main"}
