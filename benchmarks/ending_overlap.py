@@ -16,6 +16,9 @@ embedded broker and Redis), the same patterns on a fresh copy of the topic per r
 joined before the clock, the clock stopped at the last commit. Paired rounds, order
 alternating; ratio overlapped / in line per round, median and distribution-free interval.
 ``forward_alone``: the forward (or the stand-in) alone over the same batches, the floor.
+``read_inline``: overlapped, but each batch's payloads read (``read_packed``) on the loop's
+thread before its forward rather than on the helper beside the last one (``Processor.prepare``
+off); ``read_ahead_speedup`` is overlapped's rate over it, paired.
 
     python benchmarks/ending_overlap.py [--patterns 2048] [--rounds 6] [--offcpu-ms 20]
 """
@@ -68,7 +71,7 @@ def run(n: int, batch: int, rounds: int, offcpu_ms: float) -> dict:
     with embedded_infra(("broker", "redis")) as infra:
         runs = [0]
 
-        def service(forward: str, overlap: bool) -> float:
+        def service(forward: str, overlap: bool, read_ahead: bool = True) -> float:
             runs[0] += 1
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                                 topic_prefix=f"eo{runs[0]}.", checkpoint=str(ckpt), batch_size=batch,
@@ -81,6 +84,8 @@ def run(n: int, batch: int, rounds: int, offcpu_ms: float) -> dict:
             enc = Encoder(cfg)
             proc = enc.processor()
             proc.prefetch, proc.overlap_ending = True, overlap
+            if not read_ahead:  # the payloads read on the loop's thread, not on the helper (Processor.prepare)
+                proc.prepare = None
             enc.ensure_model()
             if forward == "offcpu":
                 enc.model.embed = offcpu(enc.model)
@@ -112,15 +117,17 @@ def run(n: int, batch: int, rounds: int, offcpu_ms: float) -> dict:
             return time.perf_counter() - t0
 
         for forward in ("cpu", "offcpu"):
-            t: dict[str, list[float]] = {"alone": [], "inline": [], "overlapped": []}
+            t: dict[str, list[float]] = {"alone": [], "inline": [], "overlapped": [], "read_inline": []}
             forward_alone(forward)  # warm-up
             for k in range(rounds):
                 steps = [("alone", partial(forward_alone, forward)), ("inline", partial(service, forward, False)),
-                         ("overlapped", partial(service, forward, True))]
+                         ("overlapped", partial(service, forward, True)),
+                         ("read_inline", partial(service, forward, True, False))]
                 for name, fn in steps if k % 2 == 0 else steps[::-1]:
                     t[name].append(fn())
             med = {k: statistics.median(v) for k, v in t.items()}
             ratio, lo, hi, _ = median_ci([a / b for a, b in zip(t["inline"], t["overlapped"], strict=True)])
+            ra, ra_lo, ra_hi, _ = median_ci([a / b for a, b in zip(t["read_inline"], t["overlapped"], strict=True)])
             rows.append({"forward": forward, "offcpu_ms": offcpu_ms if forward == "offcpu" else None,
                          "threads": torch.get_num_threads(), "patterns": n, "batch": batch, "rounds": rounds,
                          "alone_patterns_s": n / med["alone"], "inline_patterns_s": n / med["inline"],
@@ -128,6 +135,9 @@ def run(n: int, batch: int, rounds: int, offcpu_ms: float) -> dict:
                          "inline_vs_alone": med["alone"] / med["inline"],
                          "overlapped_vs_alone": med["alone"] / med["overlapped"],
                          "overlap_speedup": ratio, "overlap_ci": f"{lo:.3f}-{hi:.3f}",
+                         # both overlapped: the payloads read on the helper (prepare) over on the loop's thread
+                         "read_inline_patterns_s": n / med["read_inline"], "read_ahead_speedup": ra,
+                         "read_ahead_ci": f"{ra_lo:.3f}-{ra_hi:.3f}",
                          "seconds": {k: [round(x, 3) for x in v] for k, v in t.items()}})
     return {"rows": rows}
 
