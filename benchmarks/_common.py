@@ -174,7 +174,8 @@ def main_thread_states(spans: list[dict[str, float]]) -> dict[str, float]:
     """Where the main thread's wall time went over each span (:func:`span`), as shares of the
     span's wall time, the median over the spans: ``on_cpu``, ``waiting`` (runnable, no core
     free: the other threads and processes had them) and ``asleep`` (the rest: the GIL, a
-    lock, a join, I/O). Torch's OpenMP workers are other threads: not in these."""
+    lock, a join, I/O). Each part's median is taken on its own, so the three need not sum to
+    1. Torch's OpenMP workers are other threads: not in these."""
     def share(x: dict, part: str) -> float:
         asleep = x["wall"] - x["main_thread_on_cpu"] - x["main_thread_waiting"]
         return (asleep if part == "asleep" else x[f"main_thread_{part}"]) / x["wall"]

@@ -62,8 +62,8 @@ class Encoder:
         self.tag = ""
         self.checked = 0.0
         self.digest = FileDigests()  # a fixed checkpoint directory is checked every reload_check_s
-        # read_packed's results for batches read ahead (prepare), by what they were read from
-        self.read_ahead: OrderedDict[tuple, tuple] = OrderedDict()
+        # batches read ahead (prepare): read_key -> (the payload objects read, read_packed's result)
+        self.read_ahead: OrderedDict[tuple, tuple[list, tuple]] = OrderedDict()
         self.read_ahead_lock = threading.Lock()  # the helper adds while the handler takes
 
     def current(self) -> tuple[Path, str, str, bool] | None:
@@ -129,18 +129,24 @@ class Encoder:
             return
         size = model.cfg.pattern_size
         for batch in self.batches(msgs, size)[1]:
-            read = read_packed([m.record.payload for m in batch], size, batch[0].record.dtype)
+            payloads = [m.record.payload for m in batch]
+            read = read_packed(payloads, size, batch[0].record.dtype)
             with self.read_ahead_lock:
-                self.read_ahead[self.read_key(batch, size)] = read
+                self.read_ahead[self.read_key(batch, size)] = (payloads, read)
                 while len(self.read_ahead) > READ_AHEAD_KEPT:
                     self.read_ahead.popitem(last=False)
 
     def read(self, batch: list[Message], size: int) -> tuple:
-        """:func:`read_packed` of a batch: as read ahead by :meth:`prepare`, or here."""
+        """:func:`read_packed` of a batch: as read ahead by :meth:`prepare` from these very
+        payloads (the Processor hands the handler the messages it prepared), or here."""
+        payloads = [m.record.payload for m in batch]
         with self.read_ahead_lock:
             got = self.read_ahead.pop(self.read_key(batch, size), None)
-        READ.labels("ahead" if got is not None else "inline").inc()
-        return got if got is not None else read_packed([m.record.payload for m in batch], size, batch[0].record.dtype)
+        if got is not None and all(a is b for a, b in zip(got[0], payloads, strict=True)):
+            READ.labels("ahead").inc()
+            return got[1]
+        READ.labels("inline").inc()  # nothing read ahead, or from other objects (a topic recreated, offsets reused)
+        return read_packed(payloads, size, batch[0].record.dtype)
 
     def handle(self, msgs: list[Message]) -> list[Output | DeadLetter]:
         """Embed a batch: one unmasked forward per ``batch_size`` patterns, fed their packed lower

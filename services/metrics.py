@@ -29,6 +29,8 @@ MESSAGES_OUT = Counter("apmae_messages_out_total", "Messages produced", ["servic
 BYTES_OUT = Counter("apmae_bytes_out_total", "Message bytes produced", ["service", "topic"])
 ERRORS = Counter("apmae_errors_total", "Failures that caused a retry", ["service", "kind"])
 DEADLETTERS = Counter("apmae_deadletters_total", "Messages sent to the dead-letter topic", ["service", "topic"])
+PREPARE_FAILURES = Counter("apmae_prepare_failures_total", "Batches fetched ahead whose prepare step raised (their "
+                           "handler did that work in line)", ["service"])
 DUPLICATES_SKIPPED = Counter("apmae_duplicates_skipped_total", "Re-delivered inputs already done", ["service"])
 PROCESSING_SECONDS = Histogram(
     "apmae_processing_seconds", "Seconds per processed batch", ["service"],

@@ -146,12 +146,16 @@ class Processor:
     overlap_ending: bool = False
     # Work on the next batch that needs neither the bus nor the handler's state, run on the
     # helper that fetched it, beside this batch's handler: the batch's envelopes are decoded
-    # there (``_begin`` takes them) and ``prepare`` gets its messages. What ``prepare``
-    # computes it keeps itself, for the handler to find; the handler must give the same
-    # verdicts without it (a batch polled in line, rewound, split to find a poison message or
-    # thinned by the done marks is never prepared, or not as it is handled). What it raises is
-    # logged, and the handler does that work itself. The encoder reads its patterns' payloads
-    # here: ~5% of its loop's thread beside a one-thread forward (py-spy, 2026-12-07).
+    # there (``_begin`` takes them, for the very records fetched) and ``prepare`` gets its
+    # messages. What ``prepare`` computes it keeps itself, for the handler to find by those
+    # message objects; the handler must give the same verdicts without it (a batch polled in
+    # line or read again after a rewind is new objects; a poison split or the done marks hand
+    # over fewer). Skipped when the handler has already returned (the loop's thread would
+    # only wait for it). Keep it short: until it returns the helper holds the consumer, and
+    # a heartbeat the handler asks for waits. What it raises is counted
+    # (``apmae_prepare_failures_total``) and the handler does that work. The encoder reads its
+    # patterns' payloads here (``read_packed``: ~4% of its loop's thread beside a one-thread
+    # forward, py-spy, 2026-12-07).
     prepare: Callable[[list[Message]], None] | None = None
 
     def __post_init__(self) -> None:
@@ -173,8 +177,10 @@ class Processor:
         self._lag_due = 0.0
         self._probe: KafkaConsumer | None = None
         self._prefetched: list[Any] = []  # the next batch, fetched while the handler ran
-        # ... its envelopes decoded on the helper (prepare), by (topic, partition, offset)
-        self._decoded_ahead: dict[tuple[str, int, int], Message | DeadLetter] = {}
+        # ... its envelopes decoded on the helper (prepare), by (topic, partition, offset): the
+        # record object fetched and what it decoded to
+        self._decoded_ahead: dict[tuple[str, int, int], tuple[Any, Message | DeadLetter]] = {}
+        self._prepare_failed = False  # one warning per processor, then the counter
         self._handler_s = float("inf")  # how long the last handler ran (prefetch_min_s)
         # while alive, that thread alone uses the consumer; setting its event stops it
         self._helper: tuple[threading.Thread, threading.Event] | None = None
@@ -344,7 +350,7 @@ class Processor:
                 self._prefetched = [r for part in polled.values() for r in part]
         except Exception as e:  # noqa: BLE001 - the loop's next poll meets it and decides
             log.debug("%s: prefetch poll failed: %s", self.bus.service, e)
-        if self._prefetched and self.prepare is not None:
+        if self._prefetched and self.prepare is not None and not stop.is_set():
             self._prepare_ahead(self._prefetched)
 
     def _prepare_ahead(self, raws: list[Any]) -> None:
@@ -352,12 +358,14 @@ class Processor:
         nothing here can lose them): decode their envelopes for ``_begin`` and hand the
         messages to ``prepare``."""
         try:
-            decoded = {(r.topic, r.partition, r.offset): self._decode(r) for r in raws}
+            decoded = {(r.topic, r.partition, r.offset): (r, self._decode(r)) for r in raws}
             self._decoded_ahead = decoded
-            self.prepare([d for d in decoded.values() if isinstance(d, Message)])
+            self.prepare([d for _, d in decoded.values() if isinstance(d, Message)])
         except Exception as e:  # noqa: BLE001 - the handler does the work itself, and meets the error there
-            metrics.ERRORS.labels(self.bus.service, type(e).__name__).inc()
-            log.warning("%s: preparing the next batch failed; its handler does that work: %s", self.bus.service, e)
+            metrics.PREPARE_FAILURES.labels(self.bus.service).inc()
+            log.log(logging.DEBUG if self._prepare_failed else logging.WARNING,
+                    "%s: preparing the next batch failed; its handler does that work: %s", self.bus.service, e)
+            self._prepare_failed = True
 
     @contextmanager
     def _ending_beside(self, handled: _Handled, limit: int) -> Iterator[None]:
@@ -459,7 +467,9 @@ class Processor:
         verdicts: list[Output | DeadLetter] = []
         ahead, self._decoded_ahead = self._decoded_ahead, {}  # the helper that made it was joined
         for r in raws:
-            d = ahead.get((r.topic, r.partition, r.offset)) or self._decode(r)
+            fetched, d = ahead.get((r.topic, r.partition, r.offset), (None, None))
+            if fetched is not r:  # not this very record (read again after a rewind): decode it here
+                d = self._decode(r)
             (msgs if isinstance(d, Message) else verdicts).append(d)
         # An input re-sent within one batch (a producer retry) is handled once, like one
         # re-sent across batches: the first copy counts, the rest are duplicates.
@@ -597,7 +607,7 @@ class Processor:
 
     def _rewind(self, raws: list[Any]) -> None:
         """Seek back to the batch's first offsets, and past nothing fetched ahead of it."""
-        raws, self._prefetched = raws + self._prefetched, []
+        raws, self._prefetched, self._decoded_ahead = raws + self._prefetched, [], {}
         first: dict[TopicPartition, int] = {}
         for r in raws:
             tp = TopicPartition(r.topic, r.partition)
