@@ -116,14 +116,14 @@ class Encoder:
 
     @staticmethod
     def read_key(batch: list[Message], size: int) -> tuple:
-        """What a batch's read depends on: the size, the dtype and the records (a record at
-        an offset never changes)."""
+        """Where a batch's read is kept: the size, the dtype and the records' places (a hit
+        is used only for the very payload objects read: :meth:`read`)."""
         return size, batch[0].record.dtype, tuple((m.topic, m.partition, m.offset) for m in batch)
 
     def prepare(self, msgs: list[Message]) -> None:
         """Read the next batch's payloads (:func:`read_packed`: length and finiteness checks,
         the rows stacked) on the Processor's helper that fetched them, beside this batch's
-        forward; :meth:`handle` takes them by :meth:`read_key`, or reads in line on a miss."""
+        forward; :meth:`read` takes them, or reads in line."""
         model = self.model
         if model is None:  # no checkpoint yet: the handler reads in line
             return
