@@ -231,30 +231,48 @@ def test_the_next_batch_is_fetched_ahead_only_beside_a_handler_that_takes_a_whil
     assert Processor(bus, f"g-prefetch-when-{handler_s}", [FILES], score).run(idle_timeout_s=4) == 0
 
 
-def test_a_failed_batch_rewinds_past_the_batch_fetched_ahead_of_it(bus_cfg):
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_failed_batch_rewinds_past_the_batch_fetched_ahead_of_it(bus_cfg, prepared):
     """A batch that fails retryably after the next one was fetched: both are read again;
     nothing is skipped and nothing handled twice. The run reads to the end (no max_messages),
     so a fetched-ahead batch handled before the rewound one and then read again would show as
-    handled twice."""
-    bus = Bus(bus_cfg, "t-prefetch-fail")
+    handled twice. With ``prepare``, the batch prepared before the failure is decoded afresh
+    when read again: its handler never gets the messages prepared before the rewind (each
+    turn drops what was decoded ahead for another batch, and reuses only the very records
+    fetched)."""
+    bus = Bus(bus_cfg, f"t-prefetch-fail-{prepared}")
     publish(bus, files(30, "pf"))
     done_ids: list[str] = []
     failed: list[list[str]] = []
+    prepared_msgs: list = []  # every message prepare was given
+    stale: list = []  # ... those given before the failure
+    handed_after: list = []  # the messages handed to handlers after the failure
 
     def handler(msgs):
         ids = [m.record.id for m in msgs]
         if not failed and len(done_ids) + len(msgs) < 30:
             if not _wait_for_prefetch(p):
                 pytest.fail("nothing was fetched ahead")  # not an Exception: the loop does not swallow it
+            deadline = time.monotonic() + 5
+            while prepared and not prepared_msgs and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stale.extend(prepared_msgs)
             failed.append(ids)
             raise ConnectionError("broker went away mid-batch")  # transient: rewind, retry
+        if failed:
+            handed_after.extend(msgs)
         done_ids.extend(ids)
         return score(msgs)
 
-    p = Processor(bus, "g-prefetch-fail", [FILES], handler, batch_size=10)
+    p = Processor(bus, f"g-prefetch-fail-{prepared}", [FILES], handler, batch_size=10,
+                  prepare=prepared_msgs.extend if prepared else None)
     assert p.run(until_caught_up=True, idle_timeout_s=20) == 30
     assert failed and set(failed[0]) <= set(done_ids)
     assert sorted(done_ids) == sorted(f.id for f in files(30, "pf"))  # each once: none skipped, none twice
+    if prepared:
+        stale_ids = {m.record.id for m in stale}
+        assert stale_ids and stale_ids <= {m.record.id for m in handed_after}  # read again after the rewind...
+        assert not any(m is s for m in handed_after for s in stale)  # ... and decoded afresh
     out = [m.record.sample_id for m in read_all(bus, SCORES)]
     assert sorted(out) == sorted(f.id for f in files(30, "pf"))
 

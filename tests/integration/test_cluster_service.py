@@ -214,6 +214,22 @@ def test_the_encoder_reads_batches_ahead_and_embeds_them_as_it_does_in_line(bus_
     # the two bad patterns, once for each group
     assert dead == ["decoded pattern", "decoded pattern", "pattern payload", "pattern payload"], dead
 
+    # a topic recreated with its offsets reused: a read kept for the old payloads at those
+    # offsets is not used for the new ones
+    from services.bus import Message
+
+    enc = Encoder(EncoderConfig(**vars(bus_cfg), checkpoint=str(ckpt), batch_size=4))
+    enc.ensure_model()
+
+    def at_offsets_0_to_3(ps):
+        return [Message(PATTERNS_MINE.name, 0, i, 0, None, b"", PatternRecord(
+            id=f"q{i}", sample_id="s", model="m", task="identifier", layer=0, head=0, correct=True, size=64,
+            payload=p)) for i, p in enumerate(ps)]
+
+    enc.prepare(at_offsets_0_to_3(payloads[:4]))
+    bits, kept, bad = enc.read(at_offsets_0_to_3(payloads[8:12]), 64)
+    assert np.array_equal(bits, read_packed(payloads[8:12], 64)[0]) and kept == [0, 1, 2, 3] and not bad
+
 
 def test_a_fit_worker_process_that_dies_ends_the_pool_instead_of_hanging_it(bus_cfg, redis_client, monkeypatch):
     """``cluster worker --processes N``: a worker process killed mid-job (SIGKILL after its
