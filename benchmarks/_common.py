@@ -170,6 +170,11 @@ def cpu_shares(spans: list[dict[str, float]]) -> dict[str, float]:
     return shares
 
 
+# printed under a table of cpu_shares
+SHARES_LEGEND = ("*_share / cpu shares: of every core; main_thread_*: of the main thread's wall time (on a CPU, "
+                 "runnable waiting for one, asleep)")
+
+
 def main_thread_states(spans: list[dict[str, float]]) -> dict[str, float]:
     """Where the main thread's wall time went over each span (:func:`span`), as shares of the
     span's wall time, the median over the spans: ``on_cpu``, ``waiting`` (runnable, no core

@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (
+    SHARES_LEGEND,
     Clock,
     add_allocator_option,
     cpu_bound,
@@ -64,6 +65,10 @@ from benchmarks._common import (
 )
 from benchmarks.bus import pattern_records, patterns
 
+# each service condition's own copy of a round's topic: the letter after "e{round}" in its prefix
+# (each service's group and done marks are its own)
+TOPIC_COPY = {"service": "", "service_inline": "i", "service_ending_inline": "e", "service_read_inline": "r",
+              "service_switch": "s"}
 # the conditions beside ``raw`` and ``service`` (which always run), in the order a round runs them
 CONDITIONS = ("service_inline", "service_ending_inline", "service_read_inline", "consume_alone", "decode_alone",
               "raw_square", "raw_beside_poll", "handler_alone")
@@ -120,12 +125,10 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             splits["raw"].append(span(c0, clocks()))
             return out
 
-        def service(k: int, prefetch: bool = True, overlap: bool = True, read_ahead: bool = True,
+        def service(k: int, cond: str, prefetch: bool = True, overlap: bool = True, read_ahead: bool = True,
                     switch: float | None = None, split: list | None = None) -> tuple[float, float]:
-            prefix = (f"e{k}s." if switch else f"e{k}r." if not read_ahead else f"e{k}." if prefetch and overlap
-                      else f"e{k}e." if prefetch else f"e{k}i.")
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
-                                topic_prefix=prefix, checkpoint=str(ckpt),
+                                topic_prefix=f"e{k}{TOPIC_COPY[cond]}.", checkpoint=str(ckpt),
                                 batch_size=batch, compression=compression,
                                 state_dir=Path(tempfile.mkdtemp(prefix="apmae-enc-state-")))
             enc = Encoder(cfg)
@@ -256,15 +259,13 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             return clock.stop()
 
         def publish(k: int) -> None:
-            """Round k's topic, read by the service and the consumer alone, and its copy for
-            the inline service (each service's group and done marks are its own)."""
+            """Round k's topic, read by the service and the consumer alone, and a copy of it
+            for each other service condition this run has (``TOPIC_COPY``)."""
             from services.bus import Bus
 
-            copies = {"service_inline": "i", "service_ending_inline": "e", "service_read_inline": "r"}
-            for prefix in ([f"e{k}."] + [f"e{k}{copies[c]}." for c in copies if c in only]
-                           + ([f"e{k}s."] if switch_s else [])):
-                bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers, topic_prefix=prefix,
-                                        compression=compression), "bench")
+            for cond in (c for c in TOPIC_COPY if c in t):
+                bus = Bus(EncoderConfig(bootstrap_servers=infra.bootstrap_servers,
+                                        topic_prefix=f"e{k}{TOPIC_COPY[cond]}.", compression=compression), "bench")
                 bus.ensure_topics([PATTERNS_MINE])
                 for r in recs:
                     bus.send(Output(PATTERNS_MINE, r, key=r.key))
@@ -276,15 +277,15 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             t["service_switch"] = []
         for k in range(rounds):
             publish(k)
-            steps = [("raw", raw_split), ("service", lambda k=k: service(k, split=splits["service"])),
-                     ("service_inline", lambda k=k: service(k, prefetch=False)),
-                     ("service_ending_inline", lambda k=k: service(k, overlap=False)),
-                     ("service_read_inline", lambda k=k: service(k, read_ahead=False)),
+            steps = [("raw", raw_split), ("service", lambda k=k: service(k, "service", split=splits["service"])),
+                     ("service_inline", lambda k=k: service(k, "service_inline", prefetch=False)),
+                     ("service_ending_inline", lambda k=k: service(k, "service_ending_inline", overlap=False)),
+                     ("service_read_inline", lambda k=k: service(k, "service_read_inline", read_ahead=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
                      ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k)),
                      ("handler_alone", handler_alone)]
             if switch_s:
-                steps.append(("service_switch", lambda k=k: service(k, switch=switch_s)))
+                steps.append(("service_switch", lambda k=k: service(k, "service_switch", switch=switch_s)))
             steps = [(name, fn) for name, fn in steps if name in t]
             for name, fn in steps if k % 2 == 0 else steps[::-1]:
                 t[name].append(fn())
@@ -378,8 +379,7 @@ def main() -> None:
     print(table(res["rows"], list(res["rows"][0])))
     split = res["cpu_shares"]
     print(table(split, ["span", *sorted({k for r in split for k in r} - {"span"})]))
-    print("cpu shares: of every core; main_thread_*: of the main thread's wall time (on a CPU, runnable waiting "
-          "for one, asleep)")
+    print(SHARES_LEGEND)
     print("service_vs_raw = service patterns/s / raw in-memory forward patterns/s (target >= 0.9)")
     print("wrote", write_result("encoder" if args.compression == "auto" else f"encoder-{args.compression}",
                                 {"allocator_tuned": tuned, **res}))

@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks._common import (  # noqa: E402
+    SHARES_LEGEND,
     Clock,
     add_allocator_option,
     cpu_bound,
@@ -339,8 +340,7 @@ def main() -> None:
         print(table([{k: v for k, v in also.items() if k != "cpu_shares"}], [k for k in also if k != "cpu_shares"]))
         shares.append({"span": f"service, {also['codec']}", **also["cpu_shares"]})
     print(table(shares, ["span", *sorted({k for r in shares for k in r} - {"span"})]))
-    print("cpu shares: of every core; main_thread_*: of the main thread's wall time (on a CPU, runnable waiting "
-          "for one, asleep)")
+    print(SHARES_LEGEND)
     print(table(e2e["per_task"], ["task", "correct", "incorrect", "unlabelled", "correct_rate"]))
     if not rows:  # keep the last capture measurement rather than dropping it from the result
         old = ROOT / "benchmarks" / "results" / "producer.json"

@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (  # noqa: E402
+    SHARES_LEGEND,
     add_allocator_option,
     cpu_shares,
     cpu_split,
@@ -178,7 +179,7 @@ def run(rounds: int, steps: int, batch: int, variant: str, switch_s: float | Non
                      **{f"{part}_share": shares[part] for part in ("busy", "training", "input", "servers")},
                      # the main thread's wall: on a CPU, runnable waiting for one, asleep (the
                      # GIL, torch's workers at a barrier, a wait on the input)
-                     **{k: v for k, v in shares.items() if k.startswith("main_thread_")},
+                     **{part: share for part, share in shares.items() if part.startswith("main_thread_")},
                      # the training's own CPU for the same steps, over alone's in the same round
                      "training_cpu_vs_alone": cpu_med, "training_cpu_ci": f"{cpu_lo:.3f}-{cpu_hi:.3f}",
                      "spans": [x._asdict() for x in v]})
@@ -204,8 +205,7 @@ def main() -> None:
     print(table(res["rows"], [c for c in res["rows"][-1] if c != "spans"]))
     print(f"vs_alone: rate / the in-memory rate of the same round, median of {args.rounds} rounds "
           f"(ci: distribution-free interval of the median, its coverage beside it: below 0.95 with under 6 rounds, where it is the min-max)")
-    print("*_share: of every core; main_thread_*: of the main thread's wall time (on a CPU, runnable waiting for one, "
-          "asleep)")
+    print(SHARES_LEGEND)
     threads = torch.get_num_threads()
     print("wrote", write_result(f"trainer_overlap-t{threads}", res))
 
