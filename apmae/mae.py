@@ -214,8 +214,9 @@ class APMAE(nn.Module):
             raise ValueError(f"patterns of shape {tuple(patterns.shape)}: expected (N, {s}, {s}) or packed "
                              f"(N, {s * (s + 1) // 2})")
         scaled = self.preprocess(patterns.unsqueeze(1)).squeeze(1)  # (N, L)
-        scaled = torch.cat([scaled, scaled.new_zeros(len(scaled), 1)], dim=1)  # the padding zero at L
-        return scaled[:, self.packed_index].view(len(scaled), self.cfg.num_patches, -1)
+        n = scaled.shape[0]  # not len(): a traced or exported graph then keeps N a variable
+        scaled = torch.cat([scaled, scaled.new_zeros(n, 1)], dim=1)  # the padding zero at L
+        return scaled[:, self.packed_index].view(n, self.cfg.num_patches, -1)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, P, p*p) -> (N, S, S) with zeros in the upper-triangle patches."""

@@ -180,12 +180,52 @@ def main_thread_states(spans: list[dict[str, float]]) -> dict[str, float]:
     span's wall time, the median over the spans: ``on_cpu``, ``waiting`` (runnable, no core
     free: the other threads and processes had them) and ``asleep`` (the rest: the GIL, a
     lock, a join, I/O). Each part's median is taken on its own, so the three need not sum to
-    1. Torch's OpenMP workers are other threads: not in these."""
+    1. Torch's OpenMP workers are other threads: not in these.
+
+    Where every span also timed the main thread's states inside the model's forward calls
+    (``main_thread_forward_wall`` / ``_on_cpu`` / ``_waiting``: :class:`ForwardStates`), two
+    parts more: ``in_forward`` (the wall inside them) and ``asleep_in_forward`` (asleep
+    there), both shares of the span's wall, so ``asleep`` less ``asleep_in_forward`` is the
+    sleep outside the forward (the loop's waits)."""
     def share(x: dict, part: str) -> float:
+        if part == "in_forward":
+            return x["main_thread_forward_wall"] / x["wall"]
+        if part == "asleep_in_forward":
+            return (x["main_thread_forward_wall"] - x["main_thread_forward_on_cpu"]
+                    - x["main_thread_forward_waiting"]) / x["wall"]
         asleep = x["wall"] - x["main_thread_on_cpu"] - x["main_thread_waiting"]
         return (asleep if part == "asleep" else x[f"main_thread_{part}"]) / x["wall"]
 
-    return {part: statistics.median(share(x, part) for x in spans) for part in ("on_cpu", "waiting", "asleep")}
+    parts = ["on_cpu", "waiting", "asleep"]
+    if all("main_thread_forward_wall" in x for x in spans):
+        parts += ["in_forward", "asleep_in_forward"]
+    return {part: statistics.median(share(x, part) for x in spans) for part in parts}
+
+
+class ForwardStates:
+    """Wraps a forward (``fn(x)``, run on the main thread) and adds up the main thread's wall,
+    CPU and run-queue seconds inside its calls (:func:`main_thread_sched`; two small reads a
+    call): ``reset()`` at a span's start, ``as_span()`` at its end, merged into
+    :func:`span`'s result for :func:`main_thread_states`."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.wall = self.on_cpu = self.waiting = 0.0
+
+    def __call__(self, x):
+        (on0, wait0), t0 = main_thread_sched(), time.perf_counter()
+        try:
+            return self.fn(x)
+        finally:
+            (on, wait), self.wall = main_thread_sched(), self.wall + time.perf_counter() - t0
+            self.on_cpu, self.waiting = self.on_cpu + on - on0, self.waiting + wait - wait0
+
+    def as_span(self) -> dict[str, float]:
+        return {"main_thread_forward_wall": self.wall, "main_thread_forward_on_cpu": self.on_cpu,
+                "main_thread_forward_waiting": self.waiting}
 
 
 def cpu_bound(raw_wall: float, cpu_seconds: list[float]) -> float:
@@ -214,6 +254,36 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, f
     while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
         k += 1
     return med, xs[k - 1], xs[n - k], coverage(k)
+
+
+def traced_embed(model):
+    """``model.embed`` (an AP-MAE in eval mode) traced with TorchScript and frozen: the same
+    forward run as one graph that holds no GIL while it runs (the eager one takes the GIL back
+    between its ops). ``torch.jit`` is deprecated in this torch but shipped; the benchmarks
+    use it to measure what the GIL costs the forward, the services do not (docs/THROUGHPUT.md,
+    session 28). Checked equal to the eager forward on a batch of another size."""
+    import warnings
+
+    import torch
+
+    class Embed(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, p: torch.Tensor) -> torch.Tensor:
+            return self.m.embed(p)
+
+    s = model.cfg.pattern_size
+    example = torch.rand(8, s * (s + 1) // 2)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation and the tracer's notes
+        traced = torch.jit.freeze(torch.jit.trace(Embed(model).eval(), example))
+    with torch.inference_mode():
+        other = torch.rand(5, example.shape[1])
+        if not torch.allclose(traced(other), model.embed(other), atol=1e-4):
+            raise RuntimeError("the traced forward differs from the eager one")
+    return traced
 
 
 @contextmanager

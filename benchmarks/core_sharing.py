@@ -48,11 +48,10 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import main_thread_sched, median_ci, table, write_result  # noqa: E402
+from benchmarks._common import main_thread_sched, median_ci, table, traced_embed, write_result  # noqa: E402
 
 NEIGHBOURS = ("spin", "stream", "input", "forward")
 FORWARD_CPU, NEIGHBOUR_CPU = 0, 1
@@ -79,20 +78,7 @@ def _encoder_forwards(n: int, batch: int, threads: int, traced: bool) -> dict:
     packed = packed_values(read_packed(patterns(n), 256)[0])  # (n, 32896) packed lower triangles
     embeds = {"eager": model.embed}
     if traced:
-        class Embed(torch.nn.Module):
-            def __init__(self, m: APMAE):
-                super().__init__()
-                self.m = m
-
-            def forward(self, p: torch.Tensor) -> torch.Tensor:
-                return self.m.embed(p)
-
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation and the tracer's notes
-            embeds["traced"] = torch.jit.freeze(torch.jit.trace(Embed(model).eval(), packed[:batch]))
-        with torch.inference_mode():  # traced at one batch size (``len`` in APMAE.patches is a constant to it)
-            assert torch.allclose(embeds["traced"](packed[:batch]), model.embed(packed[:batch]), atol=1e-4), \
-                "the traced forward differs from the eager one"
+        embeds["traced"] = traced_embed(model)
 
     def timed(embed):
         def forward() -> float:
@@ -236,8 +222,6 @@ def main() -> None:
         ap.error(f"unknown neighbours {sorted(unknown)}; choose from {', '.join(NEIGHBOURS)}")
     if not 0 < args.duty <= 1:
         ap.error("--duty is a share of a core: 0 < duty <= 1")
-    if args.traced and args.patterns % args.batch:
-        ap.error("--traced: --patterns must be a multiple of --batch (the traced graph has one batch size)")
     if (os.cpu_count() or 1) < 2:
         sys.exit("core_sharing.py needs two CPUs (one for the forward, one for the neighbour)")
     res = measure(args.patterns, args.batch, args.rounds, neighbours, args.duty, args.as_thread, args.traced,

@@ -23,7 +23,11 @@ ceiling of the service's design on this machine, measured in the same run
 neighbour core slows the forward here). ``--switch-interval S`` adds ``service_switch``: the
 service again, on a fourth copy, with CPython's GIL switch interval at S seconds (the default
 is 5 ms) while it runs, paired with ``service`` (does a quicker GIL hand-off between the
-forward and the loop's helper threads buy anything?). Rounds alternate which goes first.
+forward and the loop's helper threads buy anything?). ``raw_traced`` and ``service_traced``
+are both sides again with ``embed`` TorchScript-traced (``_common.traced_embed``: the whole
+graph runs without the GIL), the service on a fifth copy: paired with each other and with
+``service``, they say what the forward's GIL hand-offs cost the service (a measurement, not
+the encoder's way: TorchScript is deprecated). Rounds alternate which goes first.
 Beside ``raw`` and ``service``, where the cores went over the same spans (``cpu_split``): the
 main thread with torch's workers, the Processor's ``prefetch`` and ``ending`` helpers, the
 Kafka client's IO thread, other threads, the broker's and Redis's processes, each as a share
@@ -49,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (
     SHARES_LEGEND,
     Clock,
+    ForwardStates,
     add_allocator_option,
     cpu_bound,
     cpu_shares,
@@ -59,6 +64,7 @@ from benchmarks._common import (
     server_processes,
     span,
     table,
+    traced_embed,
     tune_allocator,
     watch_thread_ends,
     write_result,
@@ -68,10 +74,10 @@ from benchmarks.bus import pattern_records, patterns
 # each service condition's own copy of a round's topic: the letter after "e{round}" in its prefix
 # (each service's group and done marks are its own)
 TOPIC_COPY = {"service": "", "service_inline": "i", "service_ending_inline": "e", "service_read_inline": "r",
-              "service_switch": "s"}
+              "service_switch": "s", "service_traced": "t"}
 # the conditions beside ``raw`` and ``service`` (which always run), in the order a round runs them
 CONDITIONS = ("service_inline", "service_ending_inline", "service_read_inline", "consume_alone", "decode_alone",
-              "raw_square", "raw_beside_poll", "handler_alone")
+              "raw_square", "raw_beside_poll", "handler_alone", "raw_traced", "service_traced")
 
 
 def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "auto",
@@ -97,12 +103,14 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     squares = torch.from_numpy(np.stack([decode_pattern(p, 256) for p in payloads]))
     packed = packed_values(read_packed(payloads, 256)[0])
 
-    def forward(arrays: torch.Tensor) -> tuple[float, float]:
+    def forward(arrays: torch.Tensor, embed=model.embed) -> tuple[float, float]:
         clock = Clock().start()
         with torch.inference_mode():
             for k in range(0, n, batch):
-                model.embed(arrays[k:k + batch])
+                embed(arrays[k:k + batch])
         return clock.stop()
+
+    traced = traced_embed(model) if {"raw_traced", "service_traced"} & set(only) else None
 
     def raw() -> tuple[float, float]:
         return forward(packed)
@@ -110,11 +118,16 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
     def raw_square() -> tuple[float, float]:
         return forward(squares)
 
+    def raw_traced() -> tuple[float, float]:
+        return forward(packed, traced)
+
     watch_thread_ends()  # before any thread starts: a thread that ends inside a span counts in its group
     with embedded_infra(("broker", "redis")) as infra:
         chosen: list[bool] = []
         servers = server_processes(infra)
-        splits: dict[str, list[dict]] = {"raw": [], "service": []}  # where the cores went (cpu_split)
+        # where the cores went (cpu_split)
+        splits: dict[str, list[dict]] = {"raw": [], "service": [], **({"service_traced": []} if "service_traced" in only
+                                                                       else {})}
 
         def clocks() -> dict:
             return cpu_split(servers, thread_group)
@@ -126,7 +139,8 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             return out
 
         def service(k: int, cond: str, prefetch: bool = True, overlap: bool = True, read_ahead: bool = True,
-                    switch: float | None = None, split: list | None = None) -> tuple[float, float]:
+                    switch: float | None = None, split: list | None = None, traced_forward: bool = False
+                    ) -> tuple[float, float]:
             cfg = EncoderConfig(bootstrap_servers=infra.bootstrap_servers, redis_url=infra.redis_url,
                                 topic_prefix=f"e{k}{TOPIC_COPY[cond]}.", checkpoint=str(ckpt),
                                 batch_size=batch, compression=compression,
@@ -138,19 +152,23 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
             if not read_ahead:
                 proc.prepare = None
             enc.ensure_model()  # load the checkpoint before the clock (the raw side has it loaded too)
+            # the instance's embed shadows the method: the handler calls the wrapper (the
+            # traced graph, where asked), which times the main thread's states inside it
+            inside = enc.model.embed = ForwardStates(traced_embed(enc.model) if traced_forward else enc.model.embed)
             proc.connect()
             while not proc.consumer.assignment():
                 proc.consumer.poll(timeout_ms=200, max_records=1)
             proc.consumer.seek_to_beginning()
             last: list = [0, None]
             clock, c0 = Clock().start(), clocks()
+            inside.reset()
 
             def progress(k: int) -> None:  # the clock stops at the last commit (closing is not work)
                 last[0] += k
                 if last[0] >= n:
                     last[1] = clock.stop()
                     if split is not None:
-                        split.append(span(c0, clocks()))
+                        split.append(span(c0, clocks()) | inside.as_span())
 
             with gil_switch_interval(switch):
                 done = proc.run(max_messages=n, idle_timeout_s=30, progress=progress)
@@ -283,7 +301,9 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                      ("service_read_inline", lambda k=k: service(k, "service_read_inline", read_ahead=False)),
                      ("consume_alone", lambda k=k: consume_alone(k)), ("decode_alone", decode_alone),
                      ("raw_square", raw_square), ("raw_beside_poll", lambda k=k: raw_beside_poll(k)),
-                     ("handler_alone", handler_alone)]
+                     ("handler_alone", handler_alone), ("raw_traced", raw_traced),
+                     ("service_traced", lambda k=k: service(k, "service_traced", traced_forward=True,
+                                                            split=splits.get("service_traced")))]
             if switch_s:
                 steps.append(("service_switch", lambda k=k: service(k, "service_switch", switch=switch_s)))
             steps = [(name, fn) for name, fn in steps if name in t]
@@ -340,6 +360,13 @@ def run(n: int, variant_name: str, batch: int, rounds: int, compression: str = "
                                                                      strict=True)])
         row |= {"read_inline_patterns_per_s": n / med["service_read_inline"], "read_ahead_speedup": ra,
                 "read_ahead_ci": f"{ra_lo:.3f}-{ra_hi:.3f}"}
+    if "raw_traced" in t and "service_traced" in t:  # both sides without the forward's GIL hand-offs
+        tr, tr_lo, tr_hi, _ = median_ci([r[0] / x[0] for r, x in zip(t["raw_traced"], t["service_traced"], strict=True)])
+        te, te_lo, te_hi, _ = median_ci([x[0] / y[0] for x, y in zip(t["service"], t["service_traced"], strict=True)])
+        row |= {"raw_traced_patterns_per_s": n / med["raw_traced"],
+                "service_traced_patterns_per_s": n / med["service_traced"],
+                "traced_service_vs_raw": tr, "traced_service_vs_raw_ci": f"{tr_lo:.3f}-{tr_hi:.3f}",
+                "traced_vs_eager_service": te, "traced_vs_eager_service_ci": f"{te_lo:.3f}-{te_hi:.3f}"}
     split_rows = [{"span": cond, **cpu_shares(splits[cond])} for cond in splits]
     if switch_s:  # the service at the given GIL switch interval over the service at the default
         med_s, lo, hi, _ = median_ci([x[0] / y[0] for x, y in zip(t["service"], t["service_switch"], strict=True)])

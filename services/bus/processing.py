@@ -166,6 +166,8 @@ class Processor:
         for t in self.inputs:  # dead-letter and lag series exist (at 0) from the start
             metrics.DEADLETTERS.labels(svc, t.name)
             metrics.CONSUMER_LAG.labels(svc, t.name)
+        if self.prepare is not None:  # and so do a preparing service's prepare failures
+            metrics.PREPARE_FAILURES.labels(svc)
         self._committed: dict[TopicPartition, int] = {}  # what this process committed last
         self._beat_tried_at = 0.0
         self._assigned_now: list[TopicPartition] = []

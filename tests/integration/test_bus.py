@@ -175,6 +175,8 @@ def test_prepare_gets_the_next_batch_on_the_helper_and_the_handler_gets_the_same
         return score(msgs)
 
     p = Processor(bus, "g-prepare", [FILES], handler, batch_size=10, prefetch_min_s=0, prepare=prepare)
+    # the failure series exists from the start, at 0, as the dead-letter series do
+    assert REGISTRY.get_sample_value("apmae_prepare_failures_total", {"service": "t-prepare"}) == 0
     assert p.run(max_messages=30, idle_timeout_s=20) == 30
     assert ahead and all(ahead), ahead
     assert len(handed) >= 2 and not any(handed[0]) and all(all(b) for b in handed[1:]), handed

@@ -85,3 +85,38 @@ def test_main_thread_states_are_medians_of_shares_of_each_span_s_wall():
     shares = cpu_shares(spans)  # beside the shares of every core, not among them
     assert shares["main_thread_on_cpu"] == pytest.approx(0.7) and "main_thread_waiting" in shares
     assert set(shares) - {"main_thread_on_cpu", "main_thread_waiting", "main_thread_asleep"} == {"main"}
+
+
+def test_forward_states_count_the_main_thread_inside_the_wrapped_calls_only():
+    """``ForwardStates``: CPU burnt and sleep inside the wrapped calls are counted; a sleep
+    between them is not; ``main_thread_states`` then splits the sleep into in and out of the
+    forward."""
+    import time
+
+    from benchmarks._common import ForwardStates, main_thread_states
+
+    def forward(x):
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.1:
+            pass
+        time.sleep(0.1)
+        return x + 1
+
+    inside = ForwardStates(forward)
+    assert inside(1) == 2 and inside(2) == 3
+    time.sleep(0.3)  # the loop's own wait: outside the forward
+    got = inside.as_span()
+    assert got["main_thread_forward_on_cpu"] == pytest.approx(0.2, abs=0.05)
+    asleep_inside = got["main_thread_forward_wall"] - got["main_thread_forward_on_cpu"] - got["main_thread_forward_waiting"]
+    assert asleep_inside == pytest.approx(0.2, abs=0.05)  # the two sleeps inside
+    assert got["main_thread_forward_wall"] < 0.2 + 0.3  # the sleep between the calls is not in it
+    inside.reset()
+    assert inside.as_span() == {k: 0.0 for k in got}
+
+    spans = [{"wall": 1.0, "main_thread_on_cpu": 0.6, "main_thread_waiting": 0.1, "main_thread_forward_wall": 0.8,
+              "main_thread_forward_on_cpu": 0.6, "main_thread_forward_waiting": 0.1}]
+    states = main_thread_states(spans)
+    assert states["in_forward"] == pytest.approx(0.8)
+    assert states["asleep_in_forward"] == pytest.approx(0.1)  # of the 0.3 asleep, 0.1 inside the forward
+    assert states["asleep"] == pytest.approx(0.3)
+    assert "in_forward" not in main_thread_states([{k: v for k, v in spans[0].items() if "forward" not in k}])

@@ -267,3 +267,25 @@ def test_packed_triangles_give_the_same_patches_loss_and_embedding_as_squares(lo
     assert torch.equal(loss_p, loss_s) and torch.equal(pred_p, pred_s) and torch.equal(mask_p, mask_s)
     with pytest.raises(ValueError, match="packed"):
         m.patches(packed[:, :-1])  # one value short: not a triangle of this model's size
+
+
+def test_the_packed_embedding_exports_with_the_batch_size_a_variable():
+    """``torch.export`` of ``embed`` on packed triangles with a dynamic batch dimension: the
+    graph runs any batch size (the packed layout uses ``shape[0]``, which a trace keeps a
+    variable, not ``len()``, which it bakes in) and gives eager's embeddings."""
+    from torch.export import Dim, export
+
+    class Embed(torch.nn.Module):
+        def __init__(self, m: APMAE):
+            super().__init__()
+            self.m = m
+
+        def forward(self, packed: torch.Tensor) -> torch.Tensor:
+            return self.m.embed(packed)
+
+    m = small().eval()
+    packed = causal_patterns(7)[:, *torch.tril_indices(64, 64)]  # (7, 64 * 65 / 2) lower triangles
+    with torch.no_grad():
+        program = export(Embed(m), (packed[:4],), dynamic_shapes={"packed": {0: Dim("n", min=2, max=64)}})
+    for n in (2, 3, 7):
+        assert torch.allclose(program.module()(packed[:n]), m.embed(packed[:n]), atol=1e-5), n
