@@ -183,22 +183,21 @@ def main_thread_states(spans: list[dict[str, float]]) -> dict[str, float]:
     1. Torch's OpenMP workers are other threads: not in these.
 
     Where every span also timed the main thread's states inside the model's forward calls
-    (``main_thread_forward_wall`` / ``_on_cpu`` / ``_waiting``: :class:`ForwardStates`), two
-    parts more: ``in_forward`` (the wall inside them) and ``asleep_in_forward`` (asleep
-    there), both shares of the span's wall, so ``asleep`` less ``asleep_in_forward`` is the
-    sleep outside the forward (the loop's waits)."""
+    (``main_thread_forward_wall`` / ``_on_cpu`` / ``_waiting``: :class:`ForwardStates`),
+    three parts more, shares of the span's wall: ``in_forward`` (the wall inside them),
+    ``asleep_in_forward`` (asleep there) and ``asleep_outside_forward`` (asleep elsewhere:
+    the loop's waits)."""
     def share(x: dict, part: str) -> float:
-        if part == "in_forward":
-            return x["main_thread_forward_wall"] / x["wall"]
-        if part == "asleep_in_forward":
-            return (x["main_thread_forward_wall"] - x["main_thread_forward_on_cpu"]
-                    - x["main_thread_forward_waiting"]) / x["wall"]
         asleep = x["wall"] - x["main_thread_on_cpu"] - x["main_thread_waiting"]
+        if part in ("in_forward", "asleep_in_forward", "asleep_outside_forward"):
+            inside = x["main_thread_forward_wall"] - x["main_thread_forward_on_cpu"] - x["main_thread_forward_waiting"]
+            return {"in_forward": x["main_thread_forward_wall"], "asleep_in_forward": inside,
+                    "asleep_outside_forward": asleep - inside}[part] / x["wall"]
         return (asleep if part == "asleep" else x[f"main_thread_{part}"]) / x["wall"]
 
     parts = ["on_cpu", "waiting", "asleep"]
     if all("main_thread_forward_wall" in x for x in spans):
-        parts += ["in_forward", "asleep_in_forward"]
+        parts += ["in_forward", "asleep_in_forward", "asleep_outside_forward"]
     return {part: statistics.median(share(x, part) for x in spans) for part in parts}
 
 
@@ -216,6 +215,10 @@ class ForwardStates:
         self.wall = self.on_cpu = self.waiting = 0.0
 
     def __call__(self, x):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # the clocks read are the main thread's
+            raise RuntimeError("ForwardStates times the main thread: call it there")
         (on0, wait0), t0 = main_thread_sched(), time.perf_counter()
         try:
             return self.fn(x)
@@ -254,6 +257,18 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, f
     while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
         k += 1
     return med, xs[k - 1], xs[n - k], coverage(k)
+
+
+def timed_forward(embed, arrays, batch: int) -> tuple[float, float]:
+    """``embed`` over ``arrays`` in batches of ``batch`` under ``inference_mode``: the raw
+    forward every encoder benchmark times. Returns (wall seconds, busy CPU-seconds: :class:`Clock`)."""
+    import torch
+
+    clock = Clock().start()
+    with torch.inference_mode():
+        for k in range(0, len(arrays), batch):
+            embed(arrays[k:k + batch])
+    return clock.stop()
 
 
 def traced_embed(model):

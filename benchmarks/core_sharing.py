@@ -51,7 +51,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import main_thread_sched, median_ci, table, traced_embed, write_result  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    main_thread_sched,
+    median_ci,
+    table,
+    timed_forward,
+    traced_embed,
+    write_result,
+)
 
 NEIGHBOURS = ("spin", "stream", "input", "forward")
 FORWARD_CPU, NEIGHBOUR_CPU = 0, 1
@@ -80,16 +87,7 @@ def _encoder_forwards(n: int, batch: int, threads: int, traced: bool) -> dict:
     if traced:
         embeds["traced"] = traced_embed(model)
 
-    def timed(embed):
-        def forward() -> float:
-            t = time.perf_counter()
-            with torch.inference_mode():
-                for k in range(0, n, batch):
-                    embed(packed[k:k + batch])
-            return time.perf_counter() - t
-        return forward
-
-    return {name: timed(e) for name, e in embeds.items()}
+    return {name: (lambda e=e: timed_forward(e, packed, batch)[0]) for name, e in embeds.items()}
 
 
 def _work(kind: str, batch: int, threads: int):
@@ -129,8 +127,8 @@ def _work(kind: str, batch: int, threads: int):
 
 
 def _neighbour(kind: str, pin: bool, batch: int, threads: int, duty: float, ready, stop, cpu_out) -> None:
-    """Run ``kind`` (on CPU 1 if ``pin``) until ``stop`` is set, each unit followed by a sleep
-    that makes its work ``duty`` of the wall; ``ready`` once it is at work; on the way out its
+    """Run ``kind`` (on CPU 1 if ``pin``) until ``stop`` is set, each unit followed by a wait
+    that makes its CPU ``duty`` of the wall; ``ready`` once it is at work; on the way out its
     CPU seconds over its wall seconds into ``cpu_out[0]``."""
     if pin:
         _pin(NEIGHBOUR_CPU)
@@ -139,10 +137,10 @@ def _neighbour(kind: str, pin: bool, batch: int, threads: int, duty: float, read
     ready.set()
     c0, w0 = time.thread_time(), time.perf_counter()
     while not stop.is_set():
-        t = time.perf_counter()
+        c, t = time.thread_time(), time.perf_counter()
         work()
-        if duty < 1:
-            time.sleep((time.perf_counter() - t) * (1 - duty) / duty)
+        if duty < 1:  # paced on its CPU, not its wall: unpinned, it also waits for a core
+            stop.wait(max((time.thread_time() - c) / duty - (time.perf_counter() - t), 0.0))
     cpu_out[0] = (time.thread_time() - c0) / (time.perf_counter() - w0)
 
 
@@ -173,18 +171,22 @@ def measure(n: int, batch: int, rounds: int, neighbours: tuple[str, ...] = NEIGH
                 raise RuntimeError(f"neighbour {kind} ({where}) did not start")
         (on0, wait0), seconds = main_thread_sched(), forwards[fwd]()
         on, waiting = main_thread_sched()
-        if worker is None:
-            return seconds, on - on0, seconds - (on - on0) - (waiting - wait0), 0.0
-        stop.set()
-        worker.join(30)
-        return seconds, on - on0, seconds - (on - on0) - (waiting - wait0), cpu[0]
+        duty_got = 0.0
+        if worker is not None:
+            stop.set()
+            worker.join(30)
+            if worker.is_alive():
+                raise RuntimeError(f"neighbour {kind} ({where}) did not stop")
+            duty_got = cpu[0]
+        return seconds, on - on0, seconds - (on - on0) - (waiting - wait0), duty_got
 
     wheres = ("process", "thread") if as_thread else ("process",)
     conds = [(f, k, w) for f in forwards for k in ("alone", *neighbours) for w in (wheres if k != "alone" else ("",))]
     t: dict[tuple, list] = {c: [] for c in conds}
-    for r in range(rounds):
+    for r in range(rounds):  # rotated, and reversed every other round: no cell always follows the same one
         shift = r % len(conds)
-        for c in conds[shift:] + conds[:shift]:
+        order = conds[shift:] + conds[:shift]
+        for c in order if r % 2 == 0 else order[::-1]:
             t[c].append(beside(*c))
         print(f"round {r + 1}/{rounds}", flush=True)
     rows = []
