@@ -159,15 +159,15 @@ def measure(n: int, batch: int, rounds: int, neighbours: tuple[str, ...] = NEIGH
         worker = None
         if kind != "alone":
             if where == "process":
-                ready, stop, cpu = ctx.Event(), ctx.Event(), ctx.Array("d", 1)
-                worker = ctx.Process(target=_neighbour, args=(kind, pin, batch, threads, duty, ready, stop, cpu),
-                                     daemon=True)
+                ready, stop, cpu, start = ctx.Event(), ctx.Event(), ctx.Array("d", 1), ctx.Process
             else:
-                ready, stop, cpu = threading.Event(), threading.Event(), [0.0]
-                worker = threading.Thread(target=_neighbour, args=(kind, pin, batch, threads, duty, ready, stop, cpu),
-                                          daemon=True)
+                ready, stop, cpu, start = threading.Event(), threading.Event(), [0.0], threading.Thread
+            worker = start(target=_neighbour, args=(kind, pin, batch, threads, duty, ready, stop, cpu), daemon=True)
             worker.start()
             if not ready.wait(120):
+                stop.set()
+                if where == "process":
+                    worker.kill()  # as before the fold: a neighbour that never started is not left running
                 raise RuntimeError(f"neighbour {kind} ({where}) did not start")
         (on0, wait0), seconds = main_thread_sched(), forwards[fwd]()
         on, waiting = main_thread_sched()
